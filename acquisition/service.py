@@ -1,0 +1,208 @@
+"""The acquisition stage: read a source, stamp every frame, send it to the inference workers.
+
+One run: a ``run_start`` message on the control socket (to management), then one ``frame``
+message per good source frame on the frame socket (PUSH: fanned out to N inference workers), then
+an ``end`` message on the control socket with the counts, which always add up:
+``frames_read == frames_sent + frames_dropped + frames_bad``.
+
+Stamps. ``seq`` is the SOURCE frame index, not a count of sent frames, so a bad or dropped frame
+leaves a visible gap in the sequence for management. ``capture_time = started_at + offset_s`` and
+``chainage_m = start_chainage_m + speed_kmh / 3.6 * offset_s`` (the chainage of the image centre;
+no odometer yet).
+
+Modes. ``replay``: nothing is dropped. The frame socket's high-water mark is
+``acquisition.queue_frames``; when the workers fall behind, sending waits (polling, so a ``stop``
+is seen within ``POLL_MS``) and the reader waits with it. ``live``: a send that would wait is not
+made; the frame is counted as dropped and the next one read. A recorded source replayed in live
+mode is paced at its own frame rate (a camera paces itself), so drops measure whether inference
+keeps up in real time.
+
+Draining. After the end message, a run that was not stopped keeps the frame stream open until
+``stop`` is set or ``drain_s`` passes (default ``management.drain_timeout_s``), then closes it with
+a linger. ZeroMQ's linger alone is not enough: it only hands frames to the kernel, and a worker
+whose receive queue is full when the connection closes drops what is still in its socket buffer
+(libzmq stops reading a peer that hung up while its input was throttled). So a replay's last
+frames would be lost whenever workers are behind at the end. The pipeline stops acquisition once
+management has every result; ``crackscan acquire`` on its own exits after the drain.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+
+import zmq
+
+from acquisition.sources import FrameSource
+from crackscan.config import PipelineConfig
+from crackscan.sockets import SocketSpec
+from crackscan.wire import EndOfStreamMessage, FrameMessage, RunStartMessage, WireError
+
+log = logging.getLogger(__name__)
+
+MODES = ("live", "replay")
+POLL_MS = 100  # how long one wait for a slow worker lasts before `stop` is checked again
+CONTROL_SEND_TIMEOUT_S = 10.0  # run_start / end wait this long for room on the control socket
+REPLAY_LINGER_MS = 30_000  # after a drain that was not stopped, queued frames get this long
+STOPPED_LINGER_MS = 1_000
+CONTROL_LINGER_MS = 5_000
+PROGRESS_EVERY_S = 5.0
+WAIT_WARNING_S = 10.0  # replay: a frame waiting this long for a worker is logged
+
+
+class AcquisitionError(RuntimeError):
+    """The stage cannot start: a socket cannot be opened. The message says which and why."""
+
+
+def new_run_id() -> str:
+    """A new run id, UTC time then random hex: sortable by start time, unique across vehicles,
+    e.g. ``20261121-201500-a1b2c3``."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _open(spec: str, context: zmq.Context, hwm: int, role: str) -> zmq.Socket:
+    try:
+        return SocketSpec.parse(spec).open(context, hwm=hwm)
+    except ValueError as exc:
+        raise AcquisitionError(f"bad {role} socket: {exc}") from None
+    except zmq.ZMQError as exc:
+        raise AcquisitionError(f"cannot open {role} socket {spec}: {exc}; is another process "
+                               "using that endpoint?") from None
+
+
+def _send(socket: zmq.Socket, parts: list[bytes], stop: threading.Event | None,
+          timeout_s: float | None = None) -> bool:
+    """Send, waiting for room in the queue until it is made, ``stop`` is set or ``timeout_s``
+    passes. Returns whether it was sent. A multipart message is queued whole or not at all."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            pass
+        if stop is not None and stop.is_set():
+            return False
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        socket.poll(POLL_MS, zmq.POLLOUT)
+
+
+def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str, mode: str,
+                    config: PipelineConfig, stop: threading.Event,
+                    source_label: str | None = None, *, pace: bool | None = None,
+                    drain_s: float | None = None, context: zmq.Context | None = None
+                    ) -> EndOfStreamMessage:
+    """Run one acquisition over ``source`` and return the end message that was sent.
+
+    ``frames`` and ``control`` are socket specs (``push+bind:...`` for frames, ``push+connect:...``
+    to management's PULL for control). ``stop`` ends the run early (reason ``"stopped"``).
+    ``pace``: wait between frames to keep the source's frame rate; default: in live mode only.
+    ``drain_s``: how long the frame stream stays open after the end (see the module docstring).
+    ``context``: the ZeroMQ context (needed for inproc:// endpoints); by default the run makes its
+    own and terminates it, which waits for queued messages up to the sockets' linger.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    acquisition, camera_id = config.acquisition, config.camera.id
+    speed_mps = acquisition.speed_kmh / 3.6
+    pace = mode == "live" if pace is None else pace
+    own_context = context is None
+    context = zmq.Context() if context is None else context
+    frame_socket = control_socket = None
+    read = sent = dropped = bad = 0
+    reason = "end_of_source"
+    try:
+        frame_socket = _open(frames, context, acquisition.queue_frames, "frame")
+        control_socket = _open(control, context, 16, "control")
+        label = source_label or source.description
+        started_at = time.time()
+        start = RunStartMessage(run_id=run_id, source=label, mode=mode, started_at=started_at,
+                                cameras=(camera_id,), config=config.model_dump(mode="json"))
+        if not _send(control_socket, start.to_frames(), None, CONTROL_SEND_TIMEOUT_S):
+            log.error("run_start could not be queued for management within %gs",
+                      CONTROL_SEND_TIMEOUT_S)
+        log.info("run %s: %s, %s mode, camera %s, frames on %s", run_id, label, mode, camera_id,
+                 frames)
+
+        clock = time.monotonic()
+        next_report = clock + PROGRESS_EVERY_S
+        try:
+            for item in source:
+                if stop.is_set():
+                    reason = "stopped"
+                    break
+                read += 1
+                if item.image is None:
+                    bad += 1
+                    continue
+                if pace:
+                    delay = clock + item.offset_s - time.monotonic()
+                    if delay > 0 and stop.wait(delay):
+                        reason = "stopped"
+                        break
+                message = FrameMessage(
+                    run_id=run_id, camera_id=camera_id, seq=item.index,
+                    capture_time=started_at + item.offset_s,
+                    chainage_m=acquisition.start_chainage_m + speed_mps * item.offset_s,
+                    image=item.image, encoding=acquisition.encoding)
+                try:
+                    parts = message.to_frames()
+                except WireError as exc:  # one frame that cannot be encoded is a bad frame
+                    log.warning("run %s: frame %d cannot be sent: %s", run_id, item.index, exc)
+                    bad += 1
+                    continue
+                if mode == "replay":
+                    delivered = _send(frame_socket, parts, stop, WAIT_WARNING_S)
+                    if not delivered and not stop.is_set():
+                        log.warning("run %s: frame %d has waited %gs for an inference worker on "
+                                    "%s; still waiting", run_id, item.index, WAIT_WARNING_S,
+                                    frames)
+                        delivered = _send(frame_socket, parts, stop)
+                    if delivered:
+                        sent += 1
+                    else:
+                        reason = "stopped"
+                        break
+                else:
+                    try:
+                        frame_socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                        sent += 1
+                    except zmq.Again:
+                        dropped += 1
+                if time.monotonic() >= next_report:
+                    next_report += PROGRESS_EVERY_S
+                    log.info("run %s: %d read, %d sent, %d dropped, %d bad (%.1f frames/s)",
+                             run_id, read, sent, dropped, bad, read / (time.monotonic() - clock))
+        except KeyboardInterrupt:
+            reason = "stopped"
+        except Exception:  # a source failing mid-run ends the run cleanly, with the counts so far
+            log.exception("run %s: reading %s failed", run_id, label)
+            reason = "source_error"
+        # a frame read but neither sent nor bad (the run stopped while it waited) counts as dropped
+        dropped = read - sent - bad
+
+        end = EndOfStreamMessage(run_id=run_id, camera_id=camera_id, ended_at=time.time(),
+                                 frames_read=read, frames_sent=sent, frames_dropped=dropped,
+                                 frames_bad=bad, reason=reason)
+        if not _send(control_socket, end.to_frames(), None, CONTROL_SEND_TIMEOUT_S):
+            log.error("end of run %s could not be queued for management within %gs", run_id,
+                      CONTROL_SEND_TIMEOUT_S)
+        log.info("run %s ended (%s): %d read, %d sent, %d dropped, %d bad", run_id, reason, read,
+                 sent, dropped, bad)
+        if sent and reason != "stopped":
+            drain_s = config.management.drain_timeout_s if drain_s is None else drain_s
+            log.info("run %s: keeping the frame stream open up to %gs so workers can take the "
+                     "frames still queued (stop to end now)", run_id, drain_s)
+            stop.wait(drain_s)
+        return end
+    finally:
+        if frame_socket is not None:
+            frame_socket.close(linger=REPLAY_LINGER_MS if mode == "replay" and not stop.is_set()
+                               else STOPPED_LINGER_MS)
+        if control_socket is not None:
+            control_socket.close(linger=CONTROL_LINGER_MS)
+        if own_context:
+            context.term()

@@ -1,0 +1,294 @@
+"""Frame sources: where acquisition reads frames from, behind one small interface.
+
+``open_source(spec, config)`` turns a ``--source`` string into a :class:`FrameSource`:
+
+    drive.mp4 (any video OpenCV decodes)   frames/ (an image folder, sorted by name)
+    synthetic, synthetic:SECONDS           (a synthetic tunnel drive, see acquisition.synth)
+
+Cameras (``camera:N``, ``rtsp://``, ``gst:...``) are refused with a clear error until they exist.
+
+A source yields :class:`SourceFrame` in order: the source's frame index, its capture offset in
+seconds from the start of the source, and a BGR uint8 HxWx3 image, or ``None`` for a frame that
+exists but cannot be decoded (the acquisition service counts it as bad and goes on). A source is
+read once; ``close()`` (or leaving its ``with`` block) releases it.
+
+What a video source can and cannot detect, with OpenCV's FFmpeg backend:
+
+- A frame whose data does not decode (e.g. a damaged JPEG in an MJPEG AVI) makes ``read()``
+  fail once; the next ``read()`` goes on with the next frame. Also, the decoder may skip a bad
+  packet internally; then the container timestamp of the next good frame jumps. Both are reported
+  as bad frames at the right indices (indices come from the timestamps where they are usable).
+- A truncated file whose container still announces the full frame count (AVI, MKV with an index
+  or header count): the missing tail is reported as bad frames, up to ``MAX_FAILED_READS`` failed
+  reads in a row, after which the rest is logged as missing and the video ends.
+- Damage the codec conceals (a garbled MPEG-4 macroblock) is not detectable: the frame decodes.
+- An MP4 cut short before its index (moov) was written does not open at all: SourceError.
+- Timestamps assume a constant frame rate; indices come from ``round(timestamp * fps)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import cv2
+import numpy as np
+
+from acquisition.synth import SyntheticDrive
+from crackscan.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+MAX_FAILED_READS = 50  # failed reads in a row before the rest of a video counts as missing
+SYNTHETIC_DEFAULT_S = 10.0
+SYNTHETIC_FPS = 25.0
+SYNTHETIC_SIZE = (640, 360)
+_LATER = re.compile(r"^(camera:|rtsps?://|gst:|https?://|udp://|rtmp://|v4l2:)", re.IGNORECASE)
+
+
+class SourceError(ValueError):
+    """A source that cannot be opened or read; the message says what failed and what to do."""
+
+
+@dataclass(frozen=True)
+class SourceFrame:
+    index: int  # the source's own frame number: gaps are frames that never arrived
+    offset_s: float  # capture time since the first frame of the source
+    image: np.ndarray | None  # BGR uint8 HxWx3; None for a corrupt / unreadable frame
+
+
+@runtime_checkable
+class FrameSource(Protocol):
+    description: str
+    fps: float
+
+    def __iter__(self) -> Iterator[SourceFrame]: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> FrameSource: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class _Source:
+    """Shared plumbing: single-pass iteration and the context manager."""
+
+    description = ""
+    fps = 0.0
+
+    def __enter__(self) -> _Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description} @ {self.fps:g} fps>"
+
+
+def as_bgr(image: np.ndarray) -> np.ndarray:
+    """A decoded image as BGR uint8 HxWx3 (grey and BGRA converted; 16-bit scaled down)."""
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise SourceError(f"images of dtype {image.dtype} are not supported; convert to 8-bit")
+    if image.ndim == 2 or image.shape[2] == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    return image
+
+
+# --- video files --------------------------------------------------------------------------------
+
+class VideoFileSource(_Source):
+    """Frames of a video file, decoded by OpenCV; see the module docstring for what a corrupt or
+    truncated file does."""
+
+    def __init__(self, path: Path, config: PipelineConfig) -> None:
+        self.path = Path(path)
+        self._capture = cv2.VideoCapture(str(self.path))
+        if not self._capture.isOpened():
+            self._capture.release()
+            raise SourceError(f"cannot open video {self.path}: not a video OpenCV can read "
+                              "(damaged, cut short, or an unknown format); check the file or "
+                              "convert it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4")
+        fps = self._capture.get(cv2.CAP_PROP_FPS)
+        if not (math.isfinite(fps) and fps > 0):
+            fps = config.acquisition.folder_fps
+            log.warning("video %s has no frame rate; assuming %g fps "
+                        "(acquisition.folder_fps)", self.path, fps)
+        self.fps = float(fps)
+        count = self._capture.get(cv2.CAP_PROP_FRAME_COUNT)
+        self.frame_count = int(count) if math.isfinite(count) and count > 0 else None
+        self.description = f"video {self.path}"
+        self._frames = self._read()
+        # the first good frame proves the video decodes; what came before it is kept for iteration
+        self._pending: list[SourceFrame] = []
+        for frame in self._frames:
+            self._pending.append(frame)
+            if frame.image is not None:
+                break
+        else:
+            self.close()
+            raise SourceError(f"cannot decode any frame of video {self.path}; check the file or "
+                              "convert it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4")
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        pending, self._pending = self._pending, []
+        yield from pending
+        yield from self._frames
+
+    def _read(self) -> Iterator[SourceFrame]:
+        capture, fps = self._capture, self.fps
+        expected = 0  # index of the next frame
+        failed = 0  # failed reads in a row
+        base_ms = None  # container time of frame 0, from the first good frame
+        last_ms = -math.inf
+        timestamps = True  # container timestamps usable (strictly increasing) so far
+        while True:
+            ok, image = capture.read()
+            if ok and image is not None:
+                failed = 0
+                index = expected
+                position_ms = capture.get(cv2.CAP_PROP_POS_MSEC)
+                if timestamps and math.isfinite(position_ms) and position_ms > last_ms:
+                    if base_ms is None:
+                        base_ms = position_ms - expected * 1000.0 / fps
+                    index = max(expected, round((position_ms - base_ms) / 1000.0 * fps))
+                    last_ms = position_ms
+                elif timestamps:
+                    timestamps = False
+                    log.warning("video %s has no usable timestamps; numbering frames as read",
+                                self.path)
+                if index > expected:
+                    log.warning("video %s: frames %d..%d were skipped by the decoder (corrupt)",
+                                self.path, expected, index - 1)
+                for skipped in range(expected, index):
+                    yield SourceFrame(skipped, skipped / fps, None)
+                yield SourceFrame(index, index / fps, as_bgr(image))
+                expected = index + 1
+                continue
+            if self.frame_count is None or expected >= self.frame_count:
+                return
+            if failed >= MAX_FAILED_READS:
+                log.warning("video %s: %d reads failed in a row at frame %d; frames %d..%d that "
+                            "the container announces are missing (truncated file?)", self.path,
+                            failed, expected, expected, self.frame_count - 1)
+                return
+            # a failed read before the announced end: a corrupt frame, or a truncated tail
+            failed += 1
+            if failed == 1:
+                log.warning("video %s: frame %d cannot be decoded", self.path, expected)
+            else:
+                log.debug("video %s: frame %d cannot be decoded either", self.path, expected)
+            yield SourceFrame(expected, expected / fps, None)
+            expected += 1
+
+    def close(self) -> None:
+        self._capture.release()
+
+
+# --- image folders ------------------------------------------------------------------------------
+
+class ImageFolderSource(_Source):
+    """Images of a folder sorted by file name (or one image file), at ``folder_fps``."""
+
+    def __init__(self, path: Path, config: PipelineConfig) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            self.files = sorted((p for p in self.path.iterdir()
+                                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+                                key=lambda p: p.name)
+            if not self.files:
+                raise SourceError(f"image folder {self.path} holds no images "
+                                  f"({', '.join(IMAGE_EXTENSIONS)}); point --source at a folder "
+                                  "of frames or at a video file")
+            self.description = f"image folder {self.path} ({len(self.files)} images)"
+        else:
+            self.files = [self.path]
+            self.description = f"image {self.path}"
+        self.fps = config.acquisition.folder_fps
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        size = None
+        for index, path in enumerate(self.files):
+            image = _read_image(path)
+            if image is not None and size is None:
+                size = image.shape
+            elif image is not None and image.shape != size:
+                log.warning("image %s is %dx%d, earlier images are %dx%d", path, image.shape[1],
+                            image.shape[0], size[1], size[0])
+            yield SourceFrame(index, index / self.fps, image)
+
+
+def _read_image(path: Path) -> np.ndarray | None:
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as exc:
+        log.warning("cannot read image %s: %s", path, exc.strerror)
+        return None
+    # UNCHANGED: no EXIF rotation, so every image keeps the camera's pixel geometry
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        log.warning("image %s cannot be decoded (corrupt or not an image)", path)
+        return None
+    try:
+        return as_bgr(image)
+    except SourceError as exc:
+        log.warning("image %s: %s", path, exc)
+        return None
+
+
+# --- synthetic drive ----------------------------------------------------------------------------
+
+class SyntheticSource(_Source):
+    """Frames of :class:`acquisition.synth.SyntheticDrive` (seed 0), rendered as they are read."""
+
+    def __init__(self, seconds: float, config: PipelineConfig) -> None:
+        width, height = SYNTHETIC_SIZE
+        self.drive = SyntheticDrive(seconds, seed=0, fps=SYNTHETIC_FPS, width=width,
+                                    height=height, config=config)
+        self.fps = SYNTHETIC_FPS
+        self.description = f"synthetic drive ({seconds:g} s, {self.drive.frames} frames, seed 0)"
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        for index in range(self.drive.frames):
+            yield SourceFrame(index, index / self.fps, self.drive.frame(index))
+
+
+# --- the one entry point ------------------------------------------------------------------------
+
+def open_source(spec: str, config: PipelineConfig) -> FrameSource:
+    """The source a ``--source`` string names; raises :class:`SourceError` with what to do."""
+    text = spec.strip()
+    if text == "synthetic" or text.startswith("synthetic:"):
+        seconds_text = text.partition(":")[2] or str(SYNTHETIC_DEFAULT_S)
+        try:
+            seconds = float(seconds_text)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise SourceError(f"bad source {spec!r}: use 'synthetic' or 'synthetic:SECONDS' "
+                              "with SECONDS a positive number, e.g. synthetic:30")
+        return SyntheticSource(seconds, config)
+    if _LATER.match(text):
+        raise SourceError(f"source {spec!r} is not supported yet: cameras and streams come in a "
+                          "later release; use a video file, an image folder or 'synthetic'")
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise SourceError(f"source {spec!r} not found: no such file or folder; give a video "
+                          "file, an image folder, 'synthetic' or 'synthetic:SECONDS'")
+    if path.is_dir() or path.suffix.lower() in IMAGE_EXTENSIONS:
+        return ImageFolderSource(path, config)
+    return VideoFileSource(path, config)

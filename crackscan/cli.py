@@ -1,0 +1,384 @@
+"""The ``crackscan`` command. Each subcommand parses its flags, calls into the stage packages and
+prints results; errors become one line on stderr and a non-zero exit (a traceback only with
+``--debug``). ``--format json`` prints one JSON document on stdout and logs go to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from crackscan.config import ConfigError, load_pipeline_config
+
+log = logging.getLogger("crackscan")
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """A failure the user can fix; shown as one line."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that are the user's input, not our bug: shown as one line."""
+    from acquisition.service import AcquisitionError
+    from acquisition.sources import SourceError
+    from acquisition.synth import SynthError
+    from inference.segmenter import ModelError
+    from management.db import DatabaseError
+    from training.data import DatasetError
+
+    return (UserError, ConfigError, SourceError, SynthError, AcquisitionError, ModelError,
+            DatabaseError, DatasetError, FileNotFoundError, PermissionError)
+
+
+def setup_logging(verbose: bool, stage: str | None = None) -> None:
+    prefix = f"{stage} " if stage else ""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr, force=True,
+        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def stop_on_signals() -> threading.Event:
+    """SIGTERM and SIGINT set the returned event: every stage's loop ends cleanly on it."""
+    stop = threading.Event()
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def print_json(document) -> None:
+    json.dump(document, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+# --- pipeline -------------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    from crackscan.pipeline import run_pipeline
+
+    summary = run_pipeline(
+        source=args.source, db_url=args.db, model=args.model, backend=args.backend,
+        workers=args.workers, mode=args.mode, config_path=args.config, record=args.record,
+        verbose=args.verbose)
+    if args.format == "json":
+        print_json(summary)
+    else:
+        print(format_summary(summary))
+    return 0 if summary["status"] in ("complete", "stopped") else 1
+
+
+def format_summary(summary: dict) -> str:
+    lines = [
+        f"run {summary['id']}  ({summary['status']})",
+        f"  source          {summary['source']}  [{summary['mode']}]",
+        f"  model           {summary['model']}  backend {summary['backend']}, "
+        f"{summary['workers']} worker(s)",
+        f"  frames read     {summary['frames_read']}",
+        f"  frames stored   {summary['frames']}",
+        f"  frames dropped  {summary['frames_dropped']}  (bad {summary['frames_bad']})",
+        f"  cracks          {summary['cracks']}",
+        f"  chainage        {summary['chainage_start_m']} .. {summary['chainage_end_m']} m",
+        f"  wall time       {summary['wall_s']:.1f} s  ({summary['fps']:.1f} frames/s)",
+        f"  database        {summary['db']}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> int:
+    from acquisition.synth import synthesize_drive
+    from crackscan.pipeline import run_pipeline
+    from management.db import make_engine, session_factory
+    from management.formats import render
+    from management.store import query_cracks
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    video, truth_path = out / "tunnel_drive.mp4", out / "tunnel_drive_truth.json"
+    db_url = args.db or f"sqlite:///{(out / 'crackscan.db').resolve()}"
+    log.info("synthesizing a %.0f s tunnel drive -> %s", args.seconds, video)
+    truth = synthesize_drive(video, seconds=args.seconds, seed=args.seed, truth=truth_path)
+    summary = run_pipeline(source=str(video), db_url=db_url, model=args.model, backend="auto",
+                           workers=args.workers, mode="replay", config_path=None, record=None,
+                           verbose=args.verbose)
+    print(format_summary(summary))
+    engine = make_engine(db_url)
+    with session_factory(engine)() as session:
+        records = query_cracks(session, run=summary["id"])
+    found = sum(1 for crack in truth["cracks"] if any(
+        r["chainage_start_m"] - 0.05 <= crack["chainage_m"] <= r["chainage_end_m"] + 0.05
+        for r in records))
+    print(f"\ntrue cracks in the synthetic drive: {len(truth['cracks'])}, found: {found}")
+    widest = sorted(records, key=lambda r: r["width_max_mm"], reverse=True)[:5]
+    print("\nwidest crack detections:")
+    print(render(widest, "table"))
+    print(f"\ndatabase: {db_url}\nnext: crackscan runs --db {db_url}\n"
+          f"      crackscan query --db {db_url} --min-width-mm 2 --format json")
+    return 0 if summary["frames"] > 0 else 1
+
+
+# --- the three services alone ---------------------------------------------------------------
+
+def cmd_acquire(args) -> int:
+    from acquisition.service import new_run_id, run_acquisition
+    from acquisition.sources import open_source
+
+    config = load_pipeline_config(args.config)
+    stop = stop_on_signals()
+    with open_source(args.source, config) as source:
+        end = run_acquisition(source, args.frames, args.control, args.run_id or new_run_id(),
+                              args.mode, config, stop, source_label=args.source)
+    log.info("end of stream: read %d, sent %d, dropped %d, bad %d (%s)", end.frames_read,
+             end.frames_sent, end.frames_dropped, end.frames_bad, end.reason)
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from inference.segmenter import open_segmenter
+    from inference.worker import run_worker
+
+    config = load_pipeline_config(args.config)
+    segmenter = open_segmenter(args.model, args.backend, args.threads or config.inference.threads)
+    stop = stop_on_signals()
+    stats = run_worker(args.frames, args.results, segmenter, config, stop)
+    log.info("worker done: %d frames, %d cracks, %d malformed, %d failed", stats.frames,
+             stats.cracks, stats.malformed, stats.failed)
+    return 0
+
+
+def cmd_manage(args) -> int:
+    from management.db import make_engine, resolve_url
+    from management.service import run_management
+
+    config = load_pipeline_config(args.config)
+    engine = make_engine(resolve_url(args.db))
+    stop = stop_on_signals()
+    finished = run_management(args.results, engine, config.management, stop,
+                              exit_after_runs=args.exit_after_runs)
+    log.info("management done: %d run(s) finished", len(finished))
+    return 0
+
+
+# --- records --------------------------------------------------------------------------------
+
+def cmd_runs(args) -> int:
+    from management.db import make_engine, resolve_url, session_factory
+    from management.formats import render
+    from management.store import list_runs
+
+    engine = make_engine(resolve_url(args.db))
+    with session_factory(engine)() as session:
+        runs = list_runs(session)
+    print(render(runs, args.format))
+    return 0
+
+
+def cmd_query(args) -> int:
+    from management.db import make_engine, resolve_url, session_factory
+    from management.formats import render
+    from management.store import parse_chainage, query_cracks
+
+    try:
+        chainage = parse_chainage(args.chainage) if args.chainage else None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    engine = make_engine(resolve_url(args.db))
+    with session_factory(engine)() as session:
+        records = query_cracks(session, run=args.run, min_width_mm=args.min_width_mm,
+                               min_length_mm=args.min_length_mm, chainage=chainage,
+                               crack_type=args.type, limit=args.limit)
+    print(render(records, args.format))
+    return 0
+
+
+# --- data and models ------------------------------------------------------------------------
+
+def cmd_synth(args) -> int:
+    from acquisition.synth import synthesize_drive
+
+    config = load_pipeline_config(args.config)
+    truth = synthesize_drive(Path(args.out), seconds=args.seconds, seed=args.seed, fps=args.fps,
+                             width=args.width, height=args.height, config=config,
+                             truth=Path(args.truth) if args.truth else None)
+    log.info("wrote %s: %d frames, %d cracks", args.out, truth["frames"], len(truth["cracks"]))
+    return 0
+
+
+def cmd_train(args) -> int:
+    try:
+        from training.config import load_config
+        from training.train import main as train_main
+    except ImportError as exc:
+        raise UserError(f"training needs the 'train' extra ({exc.name} is missing): "
+                        "pip install -e '.[train]'") from None
+    cfg = load_config(Path(args.config), data=args.data, epochs=args.epochs, out=args.out)
+    result = train_main(cfg, resume=Path(args.resume) if args.resume else None)
+    print_json(result)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from inference.segmenter import open_segmenter
+    from training.evaluate import evaluate_model
+
+    segmenter = open_segmenter(args.model, "auto")
+    summary = evaluate_model(segmenter, [Path(d) for d in args.data], args.split, args.tolerance,
+                             args.threshold)
+    if args.format == "json":
+        print_json(summary)
+    else:
+        for key, value in summary.items():
+            print(f"{key:14s} {value:.4f}" if isinstance(value, float) else f"{key:14s} {value}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    try:
+        from training.export import export_checkpoint
+    except ImportError as exc:
+        raise UserError(f"export needs the 'train' extra ({exc.name} is missing): "
+                        "pip install -e '.[train]'") from None
+    if not Path(args.checkpoint).is_file():
+        raise UserError(f"checkpoint {args.checkpoint} does not exist")
+    metadata = export_checkpoint(Path(args.checkpoint), Path(args.out), threshold=args.threshold)
+    log.info("wrote %s (threshold %s)", args.out, metadata["crackscan.threshold"])
+    return 0
+
+
+# --- argument parsing -----------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crackscan", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    def db_flag(p):
+        p.add_argument("--db", help="SQLAlchemy URL (default: $CRACKSCAN_DB or "
+                                    "sqlite:///crackscan.db)")
+
+    p = add("demo", cmd_demo, "synthesize a short tunnel drive and run the whole pipeline on it")
+    p.add_argument("--out", default="crackscan-demo", help="folder for the video, truth and DB")
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--model", help="ONNX model (default: the bundled model)")
+    db_flag(p)
+
+    p = add("run", cmd_run, "run acquisition, inference and management on one source")
+    p.add_argument("--source", required=True,
+                   help="video file, image folder, or 'synthetic[:SECONDS]'")
+    db_flag(p)
+    p.add_argument("--model", help="ONNX model (default: the bundled model)")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto")
+    p.add_argument("--workers", type=int, default=1, help="inference worker processes")
+    p.add_argument("--mode", choices=["replay", "live"], default="replay",
+                   help="replay: back-pressure, no frame dropped; live: bounded queues, drops "
+                        "counted")
+    p.add_argument("--config", help="pipeline YAML (see configs/pipeline.yaml)")
+    p.add_argument("--record", help="write every captured frame to this folder")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = add("acquire", cmd_acquire, "the acquisition service alone")
+    p.add_argument("--source", required=True)
+    p.add_argument("--frames", default="push+bind:tcp://127.0.0.1:5555",
+                   help="socket for frames to inference workers")
+    p.add_argument("--control", default="push+connect:tcp://127.0.0.1:5556",
+                   help="socket for run start / end messages to management")
+    p.add_argument("--run-id")
+    p.add_argument("--mode", choices=["replay", "live"], default="replay")
+    p.add_argument("--config")
+
+    p = add("infer", cmd_infer, "one inference worker alone")
+    p.add_argument("--frames", default="pull+connect:tcp://127.0.0.1:5555")
+    p.add_argument("--results", default="push+connect:tcp://127.0.0.1:5556")
+    p.add_argument("--model")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: config)")
+    p.add_argument("--config")
+
+    p = add("manage", cmd_manage, "the management service alone (stores results)")
+    p.add_argument("--results", default="pull+bind:tcp://127.0.0.1:5556")
+    db_flag(p)
+    p.add_argument("--config")
+    p.add_argument("--exit-after-runs", type=int, help="exit after this many runs finished")
+
+    p = add("runs", cmd_runs, "list inspection runs")
+    db_flag(p)
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+
+    p = add("query", cmd_query, "query crack records")
+    db_flag(p)
+    p.add_argument("--run")
+    p.add_argument("--min-width-mm", type=float)
+    p.add_argument("--min-length-mm", type=float)
+    p.add_argument("--chainage", metavar="A:B", help="chainage range in metres")
+    p.add_argument("--type", choices=["longitudinal", "circumferential", "diagonal", "network"])
+    p.add_argument("--limit", type=int)
+    p.add_argument("--format", choices=["table", "csv", "json", "geojson"], default="table")
+
+    p = add("synth", cmd_synth, "write a synthetic tunnel drive (mp4) and its ground truth")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--truth", help="write the ground-truth JSON here")
+    p.add_argument("--fps", type=float, default=25.0)
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=360)
+    p.add_argument("--config", help="pipeline YAML: camera scale, speed, start chainage")
+
+    p = add("train", cmd_train, "train a segmentation model")
+    p.add_argument("--config", required=True, help="recipe YAML (configs/train/)")
+    p.add_argument("--data", action="append", help="dataset folder (repeatable)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--out")
+    p.add_argument("--resume", help="checkpoint to resume from (last.pt)")
+
+    p = add("eval", cmd_eval, "score a model on a labelled dataset")
+    p.add_argument("--model", help="ONNX model (default: the bundled model)")
+    p.add_argument("--data", action="append", required=True, help="dataset folder (repeatable)")
+    p.add_argument("--split", help="ids of SPLIT.txt (default: all images)")
+    p.add_argument("--tolerance", type=float, default=2.0, help="pixels; 0 = strict")
+    p.add_argument("--threshold", type=float, help="default: the model's own")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = add("export", cmd_export, "export a training checkpoint to ONNX")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float, help="default threshold stored in the model")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, stage=args.command if args.command in
+                  ("acquire", "infer", "manage") else None)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("crackscan: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if args.debug or not isinstance(exc, _user_errors()):
+            if args.debug:
+                raise
+            log.error("unexpected error (run with --debug for the traceback): %s: %s",
+                      type(exc).__name__, exc)
+            return 1
+        print(f"crackscan: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,138 @@
+"""``crackscan run``: the three stages as separate processes wired over ZeroMQ.
+
+    acquisition --frames (PUSH, bind)--> N x inference --results (PUSH)--> management (PULL, bind)
+         \\------------------ run_start / end (PUSH) ------------------------^
+
+Every stage is started as ``python -m crackscan <stage>`` (exactly what a user runs to start a
+stage alone) in its own process session, so a Ctrl-C at the terminal reaches only this
+supervisor, which then stops the stages in order: acquisition first (it sends the end of stream
+with its counts), management next (it stores everything still in flight and closes the run), the
+workers last. Inputs are checked here before any process starts, so a bad source, model or
+database is one clear error, not three crashed processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from acquisition.service import new_run_id
+from acquisition.sources import open_source
+from crackscan.config import load_pipeline_config
+from inference.segmenter import bundled_model_path, open_segmenter
+from management.db import make_engine, resolve_url, session_factory
+from management.store import list_runs
+
+log = logging.getLogger(__name__)
+
+WORKER_RESTARTS = 3  # per worker slot, before the run is abandoned
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def _spawn(stage: str, args: list[str], verbose: bool) -> subprocess.Popen:
+    command = [sys.executable, "-m", "crackscan"] + (["-v"] if verbose else []) + [stage] + args
+    log.debug("starting %s", " ".join(command))
+    return subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL)
+
+
+def _stop(process: subprocess.Popen, timeout: float) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def run_pipeline(source: str, db_url: str | None, model: str | None, backend: str, workers: int,
+                 mode: str, config_path: str | None, record: str | None,
+                 verbose: bool = False) -> dict:
+    """Run one source through the pipeline; returns the run summary (as ``runs`` reports it,
+    plus wall time, fps, backend and workers)."""
+    from crackscan.cli import UserError
+
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
+    if record:
+        raise UserError("--record is not supported yet in this build (acquisition issue)")
+    config = load_pipeline_config(Path(config_path) if config_path else None)
+    db_url = resolve_url(db_url)
+    # fail fast, in this process, on everything the user typed
+    open_source(source, config).close()
+    model_path = Path(model) if model else bundled_model_path()
+    segmenter = open_segmenter(model_path, backend)
+    backend_name = segmenter.backend
+    del segmenter
+    make_engine(db_url).dispose()
+
+    run_id = new_run_id()
+    config_args = ["--config", str(config_path)] if config_path else []
+    with tempfile.TemporaryDirectory(prefix="crackscan-") as sockets_dir:
+        frames = f"ipc://{sockets_dir}/frames"
+        results = f"ipc://{sockets_dir}/results"
+        # threads per worker: share the cores instead of oversubscribing them
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        manager = _spawn("manage", ["--results", f"pull+bind:{results}", "--db", db_url,
+                                    "--exit-after-runs", "1"] + config_args, verbose)
+        worker_args = ["--frames", f"pull+connect:{frames}", "--results",
+                       f"push+connect:{results}", "--model", str(model_path), "--backend",
+                       backend, "--threads", threads] + config_args
+
+        def start_worker() -> subprocess.Popen:
+            return _spawn("infer", worker_args, verbose)
+
+        pool = [start_worker() for _ in range(workers)]
+        restarts = 0
+        acquirer = _spawn("acquire", ["--source", source, "--frames", f"push+bind:{frames}",
+                                      "--control", f"push+connect:{results}", "--run-id", run_id,
+                                      "--mode", mode] + config_args, verbose)
+        started = time.monotonic()
+        stopping = False
+        try:
+            while manager.poll() is None:
+                if acquirer.poll() not in (None, 0):
+                    raise StageFailed(f"acquisition exited with status {acquirer.returncode}")
+                for i, worker in enumerate(pool):
+                    if worker.poll() is not None:
+                        restarts += 1
+                        if restarts > WORKER_RESTARTS * workers:
+                            raise StageFailed("inference workers keep failing "
+                                              f"(last status {worker.returncode})")
+                        log.warning("inference worker exited (%s); starting another",
+                                    worker.returncode)
+                        pool[i] = start_worker()
+                time.sleep(0.1)
+            if manager.returncode != 0:
+                raise StageFailed(f"management exited with status {manager.returncode}")
+        except KeyboardInterrupt:
+            stopping = True
+            log.info("stopping: acquisition first, then management stores what is in flight")
+            _stop(acquirer, 10)
+            manager.wait()
+        except StageFailed as exc:
+            raise UserError(f"run {run_id} failed: {exc}") from None
+        finally:
+            for process in [acquirer, *pool, manager]:
+                _stop(process, 10)
+        wall_s = time.monotonic() - started
+
+    engine = make_engine(db_url)
+    with session_factory(engine)() as session:
+        summary = next((r for r in list_runs(session) if r["id"] == run_id), None)
+    engine.dispose()
+    if summary is None:
+        raise UserError(f"run {run_id} left no record in {db_url}")
+    summary.update(wall_s=wall_s, fps=summary["frames"] / wall_s if wall_s else 0.0,
+                   backend=backend_name, workers=workers, db=db_url, interrupted=stopping)
+    return summary

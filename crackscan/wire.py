@@ -1,0 +1,365 @@
+"""The wire contract: every message that crosses a ZeroMQ socket, and nothing else.
+
+A message is a multipart ZeroMQ message. Frame 0 is a UTF-8 JSON header that always carries
+``"protocol": "crackscan"``, the protocol version ``"v"`` and the message ``"type"``. Pixels and
+masks travel as their own frames, described in the header by ``encoding``, ``dtype`` and
+``shape`` -- never inside the JSON, never pickled.
+
+    type       frames                       sent by       to
+    run_start  [header]                     acquisition   management
+    frame      [header, pixels]             acquisition   inference (fan-out to N workers)
+    result     [header, mask]               inference     management
+    end        [header]                     acquisition   management
+
+Receiving is strict: frame count, protocol, version, type, field types, dtype and shape are checked
+against the payload, and any violation raises :class:`WireError`, which a stage catches, counts
+and survives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+
+PROTOCOL = "crackscan"
+PROTOCOL_VERSION = 1
+ENCODINGS = ("raw", "jpeg", "png")
+MAX_HEADER_BYTES = 1 << 20  # a header is small; a larger one is malformed, not data
+MAX_COUNT = (1 << 63) - 1  # sequence numbers and counters fit a signed 64-bit column
+CRACK_TYPES = ("longitudinal", "circumferential", "diagonal", "network")
+END_REASONS = ("end_of_source", "stopped", "source_error")
+MODES = ("replay", "live")
+
+
+class WireError(ValueError):
+    """A message that does not follow the wire contract."""
+
+
+# --- pixel payloads ----------------------------------------------------------------------------
+
+def encode_pixels(image: np.ndarray, encoding: str, jpeg_quality: int = 95) -> bytes:
+    if encoding == "raw":
+        return np.ascontiguousarray(image).tobytes()
+    params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if encoding == "jpeg" else []
+    ok, buffer = cv2.imencode(".jpg" if encoding == "jpeg" else ".png", image, params)
+    if not ok:
+        raise WireError(f"cannot {encoding}-encode an image of shape {image.shape}")
+    return buffer.tobytes()
+
+
+def decode_pixels(payload: bytes, encoding: str, dtype: str, shape: list[int]) -> np.ndarray:
+    if encoding not in ENCODINGS:
+        raise WireError(f"unknown pixel encoding {encoding!r}; expected one of {ENCODINGS}")
+    if dtype != "uint8":
+        raise WireError(f"pixel dtype {dtype!r} is not supported; expected 'uint8'")
+    if not (isinstance(shape, list) and len(shape) in (2, 3)
+            and all(isinstance(n, int) and 0 < n <= 1 << 16 for n in shape)
+            and (len(shape) == 2 or shape[2] in (1, 3))):
+        raise WireError(f"bad pixel shape {shape!r}; expected [H, W] or [H, W, 1|3]")
+    if encoding == "raw":
+        expected = math.prod(shape)
+        if len(payload) != expected:
+            raise WireError(f"raw pixels hold {len(payload)} bytes, shape {shape} needs {expected}")
+        return np.frombuffer(payload, np.uint8).reshape(shape)
+    flag = cv2.IMREAD_GRAYSCALE if len(shape) == 2 else cv2.IMREAD_COLOR
+    image = cv2.imdecode(np.frombuffer(payload, np.uint8), flag)
+    if image is None:
+        raise WireError(f"cannot decode {encoding} pixels ({len(payload)} bytes)")
+    if list(image.shape) != shape:
+        raise WireError(f"{encoding} pixels decode to {list(image.shape)}, header says {shape}")
+    return image
+
+
+# --- header helpers ----------------------------------------------------------------------------
+
+def _header_frame(kind: str, body: dict[str, Any]) -> bytes:
+    return json.dumps({"protocol": PROTOCOL, "v": PROTOCOL_VERSION, "type": kind, **body},
+                      separators=(",", ":"), allow_nan=False).encode()
+
+
+def parse_header(frame: bytes) -> dict[str, Any]:
+    if len(frame) > MAX_HEADER_BYTES:
+        raise WireError(f"header of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(bytes(frame).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict) or header.get("protocol") != PROTOCOL:
+        raise WireError("not a crackscan message (header lacks protocol 'crackscan')")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {header.get('v')!r} is not supported; "
+                        f"this build speaks version {PROTOCOL_VERSION}")
+    return header
+
+
+_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,), dict: (dict,),
+          list: (list,)}
+
+
+def _take(header: dict[str, Any], name: str, kind: type, where: str | None = None) -> Any:
+    """Field ``name`` of ``header`` checked to be of ``kind`` (a bool is never a number here)."""
+    where = where or f"{header.get('type')} header"
+    if name not in header or header[name] is None:
+        raise WireError(f"{where} lacks field {name!r}")
+    value = header[name]
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, _TYPES[kind]):
+        raise WireError(f"{where} field {name!r} should be {kind.__name__}, "
+                        f"got {type(value).__name__}")
+    if kind is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise WireError(f"{where} field {name!r} is not finite")
+    return value
+
+
+def _count(header: dict[str, Any], name: str, where: str | None = None) -> int:
+    """A sequence number or counter: an int in 0 .. 2**63-1."""
+    value = _take(header, name, int, where)
+    if not 0 <= value <= MAX_COUNT:
+        raise WireError(f"{where or header.get('type')} field {name!r} = {value} is out of range")
+    return value
+
+
+def _choice(header: dict[str, Any], name: str, choices: tuple[str, ...],
+            where: str | None = None) -> str:
+    value = _take(header, name, str, where)
+    if value not in choices:
+        raise WireError(f"{where or header.get('type')} field {name!r} = {value!r} is not one "
+                        f"of {choices}")
+    return value
+
+
+def _expect_frames(frames: list[bytes], count: int, kind: str) -> None:
+    if len(frames) != count:
+        raise WireError(f"a {kind} message has {count} frame(s), got {len(frames)}")
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RunStartMessage:
+    """A run begins: what is read, in which mode, with which cameras and configuration."""
+
+    TYPE: ClassVar[str] = "run_start"
+    run_id: str
+    source: str
+    mode: str
+    started_at: float  # unix seconds
+    cameras: tuple[str, ...] = ("cam0",)
+    config: dict = field(default_factory=dict)
+
+    def to_frames(self) -> list[bytes]:
+        return [_header_frame(self.TYPE, {**asdict(self), "cameras": list(self.cameras)})]
+
+    @classmethod
+    def from_frames(cls, frames: list[bytes]) -> RunStartMessage:
+        _expect_frames(frames, 1, cls.TYPE)
+        h = parse_header(frames[0])
+        cameras = _take(h, "cameras", list)
+        distinct = len(set(cameras)) == len(cameras)
+        if not cameras or not all(isinstance(c, str) for c in cameras) or not distinct:
+            raise WireError("run_start field 'cameras' must be a non-empty list of distinct "
+                            "strings")
+        return cls(run_id=_take(h, "run_id", str), source=_take(h, "source", str),
+                   mode=_choice(h, "mode", MODES), started_at=_take(h, "started_at", float),
+                   cameras=tuple(cameras), config=_take(h, "config", dict))
+
+
+@dataclass(frozen=True)
+class FrameMessage:
+    """One captured frame. ``image`` is HxWx3 BGR (OpenCV order) or HxW grey, uint8.
+    ``chainage_m`` is the position along the tunnel of the image centre at capture time."""
+
+    TYPE: ClassVar[str] = "frame"
+    run_id: str
+    camera_id: str
+    seq: int
+    capture_time: float  # unix seconds
+    chainage_m: float
+    image: np.ndarray = field(repr=False)
+    encoding: str = "raw"  # how the pixels travel: raw on one host, jpeg / png across a network
+
+    def to_frames(self) -> list[bytes]:
+        if self.encoding not in ENCODINGS:
+            raise WireError(f"unknown pixel encoding {self.encoding!r}")
+        header = {name: getattr(self, name) for name in
+                  ("run_id", "camera_id", "seq", "capture_time", "chainage_m", "encoding")}
+        header.update(dtype=str(self.image.dtype), shape=list(self.image.shape))
+        return [_header_frame(self.TYPE, header), encode_pixels(self.image, self.encoding)]
+
+    @classmethod
+    def from_frames(cls, frames: list[bytes]) -> FrameMessage:
+        _expect_frames(frames, 2, cls.TYPE)
+        h = parse_header(frames[0])
+        encoding = _take(h, "encoding", str)
+        image = decode_pixels(frames[1], encoding, _take(h, "dtype", str), _take(h, "shape", list))
+        return cls(run_id=_take(h, "run_id", str), camera_id=_take(h, "camera_id", str),
+                   seq=_count(h, "seq"), capture_time=_take(h, "capture_time", float),
+                   chainage_m=_take(h, "chainage_m", float), image=image, encoding=encoding)
+
+
+@dataclass(frozen=True)
+class CrackRecord:
+    """One crack found in one frame, measured in pixels and in tunnel units.
+
+    Lengths and widths in mm, chainage in m, ring position (arc) in mm. ``polyline_px`` is the
+    simplified skeleton as (x, y) image points, ``polyline`` the same points as
+    (chainage_m, arc_mm).
+    ``orientation_deg`` is the angle of the crack's main axis, measured in mm in the
+    (chainage, arc) plane from growing chainage towards growing arc, 0..180 (0 = along the tunnel).
+    ``length_mm`` is the skeleton length plus half the local width at each end (thinning
+    shortens a stroke by about that much); widths are perpendicular to the skeleton.
+    """
+
+    index: int
+    length_px: float
+    length_mm: float
+    width_mean_mm: float
+    width_max_mm: float
+    width_p95_mm: float
+    width_max_px: float
+    orientation_deg: float
+    type: str  # longitudinal | circumferential | diagonal | network
+    severity: str
+    area_px: int
+    area_mm2: float
+    bbox_px: tuple[int, int, int, int]  # x, y, width, height
+    chainage_m: float  # of the crack's centroid
+    chainage_start_m: float
+    chainage_end_m: float
+    arc_mm: float  # of the crack's centroid
+    score_mean: float
+    polyline_px: tuple[tuple[float, float], ...]
+    polyline: tuple[tuple[float, float], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["bbox_px"] = list(self.bbox_px)
+        out["polyline_px"] = [list(p) for p in self.polyline_px]
+        out["polyline"] = [list(p) for p in self.polyline]
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> CrackRecord:
+        if not isinstance(raw, dict):
+            raise WireError("a crack record must be a JSON object")
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise WireError(f"crack record has unknown fields {sorted(unknown)}")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in ("index", "area_px"):
+                values[f.name] = _count(raw, f.name, "crack record")
+            elif f.name == "type":
+                values[f.name] = _choice(raw, f.name, CRACK_TYPES, "crack record")
+            elif f.name == "severity":
+                values[f.name] = _take(raw, f.name, str, "crack record")
+            elif f.name not in ("bbox_px", "polyline_px", "polyline"):
+                values[f.name] = _take(raw, f.name, float, "crack record")
+        if values["chainage_start_m"] > values["chainage_end_m"]:
+            raise WireError("crack record has chainage_start_m > chainage_end_m")
+        bbox = raw.get("bbox_px")
+        if not (isinstance(bbox, list) and len(bbox) == 4
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in bbox)):
+            raise WireError("crack field 'bbox_px' must be four integers [x, y, width, height]")
+        values["bbox_px"] = tuple(bbox)
+        for name in ("polyline_px", "polyline"):
+            points = raw.get(name)
+            if not (isinstance(points, list) and all(
+                    isinstance(p, list) and len(p) == 2
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                            and math.isfinite(v) for v in p) for p in points)):
+                raise WireError(f"crack field {name!r} must be a list of [x, y] number pairs")
+            values[name] = tuple((float(x), float(y)) for x, y in points)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ResultMessage:
+    """What inference found in one frame: the measured cracks and the binary crack mask
+    (HxW uint8, 0 or 255), sent as its own PNG-encoded frame."""
+
+    TYPE: ClassVar[str] = "result"
+    run_id: str
+    camera_id: str
+    seq: int
+    capture_time: float
+    chainage_m: float
+    inference_ms: float
+    model: str  # model name and short hash, e.g. "mobilenet_aspp@3f2a9c01"
+    worker: str
+    cracks: tuple[CrackRecord, ...]
+    mask: np.ndarray = field(repr=False)
+
+    def to_frames(self) -> list[bytes]:
+        header = {name: getattr(self, name) for name in
+                  ("run_id", "camera_id", "seq", "capture_time", "chainage_m", "inference_ms",
+                   "model", "worker")}
+        header.update(cracks=[c.to_dict() for c in self.cracks], encoding="png", dtype="uint8",
+                      shape=list(self.mask.shape))
+        return [_header_frame(self.TYPE, header), encode_pixels(self.mask, "png")]
+
+    @classmethod
+    def from_frames(cls, frames: list[bytes]) -> ResultMessage:
+        _expect_frames(frames, 2, cls.TYPE)
+        h = parse_header(frames[0])
+        shape = _take(h, "shape", list)
+        if len(shape) != 2:
+            raise WireError(f"a result mask is HxW, header says shape {shape}")
+        mask = decode_pixels(frames[1], _take(h, "encoding", str), _take(h, "dtype", str), shape)
+        return cls(run_id=_take(h, "run_id", str), camera_id=_take(h, "camera_id", str),
+                   seq=_count(h, "seq"), capture_time=_take(h, "capture_time", float),
+                   chainage_m=_take(h, "chainage_m", float),
+                   inference_ms=_take(h, "inference_ms", float), model=_take(h, "model", str),
+                   worker=_take(h, "worker", str),
+                   cracks=tuple(CrackRecord.from_dict(c) for c in _take(h, "cracks", list)),
+                   mask=mask)
+
+
+@dataclass(frozen=True)
+class EndOfStreamMessage:
+    """A camera's stream of a run has ended. ``frames_sent`` is how many frame messages left
+    acquisition, so management knows how many results to wait for."""
+
+    TYPE: ClassVar[str] = "end"
+    run_id: str
+    camera_id: str
+    ended_at: float
+    frames_read: int  # frames taken from the source, good or bad
+    frames_sent: int
+    frames_dropped: int  # live mode: not sent because inference was behind
+    frames_bad: int  # unreadable / corrupt frames skipped
+    reason: str = "end_of_source"  # or "stopped" (Ctrl-C / SIGTERM), "source_error"
+
+    def to_frames(self) -> list[bytes]:
+        return [_header_frame(self.TYPE, asdict(self))]
+
+    @classmethod
+    def from_frames(cls, frames: list[bytes]) -> EndOfStreamMessage:
+        _expect_frames(frames, 1, cls.TYPE)
+        h = parse_header(frames[0])
+        return cls(run_id=_take(h, "run_id", str), camera_id=_take(h, "camera_id", str),
+                   ended_at=_take(h, "ended_at", float), frames_read=_count(h, "frames_read"),
+                   frames_sent=_count(h, "frames_sent"),
+                   frames_dropped=_count(h, "frames_dropped"),
+                   frames_bad=_count(h, "frames_bad"), reason=_choice(h, "reason", END_REASONS))
+
+
+Message = RunStartMessage | FrameMessage | ResultMessage | EndOfStreamMessage
+MESSAGE_TYPES: dict[str, type] = {
+    m.TYPE: m for m in (RunStartMessage, FrameMessage, ResultMessage, EndOfStreamMessage)}
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Any message from its frames; raises :class:`WireError` for anything off-contract."""
+    if not frames:
+        raise WireError("empty message")
+    kind = parse_header(frames[0]).get("type")
+    if kind not in MESSAGE_TYPES:
+        raise WireError(f"unknown message type {kind!r}; expected one of {sorted(MESSAGE_TYPES)}")
+    return MESSAGE_TYPES[kind].from_frames(frames)

@@ -1,0 +1,155 @@
+"""Segmenters: a crack probability map from an image, behind one small interface.
+
+Every backend reads the pre-processing constants (mean, std, size multiple, colour order, classes,
+default threshold) from the ONNX model's metadata (written by ``training.export``), so a model
+file is self-describing. ONNX Runtime is the CPU path (and uses CUDA when its CUDA provider is
+installed); a TensorRT backend implements the same interface (GPU issue).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL = "crackscan_mobilenet_aspp.onnx"
+
+
+class ModelError(ValueError):
+    """A model file that cannot be used: missing, not ONNX, or without crackscan metadata."""
+
+
+def bundled_model_path() -> Path:
+    """The default model shipped inside the ``inference`` package."""
+    return Path(str(resources.files("inference") / "models" / BUNDLED_MODEL))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    name: str
+    sha256: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    size_multiple: int
+    classes: tuple[str, ...]
+    threshold: float
+    input_color: str
+    metadata: dict
+
+    @property
+    def label(self) -> str:
+        """Name and short hash, e.g. ``mobilenet_aspp@3f2a9c01``: what a run stores as its model."""
+        return f"{self.name}@{self.sha256[:8]}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_info(path: Path, metadata: dict[str, str]) -> ModelInfo:
+    try:
+        return ModelInfo(
+            path=path, name=metadata["crackscan.model"], sha256=file_sha256(path),
+            mean=tuple(json.loads(metadata["crackscan.mean"])),
+            std=tuple(json.loads(metadata["crackscan.std"])),
+            size_multiple=int(metadata["crackscan.size_multiple"]),
+            classes=tuple(json.loads(metadata["crackscan.classes"])),
+            threshold=float(metadata["crackscan.threshold"]),
+            input_color=metadata.get("crackscan.input_color", "RGB"), metadata=dict(metadata))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelError(f"{path} lacks crackscan metadata ({exc}); export it with "
+                         "'crackscan export'") from None
+
+
+class Segmenter(Protocol):
+    info: ModelInfo
+    backend: str
+
+    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Crack probability maps (HxW float32, 0..1), one per BGR uint8 image, same sizes."""
+
+
+def preprocess(image: np.ndarray, info: ModelInfo) -> tuple[np.ndarray, tuple[int, int]]:
+    """BGR uint8 image -> 1x3xHxW float32 padded to the size multiple, and the original size."""
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if info.input_color == "RGB":
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    h, w = image.shape[:2]
+    m = info.size_multiple
+    pad_h, pad_w = (-h) % m, (-w) % m
+    if pad_h or pad_w:
+        image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_REFLECT_101)
+    x = (image.astype(np.float32) / 255.0 - np.asarray(info.mean, np.float32)) / np.asarray(
+        info.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None]), (h, w)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+class OnnxRuntimeSegmenter:
+    """ONNX Runtime backend. Images of different sizes are run one at a time; the CPU gains
+    nothing from stacking them, and frames of one camera share a size anyway."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int = 0, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"model file {path} does not exist")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.log_severity_level = 3
+        available = ort.get_available_providers()
+        chosen = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"])
+                  if p in available]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=chosen)
+        except Exception as exc:  # ORT raises its own exception types for bad files
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(f"{path} is not a usable ONNX model: {reason}") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.info = model_info(path, meta)
+        self.providers = self.session.get_providers()
+        self.input_name = self.session.get_inputs()[0].name
+
+    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        maps = []
+        for image in images:
+            x, (h, w) = preprocess(image, self.info)
+            logits = self.session.run(None, {self.input_name: x})[0]
+            maps.append(_sigmoid(logits[0, 0, :h, :w]).astype(np.float32))
+        return maps
+
+
+def open_segmenter(model: Path | None = None, backend: str = "auto", threads: int = 0) -> Segmenter:
+    """The segmenter for ``backend`` (auto | onnxruntime | tensorrt); logs which one was picked."""
+    path = Path(model) if model else bundled_model_path()
+    if backend == "tensorrt":
+        raise ModelError("the TensorRT backend is not available in this build; use "
+                         "--backend onnxruntime (or auto)")
+    if backend not in ("auto", "onnxruntime"):
+        raise ModelError(f"unknown backend {backend!r}; expected auto, tensorrt or onnxruntime")
+    segmenter = OnnxRuntimeSegmenter(path, threads=threads)
+    log.info("backend onnxruntime (%s), model %s", ", ".join(segmenter.providers),
+             segmenter.info.label)
+    return segmenter

@@ -1,0 +1,124 @@
+"""Database engines and sessions: the one place that turns a URL into a checked, ready engine.
+
+``make_engine`` validates the URL, prepares SQLite (parent directory, WAL, foreign keys), creates
+the tables and proves the database answers, so a bad URL or an unreachable server fails at start-up
+with one clear line (:class:`DatabaseError`) instead of a traceback mid-run. Nothing here runs at
+import time; engines are made by the caller and passed in.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy.exc as sa_exc
+from sqlalchemy import URL, Engine, create_engine, event, make_url, text
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from management.models import Base
+
+DEFAULT_URL = "sqlite:///crackscan.db"
+ENV_URL = "CRACKSCAN_DB"
+CONNECT_TIMEOUT_S = 10  # a server that does not answer is reported, not waited on forever
+
+
+class DatabaseError(ValueError):
+    """The database cannot be used; the message is one line: what failed and what to do."""
+
+
+def resolve_url(url: str | None) -> str:
+    """``url`` when given, else ``$CRACKSCAN_DB`` when set and non-empty, else the default."""
+    return url or os.environ.get(ENV_URL) or DEFAULT_URL
+
+
+def describe_error(exc: BaseException) -> str:
+    """A database exception as one line: the driver's own message, not SQLAlchemy's wrapper
+    with the SQL statement and a link."""
+    original = getattr(exc, "orig", None) or exc
+    words = " ".join(str(original).split())
+    return words or type(original).__name__
+
+
+def _is_memory_sqlite(url: URL) -> bool:
+    return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+
+
+def _enable_sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA foreign_keys=ON")
+        # WAL lets readers (queries, the web page) run while management writes.
+        cursor.execute("PRAGMA journal_mode=WAL")
+    finally:
+        cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """A ready engine for ``url`` with the crackscan tables created.
+
+    Raises :class:`DatabaseError` (one line) for a malformed URL, an unknown dialect or missing
+    driver, an SQLite file that cannot be created or opened, or a server that cannot be reached.
+    """
+    try:
+        parsed = make_url(url)
+    except (sa_exc.ArgumentError, ValueError) as exc:
+        raise DatabaseError(f"bad database URL {url!r}: {describe_error(exc)}; expected e.g. "
+                            f"{DEFAULT_URL} or postgresql+psycopg://user@host:5432/dbname"
+                            ) from None
+    shown = parsed.render_as_string(hide_password=True)
+    options: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        if _is_memory_sqlite(parsed):
+            # One shared connection, or every thread would see its own empty database.
+            options.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
+        else:
+            path = Path(parsed.database).expanduser()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DatabaseError(f"cannot create the directory for database {shown}: "
+                                    f"{exc.strerror or exc} ({path.parent})") from None
+    else:
+        options["pool_pre_ping"] = True  # a long-running service outlives server restarts
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            options["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    try:
+        engine = create_engine(parsed, **options)
+    except sa_exc.NoSuchModuleError:
+        raise DatabaseError(f"unsupported database URL {shown}: no SQLAlchemy dialect "
+                            f"{parsed.drivername!r}; use sqlite:///FILE or "
+                            "postgresql+psycopg://...") from None
+    except ImportError as exc:
+        raise DatabaseError(f"database URL {shown} needs the Python driver {exc.name or exc}, "
+                            "which is not installed: install it, or for Postgres use "
+                            "postgresql+psycopg://... (pip install 'crackscan[postgres]')"
+                            ) from None
+    except (sa_exc.ArgumentError, TypeError, ValueError) as exc:
+        raise DatabaseError(f"bad database URL {shown}: {describe_error(exc)}") from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _enable_sqlite_pragmas)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except (sa_exc.SQLAlchemyError, OSError) as exc:
+        engine.dispose()
+        hint = ("is the file a crackscan database and its directory writable?"
+                if engine.dialect.name == "sqlite" else
+                "is the server running, and are host, port, user and database name right?")
+        raise DatabaseError(f"cannot connect to database {shown}: {describe_error(exc)} "
+                            f"({hint})") from None
+    try:
+        Base.metadata.create_all(engine)
+    except sa_exc.SQLAlchemyError as exc:
+        engine.dispose()
+        raise DatabaseError(f"cannot create the crackscan tables in {shown}: {describe_error(exc)} "
+                            "(does the user have CREATE rights there?)") from None
+    return engine
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions bound to ``engine``. Objects stay readable after commit (no expiry), so a caller
+    can report what it stored without another round trip."""
+    return sessionmaker(engine, expire_on_commit=False)

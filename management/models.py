@@ -1,0 +1,155 @@
+"""The crack management schema: runs, the frames stored for them and the cracks found per frame.
+
+Typed SQLAlchemy 2.0 declarative models with portable column types only, so SQLite and Postgres
+store and return the same values. Units are mm and m; a pixel field always sits beside its mm
+counterpart, never alone.
+
+Times are stored as naive UTC (``UTCDateTime``) because SQLite has no time zones; they are handed
+out as aware UTC datetimes. ``Crack.chainage_start_m <= Crack.chainage_end_m`` always holds in the
+database (the store orders the pair), so a chainage range query is a simple overlap test.
+
+Tables are created by :func:`management.db.make_engine` only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+RUN_STATUSES = ("running", "complete", "incomplete", "stopped")
+
+
+class UTCDateTime(TypeDecorator):
+    """A point in time stored as naive UTC, returned as an aware UTC datetime on every database.
+
+    Naive datetimes given to it are taken to be UTC already."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    """One inspection run: a source read once by acquisition, in live or replay mode.
+
+    ``cameras`` comes from run_start; a run created lazily (a result arrived before its
+    run_start) has source and mode ``"unknown"`` and no cameras until run_start fills them in.
+    ``cameras_ended`` maps each camera whose end message arrived to that message's counts and
+    reason; the ``frames_*`` counters are the sums over those ends, each camera counted once.
+    ``frames_duplicate`` counts results skipped because their (camera, seq) was already stored.
+    ``frames_malformed`` counts results that failed the wire checks but whose header still named
+    this run; malformed messages that name no known run are only counted by the service.
+    """
+
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)
+    source: Mapped[str] = mapped_column(String, default="unknown")
+    mode: Mapped[str] = mapped_column(String, default="unknown")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    status: Mapped[str] = mapped_column(String, default="running")
+    model: Mapped[str | None] = mapped_column(String, nullable=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    cameras: Mapped[list[str]] = mapped_column(JSON, default=list)
+    cameras_ended: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    frames_read: Mapped[int] = mapped_column(BigInteger, default=0)
+    frames_sent: Mapped[int] = mapped_column(BigInteger, default=0)
+    frames_dropped: Mapped[int] = mapped_column(BigInteger, default=0)
+    frames_bad: Mapped[int] = mapped_column(BigInteger, default=0)
+    frames_duplicate: Mapped[int] = mapped_column(BigInteger, default=0)
+    frames_malformed: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Frame(Base):
+    """One frame's inference result as stored: at most one per (run, camera, seq).
+
+    ``width`` / ``height`` are the mask size in pixels."""
+
+    __tablename__ = "frames"
+    __table_args__ = (UniqueConstraint("run_id", "camera_id", "seq", name="uq_frames_run_cam_seq"),
+                      Index("ix_frames_run_chainage", "run_id", "chainage_m"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    camera_id: Mapped[str] = mapped_column(String)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    capture_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    chainage_m: Mapped[float] = mapped_column(Float)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    inference_ms: Mapped[float] = mapped_column(Float)
+    worker: Mapped[str] = mapped_column(String)
+    crack_count: Mapped[int] = mapped_column(Integer)
+    stored_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    cracks: Mapped[list[Crack]] = relationship(back_populates="frame",
+                                               cascade="all, delete-orphan",
+                                               passive_deletes=True)
+
+
+class Crack(Base):
+    """One crack as measured in one frame (a per-frame record; merging the records of one
+    physical crack across frames is done on top of these, never instead of them).
+
+    Every field of :class:`crackscan.wire.CrackRecord` has a column; ``bbox_px`` ([x, y, w, h]),
+    ``polyline_px`` ([[x, y], ...] image points) and ``polyline`` ([[chainage_m, arc_mm], ...])
+    are JSON. ``run_id``, ``camera_id`` and ``seq`` repeat the frame's so queries need no join."""
+
+    __tablename__ = "cracks"
+    __table_args__ = (UniqueConstraint("frame_id", "index", name="uq_cracks_frame_index"),
+                      Index("ix_cracks_run_chainage", "run_id", "chainage_m"),
+                      Index("ix_cracks_chainage", "chainage_m"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    frame_id: Mapped[int] = mapped_column(ForeignKey("frames.id", ondelete="CASCADE"))
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    camera_id: Mapped[str] = mapped_column(String)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    index: Mapped[int] = mapped_column(Integer)
+    length_px: Mapped[float] = mapped_column(Float)
+    length_mm: Mapped[float] = mapped_column(Float)
+    width_mean_mm: Mapped[float] = mapped_column(Float)
+    width_max_mm: Mapped[float] = mapped_column(Float)
+    width_p95_mm: Mapped[float] = mapped_column(Float)
+    width_max_px: Mapped[float] = mapped_column(Float)
+    orientation_deg: Mapped[float] = mapped_column(Float)
+    type: Mapped[str] = mapped_column(String)
+    severity: Mapped[str] = mapped_column(String)
+    area_px: Mapped[int] = mapped_column(BigInteger)
+    area_mm2: Mapped[float] = mapped_column(Float)
+    bbox_px: Mapped[list[int]] = mapped_column(JSON)
+    chainage_m: Mapped[float] = mapped_column(Float)
+    chainage_start_m: Mapped[float] = mapped_column(Float)
+    chainage_end_m: Mapped[float] = mapped_column(Float)
+    arc_mm: Mapped[float] = mapped_column(Float)
+    score_mean: Mapped[float] = mapped_column(Float)
+    polyline_px: Mapped[list[list[float]]] = mapped_column(JSON)
+    polyline: Mapped[list[list[float]]] = mapped_column(JSON)
+
+    frame: Mapped[Frame] = relationship(back_populates="cracks")

@@ -1,0 +1,414 @@
+"""The management process loop: receive run_start, result and end messages on one PULL socket,
+store them in batched transactions and decide when each run is finished.
+
+Acquisition (run_start, end) and every inference worker (result) PUSH into the same socket.
+Messages are applied to the database in the order they arrived, so a run_start always precedes
+its run's results and ends in the same or an earlier transaction (a result that overtakes its
+run_start creates the run lazily; see :mod:`management.store`).
+
+Loss rules, in order of importance:
+- A received message is never dropped while the database can take it: a batch that fails for a
+  transient reason (server down, SQLite busy, disk full) stays buffered and is retried, and the
+  socket is not read while too much is buffered, which pushes back on inference and acquisition.
+  A batch the database rejects for its data is retried one message at a time; only the message
+  it refuses is dropped, logged and counted (``ManagementStats.rejected``).
+- A message that fails the wire checks is logged, counted and skipped; never fatal. It is counted
+  on its run (``runs.frames_malformed``) when its header is readable and names a run that exists
+  in the database; otherwise only in ``ManagementStats.malformed_unattributed``.
+
+A run is finished when every camera of its run_start has sent ``end`` and the frames stored
+reach the sum of the ends' ``frames_sent``: status "stopped" when an end's reason was "stopped",
+"incomplete" when one was "source_error" (the source was not read to its end), else "complete".
+When all ends arrived but results are missing and nothing arrived for the run for
+``drain_timeout_s``, the run is finished as "incomplete".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy.exc as sa_exc
+import zmq
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from crackscan.config import ManagementConfig
+from crackscan.sockets import SocketSpec
+from crackscan.wire import (
+    EndOfStreamMessage,
+    ResultMessage,
+    RunStartMessage,
+    WireError,
+    decode,
+    parse_header,
+)
+from management import store
+from management.db import describe_error, session_factory
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 100  # how often ``stop`` and the batch / drain clocks are looked at
+RESULTS_HWM = 1000  # messages queued per sender before it blocks
+MAX_PENDING_BATCHES = 20  # stop reading the socket while this many batches wait for the database
+RETRY_S = 1.0  # wait before retrying a batch the database could not take
+STOP_DRAIN_S = 2.0  # on stop, keep reading what is already queued for at most this long
+STOP_DRAIN_QUIET_MS = 50  # ... until nothing arrives for this long
+
+OnRunFinished = Callable[[str, str], Any]  # (run_id, status)
+
+
+@dataclass
+class ManagementStats:
+    """What one ``run_management`` call received and did (the database keeps per-run counts)."""
+
+    messages: int = 0
+    results: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+    malformed_unattributed: int = 0
+    rejected: int = 0
+    database_errors: int = 0
+
+
+@dataclass
+class _RunWatch:
+    last_activity: float  # monotonic time of the last message received for the run
+    end_seen: bool = False
+    all_ended: bool = False  # every run_start camera has ended (known after a progress check)
+    dirty: bool = False  # something was committed for it since the last progress check
+    finished: bool = False
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A database failure that a retry may cure (connection, lock, full disk), as opposed to
+    the database refusing this data."""
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+
+
+def _claimed_run(frames: list[bytes]) -> str | None:
+    """The run id a malformed message's header names, when the header is readable at all."""
+    try:
+        header = parse_header(frames[0]) if frames else {}
+    except WireError:
+        return None
+    run_id = header.get("run_id")
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
+class _Manager:
+    """The state of one management loop: messages received but not committed, and per-run
+    clocks. All database work goes through :mod:`management.store`."""
+
+    def __init__(self, sessions: sessionmaker[Session], config: ManagementConfig,
+                 stats: ManagementStats, on_run_finished: OnRunFinished | None) -> None:
+        self.sessions = sessions
+        self.config = config
+        self.stats = stats
+        self.on_run_finished = on_run_finished
+        self.pending: list[tuple[str, Any]] = []  # (kind, message or run id), in arrival order
+        self.pending_results = 0
+        self.pending_control = False  # a run_start or end waits: flush without delay
+        self.first_pending_at = 0.0
+        self.retry_at = 0.0
+        self.watches: dict[str, _RunWatch] = {}
+        self.finished: list[str] = []
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    def can_receive(self) -> bool:
+        return len(self.pending) < self.config.batch_size * MAX_PENDING_BATCHES
+
+    def _queue(self, kind: str, item: Any, now: float) -> None:
+        if not self.pending:
+            self.first_pending_at = now
+        self.pending.append((kind, item))
+
+    def _touch(self, run_id: str, now: float) -> _RunWatch:
+        watch = self.watches.get(run_id)
+        if watch is None:
+            watch = self.watches[run_id] = _RunWatch(last_activity=now)
+        watch.last_activity = now
+        return watch
+
+    def receive(self, frames: list[bytes], now: float) -> None:
+        self.stats.messages += 1
+        try:
+            message = decode(frames)
+        except WireError as exc:
+            self._malformed(_claimed_run(frames), str(exc), now)
+            return
+        if isinstance(message, ResultMessage):
+            self.stats.results += 1
+            watch = self._touch(message.run_id, now)
+            if watch.finished:
+                log.warning("run %s: result for camera %s seq %d arrived after the run was "
+                            "finished; storing it anyway", message.run_id, message.camera_id,
+                            message.seq)
+            self._queue("result", message, now)
+            self.pending_results += 1
+        elif isinstance(message, RunStartMessage):
+            log.info("run %s started: source %s, mode %s, cameras %s", message.run_id,
+                     message.source, message.mode, ", ".join(message.cameras))
+            self._touch(message.run_id, now)
+            self._queue("run_start", message, now)
+            self.pending_control = True
+        elif isinstance(message, EndOfStreamMessage):
+            log.info("run %s camera %s ended (%s): %d frames sent, %d dropped, %d bad",
+                     message.run_id, message.camera_id, message.reason, message.frames_sent,
+                     message.frames_dropped, message.frames_bad)
+            self._touch(message.run_id, now).end_seen = True
+            self._queue("end", message, now)
+            self.pending_control = True
+        else:
+            self._malformed(message.run_id, f"a {message.TYPE} message does not belong on the "
+                            "results socket", now)
+
+    def _malformed(self, run_id: str | None, reason: str, now: float) -> None:
+        self.stats.malformed += 1
+        log.warning("malformed message%s skipped: %s",
+                    f" for run {run_id}" if run_id else "", reason)
+        if run_id is None:
+            self.stats.malformed_unattributed += 1
+        else:
+            self._queue("malformed", run_id, now)
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def flush_due(self, now: float) -> bool:
+        return bool(self.pending) and now >= self.retry_at and (
+            self.pending_control or self.pending_results >= self.config.batch_size
+            or now - self.first_pending_at >= self.config.batch_seconds)
+
+    def _apply(self, session: Session, ops: list[tuple[str, Any]]) -> dict[str, int]:
+        """Apply ``ops`` in order in ``session``; consecutive results go in one call."""
+        counts = {"stored": 0, "duplicates": 0, "unattributed": 0}
+        results: list[ResultMessage] = []
+
+        def write_results() -> None:
+            if results:
+                stored, duplicates = store.store_results(session, results)
+                counts["stored"] += stored
+                counts["duplicates"] += duplicates
+                results.clear()
+
+        for kind, item in ops:
+            if kind == "result":
+                results.append(item)
+                continue
+            write_results()
+            if kind == "run_start":
+                store.start_run(session, item)
+            elif kind == "end":
+                store.end_stream(session, item)
+            elif not store.count_malformed(session, item):
+                counts["unattributed"] += 1
+        write_results()
+        return counts
+
+    def _committed(self, ops: list[tuple[str, Any]], counts: dict[str, int]) -> None:
+        self.stats.stored += counts["stored"]
+        self.stats.duplicates += counts["duplicates"]
+        self.stats.malformed_unattributed += counts["unattributed"]
+        for kind, item in ops:
+            run_id = item if kind == "malformed" else item.run_id
+            if run_id in self.watches:
+                self.watches[run_id].dirty = True
+
+    def flush(self, now: float) -> bool:
+        """Commit everything pending; returns False when some of it must wait for a retry."""
+        if not self.pending:
+            return True
+        ops = self.pending
+        try:
+            with self.sessions.begin() as session:
+                counts = self._apply(session, ops)
+        except Exception as exc:  # the data was refused (any driver error): bisect below
+            if _is_transient(exc):
+                return self._defer(exc, now)
+            log.warning("a batch of %d messages was refused (%s); storing them one by one",
+                        len(ops), describe_error(exc))
+            return self._flush_one_by_one(now)
+        self._committed(ops, counts)
+        self._clear_pending()
+        return True
+
+    def _flush_one_by_one(self, now: float) -> bool:
+        while self.pending:
+            op = self.pending[0]
+            try:
+                with self.sessions.begin() as session:
+                    counts = self._apply(session, [op])
+            except Exception as exc:
+                if _is_transient(exc):
+                    return self._defer(exc, now)
+                self.stats.rejected += 1
+                kind, item = op
+                what = (f"run {item}" if kind == "malformed" else
+                        f"run {item.run_id} camera {getattr(item, 'camera_id', '-')} "
+                        f"seq {getattr(item, 'seq', '-')}")
+                log.error("the database refused a %s message (%s), skipped: %s", kind, what,
+                          describe_error(exc),
+                          exc_info=not isinstance(exc, (sa_exc.SQLAlchemyError, ArithmeticError)))
+            else:
+                self._committed([op], counts)
+            self.pending.pop(0)
+        self._clear_pending()
+        return True
+
+    def _defer(self, exc: BaseException, now: float) -> bool:
+        self.stats.database_errors += 1
+        self.retry_at = now + RETRY_S
+        log.error("cannot write to the database, %d messages kept for a retry in %.0f s: %s",
+                  len(self.pending), RETRY_S, describe_error(exc))
+        return False
+
+    def _clear_pending(self) -> None:
+        self.pending = []
+        self.pending_results = 0
+        self.pending_control = False
+        self.retry_at = 0.0
+
+    # --- finishing runs ----------------------------------------------------------------------
+
+    def _status(self, progress: dict[str, Any]) -> str:
+        if "stopped" in progress["end_reasons"]:
+            return "stopped"
+        if "source_error" in progress["end_reasons"]:
+            return "incomplete"
+        return "complete"
+
+    def check_runs(self, now: float) -> None:
+        """Finish the runs that are done; call only when nothing is pending."""
+        for run_id, watch in self.watches.items():
+            if watch.finished or not watch.end_seen or now < self.retry_at:
+                continue
+            drained = now - watch.last_activity >= self.config.drain_timeout_s
+            if not (watch.dirty or (watch.all_ended and drained)):
+                continue
+            try:
+                with self.sessions() as session:
+                    progress = store.run_progress(session, run_id)
+            except sa_exc.SQLAlchemyError as exc:
+                self._defer(exc, now)
+                return
+            watch.dirty = False
+            watch.all_ended = progress["expected"] is not None
+            if not watch.all_ended:
+                continue
+            if progress["stored"] >= progress["expected"]:
+                self._finish(run_id, self._status(progress), progress, now)
+            elif drained:
+                log.warning("run %s: %d of %d results missing %.1f s after its last message; "
+                            "finishing it as incomplete", run_id, progress["missing"],
+                            progress["expected"], self.config.drain_timeout_s)
+                self._finish(run_id, "incomplete", progress, now)
+
+    def _finish(self, run_id: str, status: str, progress: dict[str, Any], now: float) -> None:
+        try:
+            with self.sessions.begin() as session:
+                store.finish_run(session, run_id, status)
+        except sa_exc.SQLAlchemyError as exc:
+            self.watches[run_id].dirty = True  # look again after the retry
+            self._defer(exc, now)
+            return
+        self.watches[run_id].finished = True
+        self.finished.append(run_id)
+        log.info("run %s finished: %s, %d frames stored of %s expected, %d duplicates skipped",
+                 run_id, status, progress["stored"], progress["expected"], progress["duplicates"])
+        if self.on_run_finished is not None:
+            try:
+                self.on_run_finished(run_id, status)
+            except Exception:  # the caller's hook must not take the store down
+                log.exception("on_run_finished(%r, %r) failed", run_id, status)
+
+    def stop_runs(self, now: float) -> None:
+        """On stop: finish the runs whose ends all arrived (as "stopped" if results are still
+        missing: management stopped before they came). Runs still streaming stay "running", so
+        a restarted management process carries on storing them."""
+        for run_id, watch in self.watches.items():
+            if watch.finished or not watch.end_seen:
+                if not watch.finished:
+                    log.info("run %s left running: not every camera has ended", run_id)
+                continue
+            try:
+                with self.sessions() as session:
+                    progress = store.run_progress(session, run_id)
+            except sa_exc.SQLAlchemyError as exc:
+                log.error("run %s: cannot read its progress on stop: %s", run_id,
+                          describe_error(exc))
+                continue
+            if progress["expected"] is None:
+                log.info("run %s left running: not every camera has ended", run_id)
+            elif progress["stored"] >= progress["expected"]:
+                self._finish(run_id, self._status(progress), progress, now)
+            else:
+                log.warning("run %s: stopping with %d of %d results missing", run_id,
+                            progress["missing"], progress["expected"])
+                self._finish(run_id, "stopped", progress, now)
+
+
+def run_management(results: str, engine: Engine, config: ManagementConfig,
+                   stop: threading.Event, exit_after_runs: int | None = None,
+                   on_run_finished: OnRunFinished | None = None,
+                   stats: ManagementStats | None = None) -> list[str]:
+    """Receive on ``results`` (a PULL SocketSpec string) and store into ``engine`` until ``stop``
+    is set or ``exit_after_runs`` runs have finished; returns the ids of the runs finished, in
+    the order they finished.
+
+    ``on_run_finished(run_id, status)`` is called as each run finishes. ``stats``, when given,
+    is filled in as messages arrive. On ``stop``, what is already queued on the socket is read
+    and everything received is committed before returning.
+    """
+    spec = SocketSpec.parse(results)
+    if spec.pattern != "pull":
+        raise ValueError(f"results socket {results!r} must be a pull socket, "
+                         "e.g. pull+bind:ipc:///tmp/crackscan/results")
+    manager = _Manager(session_factory(engine), config, stats or ManagementStats(),
+                       on_run_finished)
+    context = zmq.Context()
+    socket = spec.open(context, hwm=RESULTS_HWM)
+    log.info("management receiving on %s, storing to %s", spec,
+             engine.url.render_as_string(hide_password=True))
+    try:
+        while not stop.is_set():
+            if exit_after_runs is not None and len(manager.finished) >= exit_after_runs:
+                break
+            if manager.can_receive():
+                if socket.poll(POLL_MS):
+                    manager.receive(socket.recv_multipart(), time.monotonic())
+            else:
+                stop.wait(POLL_MS / 1000)
+            now = time.monotonic()
+            if manager.flush_due(now):
+                manager.flush(now)
+            if not manager.pending:
+                manager.check_runs(now)
+        if stop.is_set():
+            deadline = time.monotonic() + STOP_DRAIN_S
+            while time.monotonic() < deadline and socket.poll(STOP_DRAIN_QUIET_MS):
+                manager.receive(socket.recv_multipart(), time.monotonic())
+        for _attempt in range(3):  # everything received is committed before returning
+            if manager.flush(time.monotonic()):
+                break
+            time.sleep(RETRY_S)
+        else:
+            log.error("%d received messages could not be stored before exit",
+                      len(manager.pending))
+        if stop.is_set():
+            manager.stop_runs(time.monotonic())
+    finally:
+        socket.close(linger=0)
+        context.term()
+    stats = manager.stats
+    log.info("management done: %d messages, %d results stored, %d duplicates, %d malformed, "
+             "%d refused by the database", stats.messages, stats.stored, stats.duplicates,
+             stats.malformed, stats.rejected)
+    return list(manager.finished)

@@ -1,0 +1,307 @@
+"""Data access for crack management: plain functions that take a Session. No other layer writes SQL.
+
+Writers (``start_run``, ``store_results``, ``end_stream``, ``finish_run``, ``count_malformed``)
+only add to the session; the caller commits, so one batch is one transaction. Writes are
+idempotent: a run_start or end seen twice, or a result for an already stored (run, camera, seq),
+changes nothing the second time (a duplicate result is counted on its run, never an error).
+One management process writes a given run; concurrent writers of the same run are not supported.
+
+Readers (``run_progress``, ``list_runs``, ``query_cracks``) return plain dicts of JSON-ready values:
+times as ISO 8601 UTC strings, lengths in mm, chainage in m.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import func, select, tuple_
+from sqlalchemy.orm import Session
+
+from crackscan.wire import EndOfStreamMessage, ResultMessage, RunStartMessage
+from management.models import RUN_STATUSES, Crack, Frame, Run
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = "unknown"  # source and mode of a run created before its run_start arrived
+
+
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(timezone.utc).isoformat()
+
+
+def _get_or_create_run(session: Session, run_id: str, started_at: float) -> Run:
+    run = session.get(Run, run_id)
+    if run is None:
+        run = Run(id=run_id, source=UNKNOWN, mode=UNKNOWN, started_at=_utc(started_at),
+                  status="running", config={}, cameras=[], cameras_ended={}, frames_read=0,
+                  frames_sent=0, frames_dropped=0, frames_bad=0, frames_duplicate=0,
+                  frames_malformed=0)
+        session.add(run)
+        session.flush()
+    return run
+
+
+# --- writers -----------------------------------------------------------------------------------
+
+def start_run(session: Session, msg: RunStartMessage) -> Run:
+    """Create the run, or fill in one created lazily by an early result. Status and counters of
+    an existing run are kept, so a repeated run_start is harmless."""
+    run = _get_or_create_run(session, msg.run_id, msg.started_at)
+    run.source = msg.source
+    run.mode = msg.mode
+    run.started_at = _utc(msg.started_at)
+    run.cameras = list(msg.cameras)
+    run.config = dict(msg.config)
+    return run
+
+
+def store_results(session: Session, results: list[ResultMessage]) -> tuple[int, int]:
+    """Store each result's frame and cracks once; returns (stored, duplicates).
+
+    A result whose (run, camera, seq) is already in the database, or earlier in ``results``, is
+    skipped and counted in the run's ``frames_duplicate``. A run not yet started is created
+    lazily (source "unknown") so no result waits on its run_start."""
+    if not results:
+        return 0, 0
+    runs: dict[str, Run] = {}
+    for result in results:
+        if result.run_id not in runs:
+            runs[result.run_id] = _get_or_create_run(session, result.run_id, result.capture_time)
+    keys = {(r.run_id, r.camera_id, r.seq) for r in results}
+    seen: set[tuple[str, str, int]] = set()
+    key_list = sorted(keys)
+    for start in range(0, len(key_list), 500):  # bounded IN lists
+        chunk = key_list[start:start + 500]
+        rows = session.execute(select(Frame.run_id, Frame.camera_id, Frame.seq)
+                               .where(tuple_(Frame.run_id, Frame.camera_id, Frame.seq).in_(chunk)))
+        seen.update((run_id, camera_id, seq) for run_id, camera_id, seq in rows)
+    stored = duplicates = 0
+    now = datetime.now(timezone.utc)
+    for result in results:
+        key = (result.run_id, result.camera_id, result.seq)
+        run = runs[result.run_id]
+        if key in seen:
+            duplicates += 1
+            run.frames_duplicate += 1
+            continue
+        seen.add(key)
+        if run.model is None:
+            run.model = result.model
+        height, width = result.mask.shape[:2]
+        frame = Frame(run_id=result.run_id, camera_id=result.camera_id, seq=result.seq,
+                      capture_time=_utc(result.capture_time), chainage_m=result.chainage_m,
+                      width=int(width), height=int(height), inference_ms=result.inference_ms,
+                      worker=result.worker, crack_count=len(result.cracks), stored_at=now)
+        for record in result.cracks:
+            fields = record.to_dict()
+            start_m, end_m = sorted((record.chainage_start_m, record.chainage_end_m))
+            fields.update(chainage_start_m=start_m, chainage_end_m=end_m)
+            frame.cracks.append(Crack(run_id=result.run_id, camera_id=result.camera_id,
+                                      seq=result.seq, **fields))
+        session.add(frame)
+        stored += 1
+    session.flush()
+    return stored, duplicates
+
+
+def end_stream(session: Session, msg: EndOfStreamMessage) -> bool:
+    """Add one camera's end-of-stream counts to its run, once per camera; returns False when
+    this camera's end was already recorded (nothing changes)."""
+    run = _get_or_create_run(session, msg.run_id, msg.ended_at)
+    if msg.camera_id in run.cameras_ended:
+        return False
+    if run.cameras and msg.camera_id not in run.cameras:
+        log.warning("run %s: end for camera %r, which its run_start did not list %s",
+                    msg.run_id, msg.camera_id, run.cameras)
+    run.frames_read += msg.frames_read
+    run.frames_sent += msg.frames_sent
+    run.frames_dropped += msg.frames_dropped
+    run.frames_bad += msg.frames_bad
+    # A new dict, so the JSON column sees the change.
+    run.cameras_ended = {**run.cameras_ended, msg.camera_id: {
+        "ended_at": _iso(_utc(msg.ended_at)), "reason": msg.reason,
+        "frames_read": msg.frames_read, "frames_sent": msg.frames_sent,
+        "frames_dropped": msg.frames_dropped, "frames_bad": msg.frames_bad}}
+    return True
+
+
+def count_malformed(session: Session, run_id: str) -> bool:
+    """Count a malformed result against ``run_id`` if that run exists; returns whether it did."""
+    run = session.get(Run, run_id)
+    if run is None:
+        return False
+    run.frames_malformed += 1
+    return True
+
+
+def finish_run(session: Session, run_id: str, status: str,
+               ended_at: datetime | None = None) -> Run:
+    """Give the run its final ``status`` and ``ended_at`` (now, unless given)."""
+    if status not in RUN_STATUSES:
+        raise ValueError(f"bad run status {status!r}; expected one of {RUN_STATUSES}")
+    run = session.get(Run, run_id)
+    if run is None:
+        raise LookupError(f"no run {run_id!r} in the database")
+    run.status = status
+    run.ended_at = ended_at or datetime.now(timezone.utc)
+    return run
+
+
+# --- readers -----------------------------------------------------------------------------------
+
+def _stored_frames(session: Session, run_id: str) -> int:
+    return session.scalar(select(func.count(Frame.id)).where(Frame.run_id == run_id)) or 0
+
+
+def run_progress(session: Session, run_id: str) -> dict[str, Any]:
+    """Where a run stands. ``expected`` is the sum of ``frames_sent`` over the cameras that
+    ended, or None until every camera listed in run_start has ended (or before run_start).
+    ``missing`` is expected - stored (None while expected is unknown)."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise LookupError(f"no run {run_id!r} in the database")
+    stored = _stored_frames(session, run_id)
+    all_ended = bool(run.cameras) and all(c in run.cameras_ended for c in run.cameras)
+    expected = sum(end["frames_sent"] for end in run.cameras_ended.values()) if all_ended else None
+    return {
+        "run_id": run.id,
+        "status": run.status,
+        "cameras": list(run.cameras),
+        "cameras_ended": sorted(run.cameras_ended),
+        "end_reasons": sorted({end["reason"] for end in run.cameras_ended.values()}),
+        "expected": expected,
+        "stored": stored,
+        "missing": None if expected is None else max(expected - stored, 0),
+        "duplicates": run.frames_duplicate,
+        "malformed": run.frames_malformed,
+    }
+
+
+def list_runs(session: Session) -> list[dict[str, Any]]:
+    """Every run, oldest first, with its counters and what is stored for it."""
+    frames = (select(Frame.run_id, func.count(Frame.id).label("frames"),
+                     func.min(Frame.chainage_m).label("chainage_start_m"),
+                     func.max(Frame.chainage_m).label("chainage_end_m"))
+              .group_by(Frame.run_id).subquery())
+    cracks = (select(Crack.run_id, func.count(Crack.id).label("cracks"))
+              .group_by(Crack.run_id).subquery())
+    rows = session.execute(
+        select(Run, frames.c.frames, frames.c.chainage_start_m, frames.c.chainage_end_m,
+               cracks.c.cracks)
+        .outerjoin(frames, frames.c.run_id == Run.id)
+        .outerjoin(cracks, cracks.c.run_id == Run.id)
+        .order_by(Run.started_at, Run.id)).all()
+    return [{
+        "id": run.id,
+        "source": run.source,
+        "mode": run.mode,
+        "status": run.status,
+        "model": run.model,
+        "cameras": list(run.cameras),
+        "frames": frame_count or 0,
+        "frames_read": run.frames_read,
+        "frames_sent": run.frames_sent,
+        "frames_dropped": run.frames_dropped,
+        "frames_bad": run.frames_bad,
+        "frames_duplicate": run.frames_duplicate,
+        "frames_malformed": run.frames_malformed,
+        "cracks": crack_count or 0,
+        "started_at": _iso(run.started_at),
+        "ended_at": _iso(run.ended_at),
+        "chainage_start_m": chainage_start,
+        "chainage_end_m": chainage_end,
+    } for run, frame_count, chainage_start, chainage_end, crack_count in rows]
+
+
+def parse_chainage(text: str) -> tuple[float, float]:
+    """``"A:B"`` (metres) as (A, B); a ValueError says what is wrong and what would work."""
+    parts = str(text).split(":")
+    example = "expected START:END in metres, e.g. 1200:1500"
+    if len(parts) != 2:
+        raise ValueError(f"bad chainage range {text!r}: {example}")
+    try:
+        start, end = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ValueError(f"bad chainage range {text!r}: {example}") from None
+    if not (math.isfinite(start) and math.isfinite(end)):
+        raise ValueError(f"bad chainage range {text!r}: both ends must be finite numbers")
+    if start > end:
+        raise ValueError(f"bad chainage range {text!r}: start {start:g} m is after end {end:g} m")
+    return start, end
+
+
+def _check_minimum(name: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def query_cracks(session: Session, run: str | None = None, min_width_mm: float | None = None,
+                 min_length_mm: float | None = None,
+                 chainage: tuple[float, float] | None = None, crack_type: str | None = None,
+                 limit: int | None = None) -> list[dict[str, Any]]:
+    """Per-frame crack records ordered by run, chainage, camera, seq and index.
+
+    ``min_width_mm`` keeps cracks with ``width_max_mm >= min_width_mm``; ``min_length_mm``
+    those with ``length_mm >= min_length_mm``; ``chainage=(a, b)`` those whose extent
+    [chainage_start_m, chainage_end_m] overlaps [a, b] (a crack that crosses a bound counts);
+    ``crack_type`` matches ``type`` exactly; ``limit`` caps the number of records."""
+    _check_minimum("min_width_mm", min_width_mm)
+    _check_minimum("min_length_mm", min_length_mm)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
+    statement = select(Crack, Frame.capture_time).join(Frame, Crack.frame_id == Frame.id)
+    if run is not None:
+        statement = statement.where(Crack.run_id == run)
+    if min_width_mm is not None:
+        statement = statement.where(Crack.width_max_mm >= min_width_mm)
+    if min_length_mm is not None:
+        statement = statement.where(Crack.length_mm >= min_length_mm)
+    if chainage is not None:
+        start, end = chainage
+        if start > end:
+            raise ValueError(f"chainage range start {start:g} m is after its end {end:g} m")
+        statement = statement.where(Crack.chainage_start_m <= end, Crack.chainage_end_m >= start)
+    if crack_type is not None:
+        statement = statement.where(Crack.type == crack_type)
+    statement = statement.order_by(Crack.run_id, Crack.chainage_m, Crack.camera_id, Crack.seq,
+                                   Crack.index)
+    if limit is not None:
+        statement = statement.limit(limit)
+    return [_crack_dict(crack, capture_time) for crack, capture_time in session.execute(statement)]
+
+
+def _crack_dict(crack: Crack, capture_time: datetime) -> dict[str, Any]:
+    return {
+        "run": crack.run_id,
+        "camera": crack.camera_id,
+        "seq": crack.seq,
+        "index": crack.index,
+        "chainage_m": crack.chainage_m,
+        "chainage_start_m": crack.chainage_start_m,
+        "chainage_end_m": crack.chainage_end_m,
+        "arc_mm": crack.arc_mm,
+        "length_mm": crack.length_mm,
+        "length_px": crack.length_px,
+        "width_mean_mm": crack.width_mean_mm,
+        "width_max_mm": crack.width_max_mm,
+        "width_p95_mm": crack.width_p95_mm,
+        "width_max_px": crack.width_max_px,
+        "orientation_deg": crack.orientation_deg,
+        "type": crack.type,
+        "severity": crack.severity,
+        "area_mm2": crack.area_mm2,
+        "area_px": crack.area_px,
+        "score_mean": crack.score_mean,
+        "bbox_px": list(crack.bbox_px),
+        "polyline": [list(point) for point in crack.polyline],
+        "polyline_px": [list(point) for point in crack.polyline_px],
+        "capture_time": _iso(capture_time),
+    }
+

@@ -1,0 +1,392 @@
+"""Acquisition: frame sources on real files, and the service over real ZeroMQ sockets."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import zmq
+
+from acquisition.service import new_run_id, run_acquisition
+from acquisition.sources import SourceError, SourceFrame, open_source
+from crackscan.config import AcquisitionConfig, PipelineConfig
+from crackscan.wire import EndOfStreamMessage, FrameMessage, RunStartMessage, decode
+
+CONFIG = PipelineConfig()
+
+
+def frame_image(index: int, size: tuple[int, int] = (64, 48)) -> np.ndarray:
+    """A test frame (BGR, size = (width, height)) that shows its index as six bright/dark
+    stripes, a code that survives lossy video codecs."""
+    width, height = size
+    image = np.full((height, width, 3), 40, np.uint8)
+    for bit in range(6):
+        if index >> bit & 1:
+            image[:, bit * width // 6:(bit + 1) * width // 6] = 200
+    return image
+
+
+def index_of(image: np.ndarray) -> int:
+    """The index a :func:`frame_image` shows (grey or BGR)."""
+    width = image.shape[1]
+    return sum(1 << bit for bit in range(6)
+               if image[:, bit * width // 6 + 2:(bit + 1) * width // 6 - 2].mean() > 120)
+
+
+def write_video(path: Path, count: int, size: tuple[int, int] = (64, 48), fps: float = 12.5,
+                fourcc: str = "mp4v") -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
+    assert writer.isOpened()
+    for index in range(count):
+        writer.write(frame_image(index, size))
+    writer.release()
+    return path
+
+
+def avi_frame_chunks(data: bytes) -> list[tuple[int, int]]:
+    """(offset, size) of each frame chunk's data in an AVI file's 'movi' list."""
+    position = data.index(b"movi") + 4
+    chunks = []
+    while position + 8 <= len(data):
+        kind, size = data[position:position + 4], int.from_bytes(data[position + 4:position + 8],
+                                                                  "little")
+        if kind == b"idx1":
+            break
+        if kind.endswith(b"dc"):
+            chunks.append((position + 8, size))
+        position += 8 + size + (size & 1)
+    return chunks
+
+
+def read_all(spec: str, config: PipelineConfig = CONFIG) -> list[SourceFrame]:
+    with open_source(spec, config) as source:
+        return list(source)
+
+
+# --- sources ------------------------------------------------------------------------------------
+
+def test_video_source_reads_every_frame_in_order(tmp_path):
+    path = write_video(tmp_path / "drive.mp4", 15, fps=12.5)
+    with open_source(str(path), CONFIG) as source:
+        assert source.fps == pytest.approx(12.5)
+        assert "drive.mp4" in source.description
+        frames = list(source)
+    assert [f.index for f in frames] == list(range(15))
+    assert [f.offset_s for f in frames] == pytest.approx([i / 12.5 for i in range(15)])
+    assert all(f.image.shape == (48, 64, 3) and f.image.dtype == np.uint8 for f in frames)
+    assert [index_of(f.image) for f in frames] == list(range(15))
+
+
+def test_video_source_counts_a_corrupt_frame_and_goes_on(tmp_path):
+    path = write_video(tmp_path / "drive.avi", 12, fourcc="MJPG", fps=10.0)
+    data = bytearray(path.read_bytes())
+    offset, size = avi_frame_chunks(bytes(data))[5]
+    data[offset:offset + size] = bytes(size)  # frame 5 is no longer a JPEG
+    path.write_bytes(bytes(data))
+
+    frames = read_all(str(path))
+    assert [f.index for f in frames] == list(range(12))
+    assert frames[5].image is None
+    good = [f for f in frames if f.image is not None]
+    assert [index_of(f.image) for f in good] == [f.index for f in good]  # no shift after it
+    assert frames[6].offset_s == pytest.approx(0.6)
+
+
+def test_video_source_counts_a_truncated_tail_as_bad_frames(tmp_path):
+    path = write_video(tmp_path / "drive.avi", 12, fourcc="MJPG", fps=10.0)
+    data = path.read_bytes()
+    offset, _ = avi_frame_chunks(data)[8]
+    path.write_bytes(data[:offset - 8])  # cut before frame 8: the header still says 12 frames
+
+    frames = read_all(str(path))
+    assert [f.index for f in frames] == list(range(12))
+    assert [f.image is None for f in frames] == [False] * 8 + [True] * 4
+    assert [index_of(f.image) for f in frames[:8]] == list(range(8))
+
+
+def test_undecodable_or_cut_short_video_is_a_source_error(tmp_path):
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(SourceError, match="cannot open video"):
+        open_source(str(garbage), CONFIG)
+    whole = write_video(tmp_path / "whole.mp4", 10).read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole[:len(whole) // 2])  # OpenCV writes the mp4 index last
+    with pytest.raises(SourceError, match="cannot open video"):
+        open_source(str(cut), CONFIG)
+
+
+def test_folder_source_sorts_by_name_and_counts_unreadable_images(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    names = ["f03.png", "f01.jpg", "f10.bmp", "f02.png", "f04.tif"]
+    for name in names:
+        assert cv2.imwrite(str(folder / name), frame_image(int(name[1:3])))
+    grey = frame_image(5)[:, :, 0]
+    assert cv2.imwrite(str(folder / "f05.png"), grey)
+    (folder / "f06.jpg").write_bytes(b"\xff\xd8\xff garbage, not a JPEG")
+    (folder / "notes.txt").write_text("not an image")
+
+    config = PipelineConfig(acquisition=AcquisitionConfig(folder_fps=4.0))
+    with open_source(str(folder), config) as source:
+        assert source.fps == 4.0
+        frames = list(source)
+    assert [f.index for f in frames] == list(range(7))
+    assert [f.offset_s for f in frames] == pytest.approx([i / 4.0 for i in range(7)])
+    assert frames[5].image is None  # f06.jpg, sorted after f05.png
+    decoded = [index_of(f.image) for f in frames if f.image is not None]
+    assert decoded == [1, 2, 3, 4, 5, 10]
+    assert all(f.image.shape == (48, 64, 3) for f in frames if f.image is not None)
+    single = read_all(str(folder / "f10.bmp"), config)  # one image file is a one-frame source
+    assert len(single) == 1 and index_of(single[0].image) == 10
+
+
+def test_empty_folder_and_missing_path_are_source_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no frames here")
+    with pytest.raises(SourceError, match="no images"):
+        open_source(str(tmp_path / "empty"), CONFIG)
+    with pytest.raises(SourceError, match="not found"):
+        open_source(str(tmp_path / "nowhere.mp4"), CONFIG)
+
+
+@pytest.mark.parametrize("spec", ["camera:0", "rtsp://10.0.0.5/stream",
+                                  "gst:videotestsrc ! appsink"])
+def test_cameras_and_streams_are_not_supported_yet(spec):
+    with pytest.raises(SourceError, match="not supported yet"):
+        open_source(spec, CONFIG)
+
+
+def test_synthetic_source(tmp_path):
+    frames = read_all("synthetic:0.2")
+    assert [f.index for f in frames] == list(range(5))
+    assert [f.offset_s for f in frames] == pytest.approx([0, 0.04, 0.08, 0.12, 0.16])
+    assert all(f.image.shape == (360, 640, 3) and f.image.dtype == np.uint8 for f in frames)
+    with open_source("synthetic", CONFIG) as source:
+        assert source.fps == 25.0 and "250 frames" in source.description
+    for bad in ("synthetic:0", "synthetic:ten"):
+        with pytest.raises(SourceError, match="synthetic:SECONDS"):
+            open_source(bad, CONFIG)
+
+
+# --- the service --------------------------------------------------------------------------------
+
+class Consumer:
+    """A test's inference worker (PULL on the frame stream) and management (PULL on control)."""
+
+    def __init__(self, tmp_path: Path, read_frames: bool = True, delay_s: float = 0.0) -> None:
+        self.frames_spec = f"push+bind:ipc://{tmp_path}/f"
+        self.control_spec = f"push+connect:ipc://{tmp_path}/c"
+        self.context = zmq.Context()
+        self.control = self.context.socket(zmq.PULL)
+        self.control.bind(f"ipc://{tmp_path}/c")
+        self.frames = self.context.socket(zmq.PULL)
+        self.frames.setsockopt(zmq.RCVHWM, 1)  # a busy worker: its queue fills at once
+        self.frames.setsockopt(zmq.RECONNECT_IVL, 10)
+        self.frames.connect(f"ipc://{tmp_path}/f")
+        self.read_frames, self.delay_s = read_frames, delay_s
+        self.start: RunStartMessage | None = None
+        self.end: EndOfStreamMessage | None = None
+        self.received: list[FrameMessage] = []
+        self.received_before_end = -1
+
+    def collect(self, timeout_s: float = 20.0) -> None:
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        if self.read_frames:
+            poller.register(self.frames, zmq.POLLIN)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.end is not None and (not self.read_frames
+                                         or len(self.received) >= self.end.frames_sent):
+                return
+            events = dict(poller.poll(50))
+            if self.control in events:
+                message = decode(self.control.recv_multipart())
+                if isinstance(message, RunStartMessage):
+                    assert self.start is None and not self.received
+                    self.start = message
+                else:
+                    self.end = message
+                    self.received_before_end = len(self.received)
+            if self.frames in events:
+                self.received.append(FrameMessage.from_frames(self.frames.recv_multipart()))
+                time.sleep(self.delay_s)
+        raise AssertionError(f"the run did not finish in time: start {self.start}, end {self.end}, "
+                             f"frames {[m.seq for m in self.received]}")
+
+    def close(self) -> None:
+        self.frames.close(linger=0)
+        self.control.close(linger=0)
+        self.context.term()
+
+
+def run_in_thread(consumer: Consumer, source, mode: str, config: PipelineConfig,
+                  stop: threading.Event | None = None, **kwargs) -> EndOfStreamMessage:
+    stop = stop or threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run_acquisition, source, consumer.frames_spec,
+                             consumer.control_spec, "run-1", mode, config, stop, **kwargs)
+        try:
+            consumer.collect()
+        finally:
+            stop.set()  # the consumer has all it waits for: end the drain (or a failed run)
+        return future.result(timeout=10)
+
+
+def test_replay_sends_every_frame_once_in_order_to_a_slow_consumer(tmp_path):
+    count, fps = 30, 25.0
+    path = write_video(tmp_path / "drive.mp4", count, size=(320, 240), fps=fps)
+    config = PipelineConfig(acquisition=AcquisitionConfig(speed_kmh=36.0, start_chainage_m=100.0,
+                                                          queue_frames=1))
+    consumer = Consumer(tmp_path, delay_s=0.03)
+    try:
+        with open_source(str(path), config) as source:
+            end = run_in_thread(consumer, source, "replay", config, source_label="drive.mp4")
+    finally:
+        consumer.close()
+
+    start = consumer.start
+    assert start.run_id == "run-1" and start.source == "drive.mp4" and start.mode == "replay"
+    assert start.cameras == ("cam0",) and start.config == config.model_dump(mode="json")
+    assert [m.seq for m in consumer.received] == list(range(count))
+    for message in consumer.received:
+        offset = message.seq / fps
+        assert message.run_id == "run-1" and message.camera_id == "cam0"
+        assert message.chainage_m == pytest.approx(100.0 + 10.0 * offset)
+        assert message.capture_time == pytest.approx(start.started_at + offset)
+        assert message.image.shape == (240, 320, 3) and index_of(message.image) == message.seq
+    assert end == consumer.end
+    assert (end.frames_read, end.frames_sent, end.frames_dropped, end.frames_bad) == (count, count,
+                                                                                     0, 0)
+    assert end.reason == "end_of_source"
+    # back-pressure: the reader waited for the consumer, so the end came after most frames
+    assert consumer.received_before_end >= count - 12
+
+
+def test_replay_keeps_the_stream_open_until_a_slow_worker_has_the_last_frames(tmp_path):
+    # small frames: the source ends long before the worker is done, with frames in its socket
+    path = write_video(tmp_path / "drive.mp4", 30, size=(64, 48))
+    consumer = Consumer(tmp_path, delay_s=0.03)
+    try:
+        with open_source(str(path), CONFIG) as source:
+            end = run_in_thread(consumer, source, "replay", CONFIG, drain_s=30.0)
+    finally:
+        consumer.close()
+    assert consumer.received_before_end < 25  # the end came while most frames were queued
+    assert end.frames_sent == 30
+    assert [m.seq for m in consumer.received] == list(range(30))
+
+
+def test_replay_of_a_folder_leaves_a_gap_for_a_bad_image(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    images = {}
+    for index in range(6):
+        images[index] = np.random.default_rng(index).integers(0, 255, (24, 32, 3), np.uint8)
+        cv2.imwrite(str(folder / f"{index:03d}.png"), images[index])
+    (folder / "002.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    config = PipelineConfig(acquisition=AcquisitionConfig(folder_fps=5.0, encoding="png",
+                                                          speed_kmh=3.6))
+    consumer = Consumer(tmp_path)
+    try:
+        with open_source(str(folder), config) as source:
+            end = run_in_thread(consumer, source, "replay", config)
+    finally:
+        consumer.close()
+    assert [m.seq for m in consumer.received] == [0, 1, 3, 4, 5]
+    assert [m.chainage_m for m in consumer.received] == pytest.approx([0, 0.2, 0.6, 0.8, 1.0])
+    for message in consumer.received:
+        assert message.encoding == "png" and np.array_equal(message.image, images[message.seq])
+    assert (end.frames_read, end.frames_sent, end.frames_dropped, end.frames_bad) == (6, 5, 0, 1)
+    assert "image folder" in consumer.start.source
+
+
+def test_live_mode_drops_frames_a_busy_consumer_cannot_take(tmp_path):
+    count, fps = 40, 50.0
+    path = write_video(tmp_path / "drive.mp4", count, size=(320, 240), fps=fps)
+    config = PipelineConfig(acquisition=AcquisitionConfig(queue_frames=1))
+    consumer = Consumer(tmp_path, read_frames=False)
+    try:
+        with open_source(str(path), config) as source:
+            began = time.monotonic()
+            end = run_in_thread(consumer, source, "live", config)
+            elapsed = time.monotonic() - began
+    finally:
+        consumer.close()
+    assert end.reason == "end_of_source" and end.frames_read == count
+    assert end.frames_dropped > 0 and end.frames_sent > 0
+    assert end.frames_sent + end.frames_dropped + end.frames_bad == end.frames_read
+    assert elapsed >= (count - 1) / fps * 0.9  # a recording played live keeps its frame rate
+
+
+def test_stop_ends_a_blocked_replay_with_reason_stopped(tmp_path):
+    path = write_video(tmp_path / "drive.mp4", 40, size=(320, 240))
+    config = PipelineConfig(acquisition=AcquisitionConfig(queue_frames=1))
+    consumer = Consumer(tmp_path, read_frames=False)
+    stop = threading.Event()
+    timer = threading.Timer(0.5, stop.set)
+    try:
+        with open_source(str(path), config) as source:
+            timer.start()
+            began = time.monotonic()
+            end = run_in_thread(consumer, source, "replay", config, stop)
+            elapsed = time.monotonic() - began
+    finally:
+        timer.cancel()
+        consumer.close()
+    assert end.reason == "stopped"
+    assert 0 < end.frames_sent < 40
+    assert end.frames_sent + end.frames_dropped + end.frames_bad == end.frames_read
+    assert elapsed < 5.0
+
+
+class BrokenSource:
+    """A source whose storage fails after three frames."""
+
+    description, fps = "broken disk", 10.0
+
+    def __iter__(self):
+        for index in range(3):
+            yield SourceFrame(index, index / self.fps, np.zeros((8, 8, 3), np.uint8))
+        raise OSError("input/output error")
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_a_source_failing_mid_run_ends_it_with_counts(tmp_path):
+    consumer = Consumer(tmp_path)
+    try:
+        end = run_in_thread(consumer, BrokenSource(), "replay", CONFIG)
+    finally:
+        consumer.close()
+    assert end.reason == "source_error"
+    assert (end.frames_read, end.frames_sent, end.frames_bad) == (3, 3, 0)
+    assert [m.seq for m in consumer.received] == [0, 1, 2]
+
+
+def test_run_ids_are_sortable_time_stamps_with_random_suffix():
+    first, second = new_run_id(), new_run_id()
+    assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", first)
+    assert first != second
+    assert first[:15] <= second[:15]
+
+
+def test_unknown_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="mode"):
+        run_acquisition(BrokenSource(), f"push+bind:ipc://{tmp_path}/f",
+                        f"push+connect:ipc://{tmp_path}/c", "run-1", "fast", CONFIG,
+                        threading.Event())

@@ -1,0 +1,66 @@
+"""Pipeline configuration and socket specs: defaults, validation, one-line errors."""
+
+from pathlib import Path
+
+import pytest
+import zmq
+
+from crackscan.config import ConfigError, PipelineConfig, SeverityConfig, load_pipeline_config
+from crackscan.sockets import SocketSpec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_pipeline_yaml_matches_the_built_in_defaults():
+    assert load_pipeline_config(REPO / "configs" / "pipeline.yaml") == PipelineConfig()
+
+
+def test_bad_config_values_name_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("camera:\n  mm_per_px_along: -1\n")
+    with pytest.raises(ConfigError, match="camera.mm_per_px_along"):
+        load_pipeline_config(path)
+    path.write_text("camera:\n  colour: red\n")
+    with pytest.raises(ConfigError, match="camera.colour"):
+        load_pipeline_config(path)
+    path.write_text("camera: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_pipeline_config(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_pipeline_config(tmp_path / "missing.yaml")
+
+
+def test_severity_classes_follow_width_thresholds():
+    severity = SeverityConfig()
+    assert [severity.classify(w) for w in (0.1, 0.25, 1.0, 4.0, 7.5)] == [
+        "hairline", "fine", "medium", "wide", "severe"]
+    with pytest.raises(ValueError):
+        SeverityConfig(width_mm=(1.0, 0.5), names=("a", "b", "c"))
+
+
+def test_socket_specs_parse_and_print_back():
+    spec = SocketSpec.parse("push+bind:tcp://127.0.0.1:5555")
+    assert (spec.pattern, spec.bind, spec.endpoint) == ("push", True, "tcp://127.0.0.1:5555")
+    assert str(SocketSpec.parse("pull+connect:ipc:///tmp/x")) == "pull+connect:ipc:///tmp/x"
+
+
+@pytest.mark.parametrize("text", [
+    "push:tcp://127.0.0.1:1", "pub+bind:tcp://127.0.0.1:1", "push+listen:tcp://127.0.0.1:1",
+    "push+bind:http://127.0.0.1:1", "push+bind:tcp://0.0.0.0:5555", "push+bind:tcp://*:5555",
+    "push+bind:tcp://10.1.2.3:5555",
+])
+def test_bad_or_unauthenticated_socket_specs_are_refused(text):
+    with pytest.raises(ValueError):
+        SocketSpec.parse(text)
+
+
+def test_push_pull_over_a_real_socket(tmp_path):
+    context = zmq.Context()
+    endpoint = f"ipc://{tmp_path}/s"
+    pull = SocketSpec.parse(f"pull+bind:{endpoint}").open(context)
+    push = SocketSpec.parse(f"push+connect:{endpoint}").open(context)
+    push.send_multipart([b"a", b"b"])
+    assert pull.poll(2000) and pull.recv_multipart() == [b"a", b"b"]
+    push.close(0)
+    pull.close(0)
+    context.term()

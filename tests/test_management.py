@@ -1,0 +1,537 @@
+"""Crack management: storing runs, frames and cracks idempotently, querying them, rendering the
+answers, and the management loop over real ZeroMQ sockets. Database tests run on SQLite and on
+Postgres through the ``db_url`` fixture."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+import zmq
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session
+
+from crackscan.config import ManagementConfig, SeverityConfig
+from crackscan.sockets import SocketSpec
+from crackscan.wire import CrackRecord, EndOfStreamMessage, ResultMessage, RunStartMessage
+from management import store
+from management.db import DEFAULT_URL, DatabaseError, make_engine, resolve_url, session_factory
+from management.formats import render
+from management.models import Crack, Frame
+from management.service import ManagementStats, run_management
+
+T0 = 1_795_000_000.0  # unix seconds, 2026-11-18
+RUN_A = "20261121-100000-aaaa"
+RUN_B = "20261121-110000-bbbb"
+MODEL = "mobilenet_aspp@3f2a9c01"
+SEVERITY = SeverityConfig()
+
+
+def crack(index: int, chainage_m: float, width_max_mm: float, length_mm: float,
+          crack_type: str = "longitudinal", span_m: tuple[float, float] | None = None,
+          arc_mm: float = 1500.0) -> CrackRecord:
+    start, end = span_m or (chainage_m - 0.05, chainage_m + 0.05)
+    return CrackRecord(
+        index=index, length_px=length_mm / 0.5, length_mm=length_mm,
+        width_mean_mm=round(width_max_mm * 0.5, 4), width_max_mm=width_max_mm,
+        width_p95_mm=round(width_max_mm * 0.875, 4), width_max_px=width_max_mm / 0.5,
+        orientation_deg=7.5, type=crack_type, severity=SEVERITY.classify(width_max_mm),
+        area_px=int(length_mm * 4), area_mm2=length_mm * width_max_mm * 0.5,
+        bbox_px=(10 + index, 20, 200, 12), chainage_m=chainage_m, chainage_start_m=start,
+        chainage_end_m=end, arc_mm=arc_mm, score_mean=0.8125,
+        polyline_px=((10.0, 25.0), (110.0, 27.5), (210.0, 26.0)),
+        polyline=((start, arc_mm - 2.0), (chainage_m, arc_mm), (end, arc_mm + 1.5)))
+
+
+def result(run_id: str, seq: int, cracks: tuple[CrackRecord, ...] = (), camera: str = "cam0",
+           chainage_m: float | None = None, worker: str = "worker-0") -> ResultMessage:
+    return ResultMessage(
+        run_id=run_id, camera_id=camera, seq=seq, capture_time=T0 + seq * 0.1,
+        chainage_m=100.0 + seq if chainage_m is None else chainage_m, inference_ms=12.5,
+        model=MODEL, worker=worker, cracks=cracks, mask=np.zeros((32, 48), np.uint8))
+
+
+def run_start(run_id: str, started_at: float = T0, cameras: tuple[str, ...] = ("cam0",),
+              source: str = "drive.mp4") -> RunStartMessage:
+    return RunStartMessage(run_id=run_id, source=source, mode="replay", started_at=started_at,
+                           cameras=cameras, config={"camera": {"mm_per_px_along": 0.5}})
+
+
+def end(run_id: str, camera: str = "cam0", frames_sent: int = 3,
+        reason: str = "end_of_source") -> EndOfStreamMessage:
+    return EndOfStreamMessage(run_id=run_id, camera_id=camera, ended_at=T0 + 60.0,
+                              frames_read=frames_sent + 1, frames_sent=frames_sent,
+                              frames_dropped=0, frames_bad=1, reason=reason)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def session(engine: Engine) -> Iterator[Session]:
+    with session_factory(engine)() as session:
+        yield session
+
+
+def populate(session: Session) -> None:
+    """Two runs; B's run_start is written first but A started earlier.
+
+    A (cam0): seq 0 at 100 m: a fine longitudinal crack and a 0.35 mm circumferential one;
+              seq 1 at 101 m: a 0.5 mm diagonal crack spanning 100.8..101.3 m; seq 2: none.
+    B (cam0): seq 0 at 100.5 m: a 3.2 mm network; seq 1 at 250 m: a 0.25 mm longitudinal.
+    """
+    store.start_run(session, run_start(RUN_B, started_at=T0 + 3600))
+    store.start_run(session, run_start(RUN_A))
+    store.store_results(session, [
+        result(RUN_A, 0, (crack(0, 100.0, 0.1, 20.0),
+                          crack(1, 100.2, 0.35, 120.0, "circumferential"))),
+        result(RUN_A, 1, (crack(0, 101.0, 0.5, 300.0, "diagonal", span_m=(100.8, 101.3)),)),
+        result(RUN_A, 2),
+        result(RUN_B, 0, (crack(0, 100.5, 3.2, 800.0, "network"),), chainage_m=100.5),
+        result(RUN_B, 1, (crack(0, 250.0, 0.25, 60.0),), chainage_m=250.0),
+    ])
+    session.commit()
+
+
+def keys(records: list[dict]) -> list[tuple[str, int, int]]:
+    return [(r["run"], r["seq"], r["index"]) for r in records]
+
+
+# --- store -------------------------------------------------------------------------------------
+
+def test_results_round_trip_with_every_crack_field(session):
+    store.start_run(session, run_start(RUN_A))
+    first = crack(0, 100.0, 0.35, 120.0, "circumferential")
+    assert store.store_results(session, [result(RUN_A, 0, (first,)), result(RUN_A, 1)]) == (2, 0)
+    session.commit()
+
+    [record] = store.query_cracks(session, run=RUN_A)
+    for name, value in first.to_dict().items():  # floats are stored as doubles: exact
+        assert record[name] == value, name
+    assert (record["run"], record["camera"], record["seq"]) == (RUN_A, "cam0", 0)
+    assert record["polyline"] == [[99.95, 1498.0], [100.0, 1500.0], [100.05, 1501.5]]
+    assert datetime.fromisoformat(record["capture_time"]) == datetime.fromtimestamp(
+        T0, tz=timezone.utc)
+    frame = session.scalars(select(Frame).where(Frame.seq == 0)).one()
+    assert (frame.width, frame.height, frame.crack_count, frame.worker) == (48, 32, 1, "worker-0")
+    [run] = store.list_runs(session)
+    assert (run["source"], run["mode"], run["model"], run["frames"], run["cracks"]) == (
+        "drive.mp4", "replay", MODEL, 2, 1)
+
+
+def test_a_duplicate_result_is_stored_once_and_counted(session):
+    store.start_run(session, run_start(RUN_A))
+    cracks = (crack(0, 100.0, 0.4, 50.0), crack(1, 100.1, 0.2, 30.0))
+    assert store.store_results(session, [result(RUN_A, 0, cracks), result(RUN_A, 0, cracks)]) \
+        == (1, 1)
+    session.commit()
+    assert store.store_results(session, [result(RUN_A, 0, cracks), result(RUN_A, 1)]) == (1, 1)
+    session.commit()
+
+    assert session.scalar(select(func.count(Frame.id))) == 2
+    assert session.scalar(select(func.count(Crack.id))) == 2
+    [run] = store.list_runs(session)
+    assert (run["frames"], run["cracks"], run["frames_duplicate"]) == (2, 2, 2)
+
+
+def test_a_result_before_its_run_start_creates_the_run_lazily(session):
+    store.store_results(session, [result(RUN_A, 0, (crack(0, 100.0, 0.4, 50.0),))])
+    session.commit()
+    [run] = store.list_runs(session)
+    assert (run["id"], run["source"], run["status"], run["frames"]) == (
+        RUN_A, "unknown", "running", 1)
+    assert store.run_progress(session, RUN_A)["expected"] is None
+
+    store.start_run(session, run_start(RUN_A, started_at=T0 - 5))
+    session.commit()
+    [run] = store.list_runs(session)
+    assert (run["source"], run["mode"], run["cameras"], run["frames"]) == (
+        "drive.mp4", "replay", ["cam0"], 1)
+    assert datetime.fromisoformat(run["started_at"]).timestamp() == T0 - 5
+
+
+def test_end_counts_each_camera_once_and_expected_waits_for_all_cameras(session):
+    store.start_run(session, run_start(RUN_A, cameras=("cam0", "cam1")))
+    store.store_results(session, [result(RUN_A, 0), result(RUN_A, 0, camera="cam1")])
+    assert store.end_stream(session, end(RUN_A, "cam0", frames_sent=3))
+    session.commit()
+    assert store.run_progress(session, RUN_A)["expected"] is None
+
+    assert not store.end_stream(session, end(RUN_A, "cam0", frames_sent=3))
+    assert store.end_stream(session, end(RUN_A, "cam1", frames_sent=2, reason="stopped"))
+    session.commit()
+    progress = store.run_progress(session, RUN_A)
+    assert (progress["expected"], progress["stored"], progress["missing"]) == (5, 2, 3)
+    assert progress["end_reasons"] == ["end_of_source", "stopped"]
+    [run] = store.list_runs(session)
+    assert (run["frames_sent"], run["frames_read"], run["frames_bad"]) == (5, 7, 2)
+
+
+def test_finish_run_sets_status_and_end_time(session):
+    store.start_run(session, run_start(RUN_A))
+    session.commit()
+    store.finish_run(session, RUN_A, "incomplete")
+    session.commit()
+    [run] = store.list_runs(session)
+    assert run["status"] == "incomplete"
+    assert abs(datetime.fromisoformat(run["ended_at"]).timestamp() - time.time()) < 60
+    with pytest.raises(ValueError, match="bad run status"):
+        store.finish_run(session, RUN_A, "done")
+
+
+def test_list_runs_oldest_first_with_counts(session):
+    populate(session)
+    store.end_stream(session, end(RUN_A, frames_sent=3))
+    store.finish_run(session, RUN_A, "complete")
+    session.commit()
+
+    runs = store.list_runs(session)
+    assert [run["id"] for run in runs] == [RUN_A, RUN_B]
+    a, b = runs
+    assert (a["status"], a["frames"], a["cracks"], a["frames_sent"], a["frames_read"]) == (
+        "complete", 3, 3, 3, 4)
+    assert (a["chainage_start_m"], a["chainage_end_m"]) == (100.0, 102.0)
+    assert a["ended_at"] is not None and datetime.fromisoformat(a["ended_at"]).tzinfo
+    assert (b["status"], b["frames"], b["cracks"], b["ended_at"]) == ("running", 2, 2, None)
+    assert (b["chainage_start_m"], b["chainage_end_m"]) == (100.5, 250.0)
+    assert datetime.fromisoformat(b["started_at"]).timestamp() == T0 + 3600
+
+
+# --- queries -----------------------------------------------------------------------------------
+
+def test_query_without_filters_orders_by_run_then_chainage(session):
+    populate(session)
+    assert keys(store.query_cracks(session)) == [
+        (RUN_A, 0, 0), (RUN_A, 0, 1), (RUN_A, 1, 0), (RUN_B, 0, 0), (RUN_B, 1, 0)]
+
+
+def test_query_by_run(session):
+    populate(session)
+    assert keys(store.query_cracks(session, run=RUN_B)) == [(RUN_B, 0, 0), (RUN_B, 1, 0)]
+    assert store.query_cracks(session, run="no-such-run") == []
+
+
+def test_query_by_min_width_uses_max_width_inclusive(session):
+    populate(session)
+    assert keys(store.query_cracks(session, min_width_mm=0.3)) == [
+        (RUN_A, 0, 1), (RUN_A, 1, 0), (RUN_B, 0, 0)]
+    assert keys(store.query_cracks(session, min_width_mm=0.5)) == [(RUN_A, 1, 0), (RUN_B, 0, 0)]
+    assert keys(store.query_cracks(session, run=RUN_B, min_width_mm=0.3)) == [(RUN_B, 0, 0)]
+
+
+def test_query_by_min_length(session):
+    populate(session)
+    assert keys(store.query_cracks(session, min_length_mm=100)) == [
+        (RUN_A, 0, 1), (RUN_A, 1, 0), (RUN_B, 0, 0)]
+    assert store.query_cracks(session, min_length_mm=1000) == []
+
+
+def test_query_by_chainage_keeps_cracks_overlapping_the_range(session):
+    populate(session)
+    assert keys(store.query_cracks(session, chainage=(100.0, 100.5))) == [
+        (RUN_A, 0, 0), (RUN_A, 0, 1), (RUN_B, 0, 0)]
+    # The diagonal crack's centroid (101.0 m) is outside, but it reaches 101.3 m.
+    assert keys(store.query_cracks(session, chainage=(101.2, 200.0))) == [(RUN_A, 1, 0)]
+    assert store.query_cracks(session, chainage=(300.0, 400.0)) == []
+
+
+def test_query_by_type(session):
+    populate(session)
+    assert keys(store.query_cracks(session, crack_type="longitudinal")) == [
+        (RUN_A, 0, 0), (RUN_B, 1, 0)]
+    assert keys(store.query_cracks(session, crack_type="network")) == [(RUN_B, 0, 0)]
+
+
+def test_query_limit(session):
+    populate(session)
+    assert keys(store.query_cracks(session, limit=2)) == [(RUN_A, 0, 0), (RUN_A, 0, 1)]
+    assert store.query_cracks(session, limit=0) == []
+    with pytest.raises(ValueError, match="limit"):
+        store.query_cracks(session, limit=-1)
+    with pytest.raises(ValueError, match="min_width_mm"):
+        store.query_cracks(session, min_width_mm=-0.1)
+
+
+def test_parse_chainage():
+    assert store.parse_chainage("1200:1500") == (1200.0, 1500.0)
+    assert store.parse_chainage("-5.5:10") == (-5.5, 10.0)
+    for bad in ("1500:1200", "1200", "a:b", "1:2:3", "nan:5", ""):
+        with pytest.raises(ValueError, match="chainage range"):
+            store.parse_chainage(bad)
+
+
+# --- formats -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def crack_records(tmp_path) -> Iterator[list[dict]]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'formats.db'}")
+    with session_factory(engine)() as session:
+        populate(session)
+        yield store.query_cracks(session)
+    engine.dispose()
+
+
+def test_render_csv_has_every_scalar_field(crack_records):
+    rows = list(csv.DictReader(io.StringIO(render(crack_records, "csv"))))
+    assert len(rows) == len(crack_records) == 5
+    for row, record in zip(rows, crack_records, strict=True):
+        assert (row["run"], int(row["seq"]), row["type"]) == (
+            record["run"], record["seq"], record["type"])
+        assert float(row["width_max_mm"]) == record["width_max_mm"]
+        assert float(row["chainage_start_m"]) == record["chainage_start_m"]
+    assert "polyline" not in rows[0] and "capture_time" in rows[0]
+    picked = render(crack_records, "csv", columns=["run", "width_max_mm"])
+    assert picked.splitlines()[:2] == ["run,width_max_mm", f"{RUN_A},0.1"]
+
+
+def test_render_json_is_one_document_of_all_fields(crack_records):
+    assert json.loads(render(crack_records, "json")) == crack_records
+    assert json.loads(render([], "json")) == []
+
+
+def test_render_geojson_linestrings_in_tunnel_coordinates(crack_records):
+    collection = json.loads(render(crack_records, "geojson"))
+    assert collection["type"] == "FeatureCollection"
+    assert "chainage" in collection["properties"]["coordinates"]
+    assert len(collection["features"]) == 5
+    diagonal = collection["features"][2]
+    assert diagonal["geometry"] == {"type": "LineString",
+                                    "coordinates": [[100.8, 1498.0], [101.0, 1500.0],
+                                                    [101.3, 1501.5]]}
+    assert diagonal["properties"]["width_max_mm"] == 0.5
+    assert diagonal["properties"]["type"] == "diagonal"
+    assert "polyline" not in diagonal["properties"]
+
+
+def test_render_table_aligns_columns(crack_records):
+    lines = render(crack_records, "table").splitlines()
+    assert len(lines) == 1 + 5
+    header = lines[0].split()
+    assert header[:4] == ["run", "camera", "seq", "index"] and "width_max_mm" in header
+    column = lines[0].index("width_max_mm") + len("width_max_mm")
+    assert [line[:column].split()[-1] for line in lines[1:]] == [
+        "0.100", "0.350", "0.500", "3.200", "0.250"]
+    assert render([], "table").strip() == "(no records)"
+
+
+def test_render_runs_table_and_unknown_format(crack_records, tmp_path):
+    runs = [{"id": RUN_A, "status": "complete", "mode": "replay", "source": "drive.mp4",
+             "model": MODEL, "frames": 3, "cracks": 3, "started_at": "2026-11-18T00:00:00+00:00",
+             "cameras": ["cam0"]}]
+    table = render(runs, "table")
+    assert table.splitlines()[0].split()[:2] == ["id", "status"]
+    assert RUN_A in table and "complete" in table
+    with pytest.raises(ValueError, match="unknown format 'xml'"):
+        render(runs, "xml")
+
+
+# --- engines -----------------------------------------------------------------------------------
+
+def test_resolve_url(monkeypatch):
+    monkeypatch.delenv("CRACKSCAN_DB", raising=False)
+    assert resolve_url(None) == DEFAULT_URL == "sqlite:///crackscan.db"
+    monkeypatch.setenv("CRACKSCAN_DB", "sqlite:///from-env.db")
+    assert resolve_url(None) == "sqlite:///from-env.db"
+    assert resolve_url("sqlite:///given.db") == "sqlite:///given.db"
+
+
+def test_sqlite_engine_makes_directories_and_uses_wal(tmp_path):
+    path = tmp_path / "deep" / "er" / "crackscan.db"
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    finally:
+        engine.dispose()
+    assert path.is_file()
+
+
+@pytest.mark.parametrize("url, says", [
+    ("not a url", "bad database URL"),
+    ("nosuchdialect://host/db", "unsupported database URL"),
+    ("postgresql+psycopg://postgres:hunter2@127.0.0.1:1/test", "cannot connect to database"),
+])
+def test_bad_or_unreachable_database_is_one_clear_line(url, says):
+    with pytest.raises(DatabaseError) as caught:
+        make_engine(url)
+    message = str(caught.value)
+    assert message.startswith(says) and "\n" not in message
+    assert "hunter2" not in message
+
+
+def test_a_file_that_is_not_a_database_is_one_clear_line(tmp_path):
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"these are not the tables you are looking for" * 100)
+    with pytest.raises(DatabaseError, match="cannot connect to database") as caught:
+        make_engine(f"sqlite:///{path}")
+    assert "\n" not in str(caught.value)
+
+
+# --- the management loop over ZeroMQ -----------------------------------------------------------
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+class Management:
+    """``run_management`` in a thread, with PUSH sockets for acquisition and workers."""
+
+    def __init__(self, endpoint: str, engine: Engine, config: ManagementConfig,
+                 exit_after_runs: int | None) -> None:
+        self.endpoint = endpoint
+        self.stop = threading.Event()
+        self.stats = ManagementStats()
+        self.finished_calls: list[tuple[str, str]] = []
+        self.returned: list[str] | None = None
+        self.context = zmq.Context()
+        self.sockets: list[zmq.Socket] = []
+
+        def target() -> None:
+            self.returned = run_management(
+                f"pull+bind:{endpoint}", engine, config, self.stop,
+                exit_after_runs=exit_after_runs, stats=self.stats,
+                on_run_finished=lambda run_id, status: self.finished_calls.append(
+                    (run_id, status)))
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def pusher(self) -> zmq.Socket:
+        socket = SocketSpec.parse(f"push+connect:{self.endpoint}").open(self.context)
+        socket.setsockopt(zmq.SNDTIMEO, 5000)
+        self.sockets.append(socket)
+        return socket
+
+    def join(self, timeout: float = 10.0) -> list[str]:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "run_management did not return"
+        assert self.returned is not None
+        return self.returned
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        for socket in self.sockets:
+            socket.close(linger=0)
+        self.context.term()
+
+
+@pytest.fixture
+def management(engine, tmp_path) -> Iterator[Callable[..., Management]]:
+    started: list[Management] = []
+
+    def start(config: ManagementConfig, exit_after_runs: int | None = 1) -> Management:
+        started.append(Management(f"ipc://{tmp_path}/results", engine, config,
+                                  exit_after_runs))
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.close()
+
+
+def runs_by_id(engine: Engine) -> dict[str, dict]:
+    with session_factory(engine)() as session:
+        return {run["id"]: run for run in store.list_runs(session)}
+
+
+def test_management_stores_each_frame_once_and_completes_the_run(engine, management):
+    service = management(ManagementConfig(batch_size=3, batch_seconds=0.05))
+    acquisition, worker_a, worker_b = service.pusher(), service.pusher(), service.pusher()
+    acquisition.send_multipart(run_start(RUN_A, cameras=("cam0", "cam1")).to_frames())
+    wait_for(lambda: RUN_A in runs_by_id(engine))
+
+    cam0 = [result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),), worker="a")
+            for seq in range(4)]
+    cam1 = [result(RUN_A, seq, camera="cam1", worker="b") for seq in range(3)]
+    for message in cam0[:2] + cam1[:1]:
+        worker_a.send_multipart(message.to_frames())
+    # Both ends arrive while results are still in flight; the run must wait for them.
+    acquisition.send_multipart(end(RUN_A, "cam0", frames_sent=4).to_frames())
+    acquisition.send_multipart(end(RUN_A, "cam1", frames_sent=3).to_frames())
+    broken = cam0[2].to_frames()
+    header = json.loads(broken[0])
+    header["seq"] = "two"
+    worker_b.send_multipart([json.dumps(header).encode(), broken[1]])  # names its run
+    worker_b.send_multipart([b"\xff not a header"])  # names nothing
+    worker_b.send_multipart(cam0[0].to_frames())  # a duplicate
+    for message in cam0[2:] + cam1[1:]:
+        worker_b.send_multipart(message.to_frames())
+
+    assert service.join() == [RUN_A]
+    assert service.finished_calls == [(RUN_A, "complete")]
+    run = runs_by_id(engine)[RUN_A]
+    assert (run["status"], run["frames"], run["cracks"], run["frames_sent"]) == (
+        "complete", 7, 4, 7)
+    assert (run["frames_duplicate"], run["frames_malformed"]) == (1, 1)
+    assert (service.stats.stored, service.stats.duplicates, service.stats.malformed,
+            service.stats.malformed_unattributed) == (7, 1, 2, 1)
+    with session_factory(engine)() as session:
+        assert session.scalar(select(func.count(Frame.id))) == 7
+        assert [r["seq"] for r in store.query_cracks(session, run=RUN_A)] == [0, 1, 2, 3]
+
+
+def test_management_finishes_a_run_with_a_missing_result_as_incomplete(engine, management):
+    service = management(ManagementConfig(batch_size=50, batch_seconds=0.05,
+                                          drain_timeout_s=0.5))
+    push = service.pusher()
+    push.send_multipart(run_start(RUN_A).to_frames())
+    for seq in (0, 1, 3):  # seq 2 never comes
+        push.send_multipart(result(RUN_A, seq).to_frames())
+    # Out of the 64-bit range: refused by the wire checks, counted as malformed, the rest kept.
+    push.send_multipart(result(RUN_A, 2**70).to_frames())
+    started = time.monotonic()
+    push.send_multipart(end(RUN_A, frames_sent=4).to_frames())
+
+    assert service.join() == [RUN_A]
+    assert time.monotonic() - started >= 0.5
+    run = runs_by_id(engine)[RUN_A]
+    assert (run["status"], run["frames"], run["frames_sent"]) == ("incomplete", 3, 4)
+    assert run["ended_at"] is not None
+    assert (service.stats.stored, service.stats.malformed, service.stats.rejected) == (3, 1, 0)
+
+
+def test_management_marks_a_run_stopped_by_the_operator(engine, management):
+    service = management(ManagementConfig(batch_seconds=0.05))
+    push = service.pusher()
+    push.send_multipart(run_start(RUN_A).to_frames())
+    for seq in range(2):
+        push.send_multipart(result(RUN_A, seq).to_frames())
+    push.send_multipart(end(RUN_A, frames_sent=2, reason="stopped").to_frames())
+
+    assert service.join() == [RUN_A]
+    assert runs_by_id(engine)[RUN_A]["status"] == "stopped"
+
+
+def test_stop_stores_every_buffered_result_and_leaves_a_streaming_run_running(engine,
+                                                                              management):
+    # Batches far larger and slower than the test: only the stop can write these results.
+    service = management(ManagementConfig(batch_size=1000, batch_seconds=600),
+                         exit_after_runs=None)
+    push = service.pusher()
+    push.send_multipart(run_start(RUN_A).to_frames())
+    wait_for(lambda: RUN_A in runs_by_id(engine))
+    for seq in range(5):
+        push.send_multipart(result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),)).to_frames())
+    wait_for(lambda: service.stats.results == 5)
+    assert runs_by_id(engine)[RUN_A]["frames"] == 0
+
+    service.stop.set()
+    assert service.join() == []
+    run = runs_by_id(engine)[RUN_A]
+    assert (run["status"], run["frames"], run["cracks"]) == ("running", 5, 5)

@@ -1,0 +1,127 @@
+"""End to end, as a user runs it: ``crackscan synth`` then ``crackscan run`` (real processes,
+ZeroMQ sockets, SQLite, the bundled ONNX model), then ``runs`` / ``query`` read it back."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+
+def crackscan(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "crackscan", *args], capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"crackscan {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def drive(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("drive")
+    video, truth = folder / "drive.mp4", folder / "truth.json"
+    crackscan("synth", "--out", str(video), "--seconds", "3", "--seed", "3", "--truth", str(truth))
+    return video, json.loads(truth.read_text())
+
+
+@pytest.fixture(scope="module")
+def replay(drive, tmp_path_factory) -> dict:
+    """One replay of the synthetic drive into SQLite, with everything a test reads back."""
+    video, truth = drive
+    db = f"sqlite:///{tmp_path_factory.mktemp('db') / 'cracks.db'}"
+    summary = json.loads(crackscan("run", "--source", str(video), "--db", db, "--workers", "2",
+                                   "--format", "json").stdout)
+    runs = json.loads(crackscan("runs", "--db", db, "--format", "json").stdout)
+    cracks = json.loads(crackscan("query", "--db", db, "--format", "json").stdout)
+    return {"db": db, "summary": summary, "runs": runs, "cracks": cracks, "truth": truth}
+
+
+def test_every_frame_of_the_drive_is_stored_exactly_once(replay):
+    truth, runs = replay["truth"], replay["runs"]
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["frames"] == truth["frames"] == replay["summary"]["frames"]
+    assert run["frames_dropped"] == 0 and run["status"] == "complete"
+    assert run["id"] == replay["summary"]["id"]
+    for key in ("id", "source", "frames", "frames_dropped", "cracks", "started_at", "ended_at"):
+        assert key in run
+
+
+def test_true_cracks_are_found_near_their_chainage(replay):
+    cracks, truth = replay["cracks"], replay["truth"]
+    assert cracks, "no crack detected in a drive with cracks"
+    found = [t for t in truth["cracks"] if any(
+        c["chainage_start_m"] - 0.05 <= t["chainage_m"] <= c["chainage_end_m"] + 0.05
+        for c in cracks)]
+    assert len(found) >= 0.6 * len(truth["cracks"]), (len(found), len(truth["cracks"]))
+
+
+def test_query_json_carries_geometry_in_mm(replay):
+    record = replay["cracks"][0]
+    for key in ("run", "seq", "chainage_m", "length_mm", "width_mean_mm", "width_max_mm",
+                "orientation_deg", "type"):
+        assert key in record
+    assert record["run"] == replay["runs"][0]["id"]
+    assert record["length_mm"] > 0 and 0 < record["width_mean_mm"] <= record["width_max_mm"]
+
+
+def test_query_filters_and_formats(replay):
+    db, cracks = replay["db"], replay["cracks"]
+    wide = json.loads(crackscan("query", "--db", db, "--min-width-mm", "2", "--format",
+                                "json").stdout)
+    assert len(wide) == sum(c["width_max_mm"] >= 2 for c in cracks)
+    window = json.loads(crackscan("query", "--db", db, "--chainage", "0.5:1.5", "--format",
+                                  "json").stdout)
+    # a crack is in the window when its extent overlaps it (one crossing a bound counts)
+    assert window and all(c["chainage_start_m"] <= 1.5 and c["chainage_end_m"] >= 0.5
+                          for c in window)
+    assert len(window) == sum(c["chainage_start_m"] <= 1.5 and c["chainage_end_m"] >= 0.5
+                              for c in cracks)
+    geojson = json.loads(crackscan("query", "--db", db, "--format", "geojson").stdout)
+    assert geojson["type"] == "FeatureCollection" and len(geojson["features"]) == len(cracks)
+    csv_lines = crackscan("query", "--db", db, "--format", "csv").stdout.strip().splitlines()
+    assert len(csv_lines) == len(cracks) + 1
+
+
+def test_image_folder_with_a_corrupt_image_stores_every_good_frame(drive, tmp_path):
+    video, _ = drive
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    capture = cv2.VideoCapture(str(video))
+    for i in range(6):
+        ok, frame = capture.read()
+        assert ok
+        cv2.imwrite(str(folder / f"{i:04d}.jpg"), frame)
+    capture.release()
+    (folder / "0003.jpg").write_bytes(b"not a jpeg at all")
+    db = f"sqlite:///{tmp_path / 'f.db'}"
+    summary = json.loads(crackscan("run", "--source", str(folder), "--db", db, "--format",
+                                   "json").stdout)
+    assert summary["frames"] == 5 and summary["frames_bad"] == 1 and summary["frames_read"] == 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--source", "/no/such/video.mp4"], "not found"),
+    (["run", "--source", "synthetic:1", "--model", "/no/such/model.onnx"], "model"),
+    (["run", "--source", "synthetic:1", "--db", "nonsense://x"], "database"),
+    (["query", "--db", "sqlite:///:memory:", "--chainage", "5:1"], "chainage"),
+    (["eval", "--data", "/no/such/dataset"], "does not exist"),
+])
+def test_bad_input_is_one_clear_line_and_a_nonzero_exit(args, message, tmp_path):
+    result = crackscan(*args, check=False, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1 and message in error_lines[0].lower(), result.stderr
+
+
+def test_a_model_file_that_is_not_onnx_is_refused(tmp_path):
+    fake = tmp_path / "model.onnx"
+    fake.write_bytes(np.random.default_rng(0).bytes(1000))
+    result = crackscan("run", "--source", "synthetic:1", "--model", str(fake), check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "not a usable onnx model" in result.stderr.lower()

@@ -1,0 +1,146 @@
+"""The wire contract: every message round-trips, and receiving is strict."""
+
+import json
+
+import numpy as np
+import pytest
+
+from crackscan import wire
+from crackscan.wire import (
+    CrackRecord,
+    EndOfStreamMessage,
+    FrameMessage,
+    ResultMessage,
+    RunStartMessage,
+    WireError,
+    decode,
+)
+
+
+def crack(index: int = 0) -> CrackRecord:
+    return CrackRecord(
+        index=index, length_px=200.5, length_mm=100.25, width_mean_mm=1.5, width_max_mm=2.5,
+        width_p95_mm=2.25, width_max_px=5.0, orientation_deg=12.5, type="longitudinal",
+        severity="medium", area_px=600, area_mm2=150.0, bbox_px=(10, 20, 200, 12),
+        chainage_m=12.3, chainage_start_m=12.25, chainage_end_m=12.35, arc_mm=45.0,
+        score_mean=0.875, polyline_px=((10.0, 20.0), (210.0, 30.0)),
+        polyline=((12.25, 40.0), (12.35, 45.0)))
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("encoding", ["raw", "png"])
+def test_frame_round_trip_is_lossless(image, encoding):
+    message = FrameMessage("run-1", "cam0", 7, 1700000000.25, 12.5, image, encoding)
+    back = decode(message.to_frames())
+    assert isinstance(back, FrameMessage)
+    assert (back.run_id, back.camera_id, back.seq, back.capture_time, back.chainage_m) == (
+        "run-1", "cam0", 7, 1700000000.25, 12.5)
+    np.testing.assert_array_equal(back.image, image)
+
+
+def test_frame_jpeg_is_close_and_grey_frames_travel(image):
+    smooth = np.dstack([np.tile(np.arange(32, dtype=np.uint8) * 8, (24, 1))] * 3)
+    back = decode(FrameMessage("r", "c", 0, 0.0, 0.0, smooth, "jpeg").to_frames())
+    assert back.image.shape == smooth.shape
+    assert np.abs(back.image.astype(int) - smooth).mean() < 4
+    grey = image[:, :, 0]
+    assert decode(FrameMessage("r", "c", 0, 0.0, 0.0, grey, "raw").to_frames()).image.shape == (
+        24, 32)
+
+
+def test_result_round_trip_keeps_cracks_and_mask():
+    mask = np.zeros((24, 32), np.uint8)
+    mask[5:8, 2:30] = 255
+    message = ResultMessage("run-1", "cam0", 3, 5.5, 1.25, 42.0, "mobilenet_aspp@abcd", "w1",
+                            (crack(0), crack(1)), mask)
+    back = decode(message.to_frames())
+    assert isinstance(back, ResultMessage)
+    assert back.cracks == (crack(0), crack(1))
+    np.testing.assert_array_equal(back.mask, mask)
+    assert back.model == "mobilenet_aspp@abcd"
+
+
+def test_control_messages_round_trip():
+    start = RunStartMessage("r", "drive.mp4", "replay", 10.5, ("cam0", "cam1"), {"a": 1})
+    assert decode(start.to_frames()) == start
+    end = EndOfStreamMessage("r", "cam0", 11.0, 10, 8, 1, 1, "stopped")
+    assert decode(end.to_frames()) == end
+
+
+def test_every_header_carries_protocol_and_version(image):
+    for message in (FrameMessage("r", "c", 0, 0.0, 0.0, image),
+                    EndOfStreamMessage("r", "c", 0.0, 0, 0, 0, 0)):
+        header = json.loads(message.to_frames()[0])
+        assert header["protocol"] == "crackscan" and header["v"] == wire.PROTOCOL_VERSION
+
+
+def _header(frames):
+    return json.loads(frames[0])
+
+
+def _with_header(frames, **changes):
+    header = _header(frames)
+    header.update(changes)
+    return [json.dumps(header).encode(), *frames[1:]]
+
+
+def test_strict_receive_rejects_off_contract_messages(image):
+    good = FrameMessage("r", "c", 0, 0.0, 0.0, image).to_frames()
+    bad_cases = {
+        "unknown version": _with_header(good, v=99),
+        "other protocol": _with_header(good, protocol="other"),
+        "unknown type": _with_header(good, type="nonsense"),
+        "missing field": [json.dumps({k: v for k, v in _header(good).items() if k != "seq"}
+                                     ).encode(), good[1]],
+        "wrong field type": _with_header(good, seq="7"),
+        "bool is not int": _with_header(good, seq=True),
+        "negative seq": _with_header(good, seq=-1),
+        "seq past 64 bits": _with_header(good, seq=2**63),
+        "shape mismatch": _with_header(good, shape=[24, 31, 3]),
+        "bad dtype": _with_header(good, dtype="float64"),
+        "extra frame": good + [b"x"],
+        "missing pixels": good[:1],
+        "not json": [b"\xff\x00garbage", good[1]],
+        "empty": [],
+        "truncated pixels": [good[0], good[1][:-1]],
+    }
+    for name, frames in bad_cases.items():
+        with pytest.raises(WireError):
+            decode(frames)
+            pytest.fail(f"accepted: {name}")
+
+
+def test_corrupt_png_and_bad_crack_records_are_rejected():
+    mask = np.zeros((8, 8), np.uint8)
+    good = ResultMessage("r", "c", 0, 0.0, 0.0, 1.0, "m", "w", (crack(),), mask).to_frames()
+    with pytest.raises(WireError):
+        decode([good[0], b"\x89PNG not really"])
+    header = _header(good)
+    header["cracks"][0]["bbox_px"] = [1, 2, 3]
+    with pytest.raises(WireError, match="bbox_px"):
+        decode([json.dumps(header).encode(), good[1]])
+    header = _header(good)
+    header["cracks"][0]["length_mm"] = "long"
+    with pytest.raises(WireError, match="length_mm"):
+        decode([json.dumps(header).encode(), good[1]])
+    header = _header(good)
+    header["cracks"][0]["type"] = "pothole"
+    with pytest.raises(WireError, match="type"):
+        decode([json.dumps(header).encode(), good[1]])
+
+
+def test_control_messages_check_their_enumerations():
+    end = EndOfStreamMessage("r", "c", 0.0, 1, 1, 0, 0).to_frames()
+    with pytest.raises(WireError, match="reason"):
+        decode(_with_header(end, reason="bored"))
+    with pytest.raises(WireError, match="frames_sent"):
+        decode(_with_header(end, frames_sent=-3))
+    start = RunStartMessage("r", "s", "replay", 0.0).to_frames()
+    with pytest.raises(WireError, match="mode"):
+        decode(_with_header(start, mode="turbo"))
+    with pytest.raises(WireError, match="distinct"):
+        decode(_with_header(start, cameras=["a", "a"]))
