@@ -244,13 +244,17 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     try:
-        from training.export import export_checkpoint
+        from training.export import ExportError, export_checkpoint
     except ImportError as exc:
         raise UserError(f"export needs the 'train' extra ({exc.name} is missing): "
                         "pip install -e '.[train]'") from None
     if not Path(args.checkpoint).is_file():
         raise UserError(f"checkpoint {args.checkpoint} does not exist")
-    metadata = export_checkpoint(Path(args.checkpoint), Path(args.out), threshold=args.threshold)
+    try:
+        metadata = export_checkpoint(Path(args.checkpoint), Path(args.out),
+                                     threshold=args.threshold)
+    except ExportError as exc:
+        raise UserError(str(exc)) from None
     log.info("wrote %s (threshold %s)", args.out, metadata["crackscan.threshold"])
     return 0
 

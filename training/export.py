@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,12 @@ class ExportError(RuntimeError):
 def export_checkpoint(checkpoint: Path, out: Path, threshold: float | None = None,
                       extra_metadata: dict[str, str] | None = None) -> dict[str, str]:
     """Write ``out`` (ONNX) from a ``best.pt`` / ``last.pt`` checkpoint; returns the metadata."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # not a torch.save file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ExportError(f"{checkpoint} is not a crackscan training checkpoint ({reason})"
+                          ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ExportError(f"{checkpoint} is not a crackscan training checkpoint")
     cfg = TrainConfig(**state["config"])

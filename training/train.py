@@ -125,7 +125,10 @@ def main(cfg: TrainConfig, resume: Path | None = None) -> dict:
         checkpoint = torch.load(resume, map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        # position, learning rates and momentum come from the checkpoint; the schedule length is
+        # this run's, so a run resumed with more epochs than it was saved with can go on
+        length = {k: scheduler.state_dict()[k] for k in ("total_steps", "_schedule_phases")}
+        scheduler.load_state_dict({**checkpoint["scheduler"], **length})
         start_epoch = checkpoint["epoch"] + 1
         history = checkpoint["metrics"].get("history", [])
         best_f1 = max((h["val_f1"] for h in history), default=-1.0)

@@ -1,0 +1,235 @@
+"""Export, the ONNX Runtime segmenter and ``crackscan eval``, on a model really trained (one tiny
+epoch) and exported with ``crackscan export`` once per module.
+
+Images are colour noise, so a red/blue mix-up anywhere between the data loader, the segmenter and
+the metrics changes the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from test_training import run_crackscan, torch_threads, write_crack_dataset
+
+from inference.segmenter import (
+    ModelError,
+    OnnxRuntimeSegmenter,
+    bundled_model_path,
+    open_segmenter,
+    preprocess,
+)
+from training.config import TrainConfig
+from training.evaluate import evaluate_model
+from training.export import ExportError, export_checkpoint
+from training.models import IMAGENET_MEAN, IMAGENET_STD, build_model
+from training.train import main as train_main
+
+EVAL_KEYS = {"precision", "recall", "f1", "iou", "tolerance_px", "threshold", "images", "ods",
+             "ois"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    checkpoint: Path
+    model: Path
+    data: Path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Exported:
+    """One epoch on six 64-px images, exported with ``crackscan export``."""
+    root = tmp_path_factory.mktemp("export")
+    data = root / "cracks"
+    write_crack_dataset(data, colour=True)
+    train_main(TrainConfig(data=[data], out=root / "run", epochs=1, crop=64, batch_size=2,
+                           val_fraction=0.25))
+    model = root / "m.onnx"
+    done = run_crackscan("export", "--checkpoint", root / "run" / "best.pt", "--out", model)
+    assert done.returncode == 0, done.stderr
+    return Exported(root / "run" / "best.pt", model, data)
+
+
+@pytest.fixture(scope="module")
+def segmenter(exported) -> OnnxRuntimeSegmenter:
+    return OnnxRuntimeSegmenter(exported.model, threads=1)
+
+
+# --- export ---------------------------------------------------------------------------------
+
+def test_export_writes_the_documented_metadata(exported):
+    graph = onnx.load(str(exported.model))
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["crackscan.model"] == "mobilenet_aspp"
+    mean, std = json.loads(meta["crackscan.mean"]), json.loads(meta["crackscan.std"])
+    assert len(mean) == len(std) == 3
+    assert mean == pytest.approx(IMAGENET_MEAN) and std == pytest.approx(IMAGENET_STD)
+    assert int(meta["crackscan.size_multiple"]) == 32
+    assert json.loads(meta["crackscan.classes"]) == ["crack"]
+    assert 0.0 < float(meta["crackscan.threshold"]) < 1.0
+    assert meta["crackscan.input_color"] == "RGB"
+    assert json.loads(meta["crackscan.trained_on"]) == ["cracks"]
+    assert isinstance(json.loads(meta["crackscan.metrics"]), dict)
+    assert [i.name for i in graph.graph.input] == ["image"]
+    assert [o.name for o in graph.graph.output] == ["logits"]
+
+
+def test_onnx_runtime_agrees_with_pytorch_on_another_input_size(exported):
+    model = build_model("mobilenet_aspp")
+    model.load_state_dict(torch.load(exported.checkpoint, map_location="cpu",
+                                     weights_only=False)["model"])
+    model.eval()
+    image = torch.randn(1, 3, 96, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(image).numpy()
+    session = ort.InferenceSession(str(exported.model), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"image": image.numpy()})[0]
+    assert got.shape == (1, 1, 96, 160)
+    assert np.abs(got - expected).max() < 1e-3
+
+
+def test_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    weights_only = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(3)}, weights_only)
+    for path in (text, weights_only):
+        with pytest.raises(ExportError, match="not a crackscan training checkpoint"):
+            export_checkpoint(path, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+    done = run_crackscan("export", "--checkpoint", text, "--out", tmp_path / "m.onnx")
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a crackscan training checkpoint" in lines[0], done.stderr
+
+
+# --- segmenter ------------------------------------------------------------------------------
+
+def test_segment_odd_sized_colour_and_grey_images(segmenter):
+    bgr = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    colour_map, grey_map = segmenter.segment([bgr, grey])
+    for prob in (colour_map, grey_map):
+        assert prob.shape == (37, 53) and prob.dtype == np.float32
+        assert 0.0 <= prob.min() and prob.max() <= 1.0
+
+
+def test_preprocess_converts_bgr_to_rgb_pads_and_normalises(segmenter):
+    info = segmenter.info
+    blue = np.zeros((37, 53, 3), np.uint8)
+    blue[..., 0] = 255  # pure blue in OpenCV's BGR order
+    x, size = preprocess(blue, info)
+    assert x.shape == (1, 3, 64, 64) and x.dtype == np.float32 and size == (37, 53)
+    pixels = x[0] * np.asarray(info.std, np.float32)[:, None, None] + np.asarray(
+        info.mean, np.float32)[:, None, None]  # back to 0..1, channels in the model's RGB order
+    assert pixels[2] == pytest.approx(1.0, abs=1e-6)
+    assert pixels[:2] == pytest.approx(0.0, abs=1e-6)
+
+    # mean, std and size multiple come from the model's metadata, not from constants
+    other = dataclasses.replace(info, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                                size_multiple=16)
+    grey = np.full((37, 53), 102, np.uint8)
+    x, size = preprocess(grey, other)
+    assert x.shape == (1, 3, 48, 64) and size == (37, 53)
+    assert x == pytest.approx((102 / 255 - 0.5) / 0.25)
+
+
+def test_model_label_is_name_and_short_sha256(segmenter, exported):
+    digest = hashlib.sha256(exported.model.read_bytes()).hexdigest()
+    assert segmenter.info.label == f"mobilenet_aspp@{digest[:8]}"
+    assert re.fullmatch(r"mobilenet_aspp@[0-9a-f]{8}", segmenter.info.label)
+
+
+# dynamo=False is the point here (a plain legacy export); its deprecation notice is not
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_model_without_crackscan_metadata_is_refused(tmp_path):
+    plain = tmp_path / "plain.onnx"
+    torch.onnx.export(torch.nn.Conv2d(3, 1, 1), (torch.zeros(1, 3, 32, 32),), str(plain),
+                      dynamo=False, input_names=["image"], output_names=["logits"])
+    with pytest.raises(ModelError, match="crackscan export"):
+        OnnxRuntimeSegmenter(plain)
+
+
+def test_missing_or_broken_model_file_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        OnnxRuntimeSegmenter(tmp_path / "absent.onnx")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"\x00 not a protobuf " * 8)
+    with pytest.raises(ModelError, match="not a usable ONNX model"):
+        open_segmenter(broken)
+
+
+def test_tensorrt_backend_says_it_is_not_available(exported):
+    with pytest.raises(ModelError, match="not available"):
+        open_segmenter(exported.model, backend="tensorrt")
+
+
+def test_bundled_model_ships_and_loads():
+    path = bundled_model_path()
+    assert path.is_file(), f"{path} is missing from the package"
+    segmenter = open_segmenter(None, threads=1)  # no --model: the bundled one
+    assert segmenter.info.path == path
+    assert segmenter.info.name == "mobilenet_aspp"
+    (prob,) = segmenter.segment([np.full((32, 40, 3), 128, np.uint8)])
+    assert prob.shape == (32, 40)
+
+
+# --- eval -----------------------------------------------------------------------------------
+
+def test_crackscan_eval_json_matches_evaluate_model(exported, segmenter):
+    for tolerance in (2, 0):
+        done = run_crackscan("eval", "--model", exported.model, "--data", exported.data,
+                             "--split", "test", "--tolerance", tolerance, "--format", "json")
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout)  # one JSON document and nothing else on stdout
+        assert EVAL_KEYS <= set(summary)
+        assert summary["images"] == 2  # the ids of test.txt
+        assert summary["tolerance_px"] == tolerance
+        direct = evaluate_model(segmenter, [exported.data], split="test", tolerance=tolerance)
+        assert summary["model"] == direct["model"] == segmenter.info.label
+        for key in EVAL_KEYS:
+            assert summary[key] == pytest.approx(direct[key]), key
+
+
+def test_eval_against_the_models_own_predictions(exported, segmenter, tmp_path):
+    """Masks made from the model's own thresholded output must score F1 = IoU = 1 at strict
+    matching, and their inverse 0: any mismatch of colour order, padding, cropping or mask
+    orientation between segmenter, data loader and metrics breaks the first equality."""
+    images = sorted((exported.data / "images").iterdir())
+    probs = [segmenter.segment([cv2.imread(str(p), cv2.IMREAD_COLOR)])[0] for p in images]
+    threshold = float(np.median(np.concatenate([p.ravel() for p in probs])))
+    own, inverse = tmp_path / "own", tmp_path / "inverse"
+    for folder in (own, inverse):
+        (folder / "masks").mkdir(parents=True)
+        (folder / "images").symlink_to(exported.data / "images")
+    for path, prob in zip(images, probs, strict=True):
+        predicted = (prob >= threshold).astype(np.uint8) * 255
+        cv2.imwrite(str(own / "masks" / f"{path.stem}.png"), predicted)
+        cv2.imwrite(str(inverse / "masks" / f"{path.stem}.png"), 255 - predicted)
+    crack_fraction = np.mean([(p >= threshold).mean() for p in probs])
+    assert 0.2 < crack_fraction < 0.8  # a real mix of crack and background pixels
+
+    summary = evaluate_model(segmenter, [own], tolerance=0, threshold=threshold)
+    assert summary["images"] == len(images)
+    assert (summary["precision"], summary["recall"], summary["f1"]) == (1.0, 1.0, 1.0)
+    assert summary["iou"] == 1.0
+    inverted = evaluate_model(segmenter, [inverse], tolerance=0, threshold=threshold)
+    assert inverted["f1"] == 0.0 and inverted["iou"] == 0.0  # no pixel in common

@@ -1,0 +1,283 @@
+"""Training side: dataset folders, transforms, the model registry and encoder, losses, and a real
+(tiny) training run with resume, in process and through ``crackscan train``.
+
+Every dataset is written into tmp_path by ``write_crack_dataset``: grey noise with a dark line and
+the matching 0/255 mask, in the documented layout. Inputs stay at 64 px so the file runs in
+seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from training import data as ds
+from training.config import TrainConfig
+from training.encoders import MobileNetV2Encoder
+from training.losses import dice_loss, get_loss
+from training.models import MODELS, build_model
+from training.train import main as train_main
+
+DARK, BRIGHT = 20, (180, 230)  # line and background grey levels of the synthetic images
+
+
+def write_crack_dataset(root: Path, count: int = 6, size: int = 64, colour: bool = False,
+                        seed: int = 0, test_count: int = 2) -> list[str]:
+    """``root/images/<id>.png`` (noise with a dark 2-px line), ``root/masks/<id>.png`` (the line,
+    255 on 0), ``train.txt`` (all but the last ``test_count`` ids) and ``test.txt``; returns the
+    ids. ``colour`` draws independent noise per channel instead of grey."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    ids = [f"crack{i:02d}" for i in range(count)]
+    for sample_id in ids:
+        shape = (size, size, 3) if colour else (size, size)
+        image = rng.integers(*BRIGHT, shape, dtype=np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        start = (0, int(rng.integers(size // 4, size // 2)))
+        end = (size - 1, int(rng.integers(size // 2, 3 * size // 4)))
+        cv2.line(image, start, end, (DARK, DARK, DARK), 2)
+        cv2.line(mask, start, end, 255, 2)
+        cv2.imwrite(str(root / "images" / f"{sample_id}.png"), image)
+        cv2.imwrite(str(root / "masks" / f"{sample_id}.png"), mask)
+    (root / "train.txt").write_text("\n".join(ids[:-test_count]) + "\n")
+    (root / "test.txt").write_text("\n".join(ids[-test_count:]) + "\n")
+    return ids
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the body with ``count`` intra-op threads, then restore the previous setting. 64-px
+    inputs gain nothing from more threads, and on a small shared CPU they lose a lot to them."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_crackscan(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m crackscan ARGS`` as a user runs it (one OpenMP thread, for the same reason)."""
+    return subprocess.run([sys.executable, "-m", "crackscan", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def tiny_config(data: Path, out: Path, epochs: int) -> TrainConfig:
+    return TrainConfig(data=[data], out=out, epochs=epochs, crop=64, batch_size=2,
+                       val_fraction=0.25, seed=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    root = tmp_path / "cracks"
+    write_crack_dataset(root)
+    return root
+
+
+IDS = [f"crack{i:02d}" for i in range(6)]
+TRAIN_IDS, TEST_IDS = IDS[:4], IDS[4:]
+
+
+# --- dataset folders ------------------------------------------------------------------------
+
+def test_read_split_picks_the_split_file_ids(dataset):
+    assert ds.read_split(dataset, "train") == TRAIN_IDS
+    assert ds.read_split(dataset, "test") == TEST_IDS
+
+
+def test_read_split_without_its_file_means_all_images(dataset):
+    assert ds.read_split(dataset, "val") == IDS  # no val.txt
+    assert ds.read_split(dataset, None) == IDS
+
+
+def test_read_split_names_an_id_without_image(dataset):
+    (dataset / "test.txt").write_text("crack04\nno_such_crack\n")
+    with pytest.raises(ds.DatasetError, match="no_such_crack"):
+        ds.read_split(dataset, "test")
+
+
+def test_train_val_split_is_reproducible_disjoint_and_leaves_test_alone(dataset):
+    train, val = ds.train_val_split(dataset, val_fraction=0.25, seed=3)
+    assert (train, val) == ds.train_val_split(dataset, val_fraction=0.25, seed=3)
+    assert len(val) == 1 and not set(train) & set(val)
+    assert sorted(train + val) == TRAIN_IDS  # every training id used once, no test id
+    seen_in_val = {ds.train_val_split(dataset, 0.25, seed)[1][0] for seed in range(20)}
+    assert seen_in_val <= set(TRAIN_IDS) and len(seen_in_val) > 1  # the seed does matter
+
+
+def test_train_val_split_uses_the_official_val_file(dataset):
+    (dataset / "train.txt").write_text("crack00\ncrack01\ncrack02\n")
+    (dataset / "val.txt").write_text("crack03\n")
+    assert ds.train_val_split(dataset, val_fraction=0.5, seed=0) == (
+        ["crack00", "crack01", "crack02"], ["crack03"])
+
+
+def test_load_mask_refuses_a_mask_of_another_size(dataset):
+    cv2.imwrite(str(dataset / "masks" / "crack00.png"), np.zeros((64, 60), np.uint8))
+    with pytest.raises(ds.DatasetError, match="60x64"):
+        ds.load_mask(dataset / "masks" / "crack00.png", (64, 64))
+    with pytest.raises(ds.DatasetError, match="60x64"):  # and so does loading the pair
+        ds.load_pair(ds.samples(dataset, ["crack00"])[0])
+
+
+def test_load_pair_gives_rgb_image_and_binary_mask(dataset):
+    image, mask = ds.load_pair(ds.samples(dataset, ["crack00"])[0])
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert set(np.unique(mask)) == {0, 1}
+    assert (image[mask == 1] == DARK).all() and (image[mask == 0] >= BRIGHT[0]).all()
+
+
+@pytest.mark.parametrize("size,crop", [(64, 48), (40, 48)])  # crop inside, and a padded image
+def test_augment_keeps_image_and_mask_aligned(size, crop):
+    image = np.random.default_rng(1).integers(*BRIGHT, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    # a shallow line across the middle rows: every crop of this size contains part of it
+    cv2.line(image, (0, size // 2 - 4), (size - 1, size // 2 + 4), (DARK, DARK, DARK), 2)
+    cv2.line(mask, (0, size // 2 - 4), (size - 1, size // 2 + 4), 1, 2)
+    for seed in range(12):  # enough draws to meet every flip, turn, grey and noise branch
+        aug_image, aug_mask = ds.augment(image, mask, crop, np.random.default_rng(seed))
+        assert aug_image.shape == (crop, crop, 3) and aug_image.dtype == np.uint8
+        assert aug_mask.shape == (crop, crop)
+        assert set(np.unique(aug_mask)) == {0, 1}
+        # lighting moves the line to at most ~100 and the background to at least ~150
+        dark = aug_image.mean(axis=2) < 128
+        assert np.array_equal(dark, aug_mask.astype(bool)), f"misaligned with seed {seed}"
+
+
+def test_pad_to_multiple_pads_bottom_right_and_returns_the_original_size():
+    image = np.arange(37 * 53 * 3, dtype=np.uint32).reshape(37, 53, 3).astype(np.uint8)
+    padded, size = ds.pad_to_multiple(image, 32)
+    assert padded.shape == (64, 64, 3) and size == (37, 53)
+    assert np.array_equal(padded[:37, :53], image)
+    grey, size = ds.pad_to_multiple(np.zeros((64, 33), np.uint8), 32)
+    assert grey.shape == (64, 64) and size == (64, 33)
+    same, size = ds.pad_to_multiple(image[:32, :32], 32)
+    assert same.shape == (32, 32, 3) and size == (32, 32)
+
+
+# --- models ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("height,width", [(64, 96), (37, 53)])
+def test_model_returns_logits_of_the_input_size(height, width):
+    model = build_model("mobilenet_aspp").eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, height, width))
+    assert logits.shape == (1, 1, height, width)
+
+
+def test_unknown_model_lists_the_known_names():
+    with pytest.raises(ValueError, match="mobilenet_aspp"):
+        build_model("resnet_unet")
+    assert "resnet_unet" not in MODELS
+
+
+# torchvision's mobilenet_v2 (features.0 .. features.17), shapes as published
+TORCHVISION_SHAPES = {
+    "features.0.0.weight": (32, 3, 3, 3),
+    "features.0.1.weight": (32,),
+    "features.1.conv.0.0.weight": (32, 1, 3, 3),  # t=1: depthwise first, no expansion
+    "features.1.conv.1.weight": (16, 32, 1, 1),
+    "features.1.conv.2.running_mean": (16,),
+    "features.2.conv.0.0.weight": (96, 16, 1, 1),  # expansion 6 x 16
+    "features.2.conv.1.0.weight": (96, 1, 3, 3),
+    "features.2.conv.2.weight": (24, 96, 1, 1),
+    "features.7.conv.0.0.weight": (192, 32, 1, 1),
+    "features.14.conv.2.weight": (160, 576, 1, 1),
+    "features.17.conv.0.0.weight": (960, 160, 1, 1),
+    "features.17.conv.2.weight": (320, 960, 1, 1),
+    "features.17.conv.3.running_var": (320,),
+}
+
+
+def test_encoder_parameters_are_named_and_shaped_as_torchvision():
+    state = MobileNetV2Encoder().state_dict()
+    for name, shape in TORCHVISION_SHAPES.items():
+        assert name in state, name
+        assert tuple(state[name].shape) == shape, name
+    assert not any(name.startswith("features.18") for name in state)
+    # torchvision's mobilenet_v2 has 3,504,872 parameters; without features.18 (320->1280 conv
+    # + batch norm: 412,160) and the classifier (1,281,000) that leaves 1,811,712
+    assert sum(p.numel() for p in MobileNetV2Encoder().parameters()) == 1_811_712
+
+
+def test_encoder_maps_channels_and_output_stride():
+    encoder = MobileNetV2Encoder(output_stride=16).eval()
+    assert encoder.out_channels == [16, 24, 32, 96, 320]
+    assert encoder.output_stride == 16
+    with torch.no_grad():
+        maps = encoder(torch.randn(1, 3, 64, 96))
+    assert [m.shape[1] for m in maps] == encoder.out_channels
+    assert [(m.shape[2], m.shape[3]) for m in maps] == [
+        (32, 48), (16, 24), (8, 12), (4, 6), (4, 6)]  # strides 2, 4, 8, 16, 16 (dilated)
+
+
+# --- losses ---------------------------------------------------------------------------------
+
+def test_dice_loss_of_perfect_and_inverted_predictions():
+    target = torch.zeros(2, 1, 16, 16)
+    target[:, :, 4:8, :] = 1.0
+    perfect = torch.where(target > 0, 20.0, -20.0)
+    assert dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-4)
+    assert dice_loss(-perfect, target).item() == pytest.approx(1.0, abs=0.01)
+    assert get_loss("dice") is dice_loss
+
+
+def test_unknown_loss_lists_the_known_names():
+    with pytest.raises(ValueError, match="bce_dice"):
+        get_loss("focal")
+
+
+# --- training runs --------------------------------------------------------------------------
+
+def test_train_writes_checkpoints_and_resumes_with_more_epochs(dataset, tmp_path):
+    out = tmp_path / "run"
+    result = train_main(tiny_config(dataset, out, epochs=2))
+    assert result["epochs"] == 2
+    for name in ("best.pt", "last.pt", "history.json", "config.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "config.json").read_text())["crop"] == 64
+    checkpoint = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "epoch", "config"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 2
+    assert TrainConfig(**checkpoint["config"]) == tiny_config(dataset, out, epochs=2)
+    build_model("mobilenet_aspp").load_state_dict(checkpoint["model"])  # loads strictly
+    first_two = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in first_two] == [1, 2]
+
+    result = train_main(tiny_config(dataset, out, epochs=3), resume=out / "last.pt")
+    history = json.loads((out / "history.json").read_text())
+    assert result["epochs"] == 3 and len(history) == 3
+    assert history[:2] == first_two and history[2]["epoch"] == 3
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 3
+
+
+def test_crackscan_train_command(dataset, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({"model": "mobilenet_aspp", "crop": 64, "batch_size": 2,
+                                      "epochs": 5, "num_threads": 1}))
+    out = tmp_path / "cli_run"
+    done = run_crackscan("train", "--config", recipe, "--data", dataset, "--epochs", 1,
+                         "--out", out)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["epochs"] == 1  # --epochs overrides the recipe's 5
+    assert Path(result["out"]) == out and (out / "best.pt").is_file()
