@@ -5,6 +5,7 @@ prints results; errors become one line on stderr and a non-zero exit (a tracebac
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import signal
@@ -214,15 +215,28 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def _torch_module(name: str):
+    """A training module that needs torch (the 'train' extra), imported on demand so the runtime
+    path never needs torch installed."""
     try:
-        from training.config import load_config
-        from training.train import main as train_main
+        return importlib.import_module(name)
     except ImportError as exc:
-        raise UserError(f"training needs the 'train' extra ({exc.name} is missing): "
+        raise UserError(f"this command needs the 'train' extra ({exc.name} is missing): "
                         "pip install -e '.[train]'") from None
-    cfg = load_config(Path(args.config), data=args.data, epochs=args.epochs, out=args.out)
-    result = train_main(cfg, resume=Path(args.resume) if args.resume else None)
+
+
+def cmd_train(args) -> int:
+    from pydantic import ValidationError
+
+    from training.config import load_config
+
+    train = _torch_module("training.train")
+    try:
+        cfg = load_config(Path(args.config), data=args.data, epochs=args.epochs, out=args.out)
+    except (ValidationError, ValueError, OSError) as exc:
+        first = str(exc).splitlines()
+        raise UserError(f"training config {args.config}: {' '.join(first[:3])}") from None
+    result = train.main(cfg, resume=Path(args.resume) if args.resume else None)
     print_json(result)
     return 0
 
@@ -243,17 +257,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    try:
-        from training.export import ExportError, export_checkpoint
-    except ImportError as exc:
-        raise UserError(f"export needs the 'train' extra ({exc.name} is missing): "
-                        "pip install -e '.[train]'") from None
+    export = _torch_module("training.export")
     if not Path(args.checkpoint).is_file():
         raise UserError(f"checkpoint {args.checkpoint} does not exist")
     try:
-        metadata = export_checkpoint(Path(args.checkpoint), Path(args.out),
-                                     threshold=args.threshold)
-    except ExportError as exc:
+        metadata = export.export_checkpoint(Path(args.checkpoint), Path(args.out),
+                                            threshold=args.threshold)
+    except export.ExportError as exc:
         raise UserError(str(exc)) from None
     log.info("wrote %s (threshold %s)", args.out, metadata["crackscan.threshold"])
     return 0

@@ -55,6 +55,27 @@ def _stop(process: subprocess.Popen, timeout: float) -> int:
     return process.returncode
 
 
+def _supervise(manager: subprocess.Popen, acquirer: subprocess.Popen,
+               pool: list[subprocess.Popen], start_worker) -> None:
+    """Wait for management to finish the run; restart inference workers that die (their
+    in-flight frame is lost, which management reports as an incomplete run)."""
+    restarts = 0
+    while manager.poll() is None:
+        if acquirer.poll() not in (None, 0):
+            raise StageFailed(f"acquisition exited with status {acquirer.returncode}")
+        for i, worker in enumerate(pool):
+            if worker.poll() is not None:
+                restarts += 1
+                if restarts > WORKER_RESTARTS * len(pool):
+                    raise StageFailed(f"inference workers keep failing (last status "
+                                      f"{worker.returncode})")
+                log.warning("inference worker exited (%s); starting another", worker.returncode)
+                pool[i] = start_worker()
+        time.sleep(0.1)
+    if manager.returncode != 0:
+        raise StageFailed(f"management exited with status {manager.returncode}")
+
+
 def run_pipeline(source: str, db_url: str | None, model: str | None, backend: str, workers: int,
                  mode: str, config_path: str | None, record: str | None,
                  verbose: bool = False) -> dict:
@@ -83,48 +104,36 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
         results = f"ipc://{sockets_dir}/results"
         # threads per worker: share the cores instead of oversubscribing them
         threads = str(max(1, (os.cpu_count() or 1) // workers))
-        manager = _spawn("manage", ["--results", f"pull+bind:{results}", "--db", db_url,
-                                    "--exit-after-runs", "1"] + config_args, verbose)
         worker_args = ["--frames", f"pull+connect:{frames}", "--results",
                        f"push+connect:{results}", "--model", str(model_path), "--backend",
                        backend, "--threads", threads] + config_args
-
-        def start_worker() -> subprocess.Popen:
-            return _spawn("infer", worker_args, verbose)
-
-        pool = [start_worker() for _ in range(workers)]
-        restarts = 0
-        acquirer = _spawn("acquire", ["--source", source, "--frames", f"push+bind:{frames}",
-                                      "--control", f"push+connect:{results}", "--run-id", run_id,
-                                      "--mode", mode] + config_args, verbose)
+        manager: subprocess.Popen | None = None
+        acquirer: subprocess.Popen | None = None
+        pool: list[subprocess.Popen] = []
         started = time.monotonic()
         stopping = False
         try:
-            while manager.poll() is None:
-                if acquirer.poll() not in (None, 0):
-                    raise StageFailed(f"acquisition exited with status {acquirer.returncode}")
-                for i, worker in enumerate(pool):
-                    if worker.poll() is not None:
-                        restarts += 1
-                        if restarts > WORKER_RESTARTS * workers:
-                            raise StageFailed("inference workers keep failing "
-                                              f"(last status {worker.returncode})")
-                        log.warning("inference worker exited (%s); starting another",
-                                    worker.returncode)
-                        pool[i] = start_worker()
-                time.sleep(0.1)
-            if manager.returncode != 0:
-                raise StageFailed(f"management exited with status {manager.returncode}")
+            manager = _spawn("manage", ["--results", f"pull+bind:{results}", "--db", db_url,
+                                        "--exit-after-runs", "1"] + config_args, verbose)
+            pool = [_spawn("infer", worker_args, verbose) for _ in range(workers)]
+            acquirer = _spawn("acquire", ["--source", source, "--frames", f"push+bind:{frames}",
+                                          "--control", f"push+connect:{results}", "--run-id",
+                                          run_id, "--mode", mode] + config_args, verbose)
+            _supervise(manager, acquirer, pool, lambda: _spawn("infer", worker_args, verbose))
         except KeyboardInterrupt:
+            # a second Ctrl-C while management drains ends everything at once (finally below)
             stopping = True
             log.info("stopping: acquisition first, then management stores what is in flight")
-            _stop(acquirer, 10)
-            manager.wait()
+            if acquirer is not None:
+                _stop(acquirer, 10)
+            if manager is not None:
+                manager.wait()
         except StageFailed as exc:
             raise UserError(f"run {run_id} failed: {exc}") from None
         finally:
             for process in [acquirer, *pool, manager]:
-                _stop(process, 10)
+                if process is not None:
+                    _stop(process, 10)
         wall_s = time.monotonic() - started
 
     engine = make_engine(db_url)
