@@ -8,6 +8,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -232,12 +233,14 @@ def cmd_train(args) -> int:
 
     train = _torch_module("training.train")
     try:
-        cfg = load_config(Path(args.config), data=args.data, epochs=args.epochs, out=args.out)
+        cfg = load_config(Path(args.config), data=args.data, epochs=args.epochs, out=args.out,
+                          teacher=args.teacher)
     except (ValidationError, ValueError, OSError) as exc:
         first = str(exc).splitlines()
         raise UserError(f"training config {args.config}: {' '.join(first[:3])}") from None
     result = train.main(cfg, resume=Path(args.resume) if args.resume else None)
-    print_json(result)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one result document, not N
+        print_json(result)
     return 0
 
 
@@ -362,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument("--out")
     p.add_argument("--resume", help="checkpoint to resume from (last.pt)")
+    p.add_argument("--teacher", help="knowledge distillation: the teacher's checkpoint (best.pt)")
 
     p = add("eval", cmd_eval, "score a model on a labelled dataset")
     p.add_argument("--model", help="ONNX model (default: the bundled model)")

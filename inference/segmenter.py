@@ -100,8 +100,15 @@ def preprocess(image: np.ndarray, info: ModelInfo) -> tuple[np.ndarray, tuple[in
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None]), (h, w)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+def crack_probability(logits: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
+    """CxHxW logits -> HxW crack probability: sigmoid of the one channel of a binary model,
+    softmax over the channels of a multi-class model, read at the 'crack' channel."""
+    if len(classes) == 1:
+        return (1.0 / (1.0 + np.exp(-logits[0]))).astype(np.float32)
+    if "crack" not in classes:
+        raise ModelError(f"model classes {list(classes)} have no 'crack' channel")
+    shifted = np.exp(logits - logits.max(axis=0, keepdims=True))
+    return (shifted[classes.index("crack")] / shifted.sum(axis=0)).astype(np.float32)
 
 
 class OnnxRuntimeSegmenter:
@@ -136,8 +143,8 @@ class OnnxRuntimeSegmenter:
         maps = []
         for image in images:
             x, (h, w) = preprocess(image, self.info)
-            logits = self.session.run(None, {self.input_name: x})[0]
-            maps.append(_sigmoid(logits[0, 0, :h, :w]).astype(np.float32))
+            logits = self.session.run(None, {self.input_name: x})[0][0, :, :h, :w]
+            maps.append(crack_probability(logits, self.info.classes))
         return maps
 
 

@@ -233,3 +233,18 @@ def test_eval_against_the_models_own_predictions(exported, segmenter, tmp_path):
     assert summary["iou"] == 1.0
     inverted = evaluate_model(segmenter, [inverse], tolerance=0, threshold=threshold)
     assert inverted["f1"] == 0.0 and inverted["iou"] == 0.0  # no pixel in common
+
+
+def test_crack_probability_of_binary_and_multi_class_logits():
+    from inference.segmenter import ModelError, crack_probability
+
+    binary = np.zeros((1, 2, 2), np.float32)
+    binary[0, 0, 0] = 2.0
+    prob = crack_probability(binary, ("crack",))
+    assert prob[0, 0] == pytest.approx(1 / (1 + np.exp(-2.0))) and prob[1, 1] == 0.5
+    logits = np.zeros((3, 1, 2), np.float32)
+    logits[1, 0, 0] = np.log(2.0)  # crack channel twice as likely as each other class
+    prob = crack_probability(logits, ("background", "crack", "seam"))
+    assert prob[0, 0] == pytest.approx(0.5) and prob[0, 1] == pytest.approx(1 / 3)
+    with pytest.raises(ModelError):
+        crack_probability(logits, ("background", "seam", "stain"))

@@ -28,6 +28,7 @@ from training.encoders import MobileNetV2Encoder
 from training.losses import dice_loss, get_loss
 from training.models import MODELS, build_model
 from training.train import main as train_main
+from training.train import predict as train_predict
 
 DARK, BRIGHT = 20, (180, 230)  # line and background grey levels of the synthetic images
 
@@ -172,6 +173,59 @@ def test_pad_to_multiple_pads_bottom_right_and_returns_the_original_size():
     assert grey.shape == (64, 64) and size == (64, 33)
     same, size = ds.pad_to_multiple(image[:32, :32], 32)
     assert same.shape == (32, 32, 3) and size == (32, 32)
+
+
+def write_class_dataset(root: Path, count: int = 6, size: int = 64) -> None:
+    """Like ``write_crack_dataset`` with class masks: 0 background, 1 crack (a dark line),
+    2 seam (a mid-grey straight band)."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(count):
+        image = rng.integers(*BRIGHT, (size, size), dtype=np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        row = int(rng.integers(8, size - 12))
+        image[row:row + 4], mask[row:row + 4] = 110, 2
+        end = (size - 1, int(rng.integers(size // 2, 3 * size // 4)))
+        cv2.line(image, (0, int(rng.integers(size // 4, size // 2))), end, DARK, 2)
+        cv2.line(mask, (0, int(rng.integers(size // 4, size // 2))), end, 1, 2)
+        cv2.imwrite(str(root / "images" / f"img{i:02d}.png"), image)
+        cv2.imwrite(str(root / "masks" / f"img{i:02d}.png"), mask)
+
+
+def test_class_masks_load_as_class_indices_and_binary_masks_are_refused(dataset, tmp_path):
+    write_class_dataset(tmp_path / "classes")
+    sample = ds.samples(tmp_path / "classes", ["img00"])[0]
+    _, mask = ds.load_pair(sample, num_classes=3)
+    assert set(np.unique(mask)) == {0, 1, 2}
+    with pytest.raises(ds.DatasetError, match="has value 255, but the recipe lists 3 classes"):
+        ds.load_pair(ds.samples(dataset, ["crack00"])[0], num_classes=3)  # a 0/255 mask
+
+
+def test_multiclass_training_run_scores_the_crack_class(tmp_path):
+    write_class_dataset(tmp_path / "classes")
+    cfg = TrainConfig(data=[tmp_path / "classes"], out=tmp_path / "run", epochs=1, crop=64,
+                      batch_size=2, val_fraction=0.25, classes=["background", "crack", "seam"],
+                      loss="ce_dice", class_weights="median_frequency", max_rotation=180)
+    result = train_main(cfg)
+    assert result["epochs"] == 1 and 0.0 <= result["best_val_f1"] <= 1.0
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["model"]["head.weight"].shape[0] == 3
+    model = build_model("mobilenet_aspp", num_classes=3)
+    model.load_state_dict(checkpoint["model"])
+    image, _ = ds.load_pair(ds.samples(tmp_path / "classes", ["img00"])[0], num_classes=3)
+    prob = train_predict(model, image, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 32,
+                         crack_channel=1)
+    assert prob.shape == (64, 64) and 0.0 <= prob.min() and prob.max() <= 1.0
+
+
+def test_binary_only_losses_are_refused_for_a_multiclass_run(tmp_path):
+    write_class_dataset(tmp_path / "classes")
+    cfg = TrainConfig(data=[tmp_path / "classes"], out=tmp_path / "run", epochs=1,
+                      classes=["background", "crack", "seam"], loss="bce_dice")
+    with pytest.raises(ValueError, match="use 'ce_dice'"):
+        train_main(cfg)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 # --- models ---------------------------------------------------------------------------------

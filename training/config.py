@@ -1,11 +1,17 @@
-"""Training configuration: one flat, validated model of a recipe YAML (``configs/train/``)."""
+"""Training configuration: one flat, validated model of a recipe YAML (``configs/train/``).
+
+Every field has a default equal to the behaviour of the first recipe (``mobilenet_aspp.yaml``), so
+older recipes and the configs stored inside older checkpoints load unchanged. A recipe is one
+file: there is no inheritance between recipes, and nothing here names code to be looked up.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class TrainConfig(BaseModel):
@@ -14,20 +20,90 @@ class TrainConfig(BaseModel):
     model: str = "mobilenet_aspp"
     model_params: dict = Field(default_factory=dict)
     encoder_weights: Path | None = None  # a local torchvision-style checkpoint; never downloaded
+    # names of the output channels. One name: binary (one sigmoid channel, masks 0/255). More:
+    # multi-class (one softmax channel per name, masks hold the class index, see training.data);
+    # validation then scores the channel named "crack"
+    classes: list[str] = Field(default_factory=lambda: ["crack"], min_length=1)
     data: list[Path] = Field(default_factory=list)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     crop: int = Field(256, ge=32)
+    # progressive resizing: [[fraction of training, crop], ...], the first starting at 0; an epoch
+    # uses the last entry whose fraction (epoch - 1) / epochs has reached. None: ``crop`` throughout
+    crop_schedule: list[tuple[float, int]] | None = None
     batch_size: int = Field(8, ge=1)
     epochs: int = Field(30, ge=1)
     max_minutes: float | None = Field(None, gt=0)  # stop early after this wall-clock budget
+
+    # optimisation
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD's momentum (the one-cycle peak with SGD)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    # per batch: one_cycle (warm-up, then cosine down), poly (lr * (1 - step / steps) ** 0.9)
+    # or constant
+    schedule: Literal["one_cycle", "poly", "constant"] = "one_cycle"
+    pct_start: float = Field(0.1, gt=0, lt=1)  # one-cycle: fraction of the steps spent warming up
+    # learning-rate ratios of the model's three layer groups (early encoder, late encoder,
+    # decoder + head), times ``lr``; None: one group at ``lr``
+    lr_groups: tuple[float, float, float] | None = None
+    # the first layer group is not updated while (epoch - 1) / epochs < this fraction
+    freeze_first_group_fraction: float = Field(0.0, ge=0, le=1)
+
+    # loss
     loss: str = "bce_dice"
+    # per-class weights of weighted_ce / ce_dice (background first; two for a binary model), or
+    # "median_frequency": computed from the training masks (Eigen & Fergus 2015)
+    class_weights: list[float] | Literal["median_frequency"] | None = None
+    # knowledge distillation: a training checkpoint whose model (its own config says which) is the
+    # frozen teacher; loss = (1 - alpha) * supervised + alpha * T^2 * distillation at temperature T
+    teacher: Path | None = None
+    distill_alpha: float = Field(0.5, ge=0, le=1)
+    distill_temperature: float = Field(2.0, gt=0)
+
+    # augmentation on top of the default crop, flips, 90-degree turns and lighting
+    max_rotation: float = Field(0.0, ge=0, le=180)  # degrees, uniform in +-this; 180: any angle
+    elastic_sigma: float = Field(0.0, ge=0)  # px, std of the coarse-grid displacements; 0: off
+    elastic_grid: int = Field(3, ge=2)  # control points per side (Ronneberger et al.: 3x3)
+    border: Literal["reflect", "constant"] = "reflect"  # how crops, turns and warps fill edges
+
     tolerance: float = Field(2.0, ge=0)
     threshold: float = Field(0.5, gt=0, lt=1)
     seed: int = 0
     num_threads: int = Field(0, ge=0)  # 0: torch's default
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when there is one
+    amp: bool = False  # autocast: bfloat16 on CPU, float16 with a gradient scaler on CUDA
     out: Path = Path("runs/train")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if len(self.classes) > 1 and "crack" not in self.classes:
+            raise ValueError(f"classes {self.classes} has no 'crack': validation scores the "
+                             "channel named 'crack'")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes {self.classes} names a class twice")
+        if self.crop_schedule is not None:
+            starts = [start for start, _ in self.crop_schedule]
+            if not starts or starts[0] != 0 or starts != sorted(starts) or starts[-1] >= 1:
+                raise ValueError("crop_schedule must start at fraction 0 and rise below 1, "
+                                 f"e.g. [[0, 128], [0.33, 256], [0.66, 320]]; got "
+                                 f"{self.crop_schedule}")
+            if min(crop for _, crop in self.crop_schedule) < 32:
+                raise ValueError(f"crop_schedule crops must be at least 32: {self.crop_schedule}")
+        if isinstance(self.class_weights, list):
+            if len(self.class_weights) != max(2, len(self.classes)):
+                raise ValueError(f"class_weights needs {max(2, len(self.classes))} values "
+                                 "(background first for a binary model), got "
+                                 f"{len(self.class_weights)}")
+            if min(self.class_weights) < 0:
+                raise ValueError(f"class_weights must not be negative: {self.class_weights}")
+        if any(r <= 0 for r in self.lr_groups or ()):
+            raise ValueError(f"lr_groups ratios must be positive: {self.lr_groups}")
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels of the model: 1 for a binary model, else one per class."""
+        return len(self.classes)
 
 
 def load_config(path: Path | None, **overrides) -> TrainConfig:

@@ -1,12 +1,22 @@
 """Labelled crack datasets on disk and the training transforms.
 
-A dataset folder holds ``images/<id>.*`` and ``masks/<id>.png`` (0 = background, 255 = crack),
-and optionally ``train.txt`` / ``val.txt`` / ``test.txt`` with one id per line. ``--split NAME``
-picks the ids of ``NAME.txt``; a folder without that file uses all its images.
+A dataset folder holds ``images/<id>.*`` and ``masks/<id>.png``, and optionally ``train.txt`` /
+``val.txt`` / ``test.txt`` with one id per line. ``--split NAME`` picks the ids of ``NAME.txt``;
+a folder without that file uses all its images.
+
+Masks, by the number of classes the recipe lists (``classes:`` in the training config):
+- binary (one class, the default): 0 = background, 255 = crack; loaded as {0, 1};
+- multi-class (C classes): each pixel holds its class index 0 .. C-1, the index of its name in
+  ``classes`` (conventionally 0 = background); a value of C or more is refused, so a 0/255
+  binary mask given to a multi-class recipe fails loudly instead of training on garbage.
+
+Transforms take and return the (image, mask) pair: images interpolate bilinearly, masks with
+nearest neighbour only, so a mask never holds a value that is not a label.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,47 +97,112 @@ def load_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """A mask as HxW uint8 in {0, 1}, checked against the image's height and width."""
+def load_mask(path: Path, shape: tuple[int, int], num_classes: int = 1) -> np.ndarray:
+    """A mask as HxW uint8, checked against the image's height and width: {0, 1} for a binary
+    model (``num_classes`` 1, file 0/255), class indices 0 .. num_classes-1 otherwise."""
     mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise DatasetError(f"cannot read mask {path}")
     if mask.shape != shape:
         raise DatasetError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]}, "
                            f"its image is {shape[1]}x{shape[0]}")
-    return (mask > 127).astype(np.uint8)
+    if num_classes == 1:
+        return (mask > 127).astype(np.uint8)
+    if mask.max() >= num_classes:
+        raise DatasetError(f"mask {path} has value {mask.max()}, but the recipe lists "
+                           f"{num_classes} classes: a class mask holds each pixel's class index "
+                           "(a 0/255 crack mask needs a binary recipe, classes: [crack])")
+    return mask
 
 
-def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(sample: Sample, num_classes: int = 1) -> tuple[np.ndarray, np.ndarray]:
     image = load_image(sample.image_path)
-    return image, load_mask(sample.mask_path, image.shape[:2])
+    return image, load_mask(sample.mask_path, image.shape[:2], num_classes)
 
 
-def augment(image: np.ndarray, mask: np.ndarray, crop: int, rng: np.random.Generator
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Random crop (crack-biased), flips, 90-degree turns, grey, lighting. Takes and returns the
-    (image, mask) pair; the mask is never interpolated."""
+BORDERS = {"reflect": cv2.BORDER_REFLECT_101, "constant": cv2.BORDER_CONSTANT}
+
+
+def random_crop(image: np.ndarray, mask: np.ndarray, crop: int, rng: np.random.Generator,
+                border: str = "reflect", centre: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """A ``crop`` x ``crop`` window that holds a crack pixel 70 % of the time when the mask has
+    one (cracks cover ~1-3 % of an image), inside its central ``centre`` x ``centre`` part when
+    given; a smaller image is first padded bottom and right."""
+    centre = centre or crop
+    margin = (crop - centre) // 2
     h, w = mask.shape
     if h < crop or w < crop:
         pad_h, pad_w = max(0, crop - h), max(0, crop - w)
-        image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_REFLECT_101)
-        mask = cv2.copyMakeBorder(mask, 0, pad_h, 0, pad_w, cv2.BORDER_REFLECT_101)
+        image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, BORDERS[border])
+        mask = cv2.copyMakeBorder(mask, 0, pad_h, 0, pad_w, BORDERS[border])
         h, w = mask.shape
     ys, xs = np.nonzero(mask)
-    if len(ys) and rng.random() < 0.7:  # centre most crops on a crack pixel: cracks are ~1-3 %
+    if len(ys) and rng.random() < 0.7:
         k = rng.integers(len(ys))
-        y0 = int(np.clip(ys[k] - rng.integers(crop), 0, h - crop))
-        x0 = int(np.clip(xs[k] - rng.integers(crop), 0, w - crop))
+        y0 = int(np.clip(ys[k] - margin - rng.integers(centre), 0, h - crop))
+        x0 = int(np.clip(xs[k] - margin - rng.integers(centre), 0, w - crop))
     else:
         y0, x0 = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
-    image = image[y0:y0 + crop, x0:x0 + crop]
-    mask = mask[y0:y0 + crop, x0:x0 + crop]
+    return image[y0:y0 + crop, x0:x0 + crop], mask[y0:y0 + crop, x0:x0 + crop]
+
+
+def centre_crop(image: np.ndarray, mask: np.ndarray, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    h, w = mask.shape
+    y0, x0 = (h - crop) // 2, (w - crop) // 2
+    return image[y0:y0 + crop, x0:x0 + crop], mask[y0:y0 + crop, x0:x0 + crop]
+
+
+def rotate(image: np.ndarray, mask: np.ndarray, angle: float, border: str = "reflect"
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Turn the pair by ``angle`` degrees (counter-clockwise) about the centre, keeping its size:
+    the image bilinearly, the mask with nearest neighbour; corners filled by ``border``."""
+    h, w = mask.shape
+    matrix = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
+    return (cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,
+                           borderMode=BORDERS[border]),
+            cv2.warpAffine(mask, matrix, (w, h), flags=cv2.INTER_NEAREST,
+                           borderMode=BORDERS[border]))
+
+
+def elastic_field(shape: tuple[int, int], sigma: float, grid: int, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth per-pixel displacements (dx, dy), each HxW float32: random vectors on a coarse
+    ``grid`` x ``grid`` lattice, drawn from a Gaussian of ``sigma`` px standard deviation and
+    interpolated bicubically to every pixel (Ronneberger et al. 2015: 3x3, sigma 10 px)."""
+    h, w = shape
+    coarse = rng.normal(0.0, sigma, (2, grid, grid)).astype(np.float32)
+    dx, dy = (cv2.resize(c, (w, h), interpolation=cv2.INTER_CUBIC) for c in coarse)
+    return dx, dy
+
+
+def elastic(image: np.ndarray, mask: np.ndarray, sigma: float, grid: int,
+            rng: np.random.Generator, border: str = "reflect") -> tuple[np.ndarray, np.ndarray]:
+    """Warp the pair by one smooth random field (``elastic_field``): output pixel (y, x) samples
+    the input at (y + dy, x + dx), the image bilinearly, the mask with nearest neighbour.
+    ``sigma`` 0 returns the pair unchanged."""
+    h, w = mask.shape
+    dx, dy = elastic_field((h, w), sigma, grid, rng)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    map_x, map_y = xs + dx, ys + dy
+    return (cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=BORDERS[border]),
+            cv2.remap(mask, map_x, map_y, cv2.INTER_NEAREST, borderMode=BORDERS[border]))
+
+
+def flip_and_turn(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Random horizontal and vertical flips and a random multiple of 90 degrees."""
     if rng.random() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
     if rng.random() < 0.5:
         image, mask = image[::-1], mask[::-1]
     turns = int(rng.integers(4))
-    image, mask = np.rot90(image, turns), np.rot90(mask, turns)
+    return np.rot90(image, turns), np.rot90(mask, turns)
+
+
+def lighting(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Grey (30 %), contrast 0.7-1.3, brightness +-30, sensor noise (30 %); the mask is kept."""
     image = image.astype(np.float32)
     if rng.random() < 0.3:  # tunnel linings are grey: don't let colour carry the decision
         image = np.repeat(image.mean(axis=2, keepdims=True), 3, axis=2)
@@ -136,7 +211,31 @@ def augment(image: np.ndarray, mask: np.ndarray, crop: int, rng: np.random.Gener
     image = (image - image.mean()) * contrast + image.mean() + brightness
     if rng.random() < 0.3:
         image = image + rng.normal(0, rng.uniform(2, 8), image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8), np.ascontiguousarray(mask)
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def augment(image: np.ndarray, mask: np.ndarray, crop: int, rng: np.random.Generator,
+            max_rotation: float = 0.0, elastic_sigma: float = 0.0, elastic_grid: int = 3,
+            border: str = "reflect") -> tuple[np.ndarray, np.ndarray]:
+    """Random crop (crack-biased), then, when asked, a turn by any angle in +-``max_rotation``
+    degrees and an elastic warp, then flips, 90-degree turns, grey and lighting. Takes and
+    returns the (image, mask) pair; the mask is only ever sampled by nearest neighbour.
+
+    Turns and warps work on a larger window that is centre-cropped afterwards, so the corners
+    they uncover come from the image itself rather than from the border fill.
+    """
+    geometric = max_rotation > 0 or elastic_sigma > 0
+    window = crop + 2 * math.ceil(0.21 * crop + 2 * elastic_sigma) if geometric else crop
+    image, mask = random_crop(image, mask, window, rng, border, centre=crop)
+    if max_rotation > 0:
+        image, mask = rotate(image, mask, rng.uniform(-max_rotation, max_rotation), border)
+    if elastic_sigma > 0:
+        image, mask = elastic(image, mask, elastic_sigma, elastic_grid, rng, border)
+    if geometric:
+        image, mask = centre_crop(image, mask, crop)
+    image, mask = flip_and_turn(image, mask, rng)
+    image, mask = lighting(image, mask, rng)
+    return image, np.ascontiguousarray(mask)
 
 
 def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

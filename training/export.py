@@ -50,7 +50,7 @@ def export_checkpoint(checkpoint: Path, out: Path, threshold: float | None = Non
         raise ExportError(f"{checkpoint} is not a crackscan training checkpoint")
     cfg = TrainConfig(**state["config"])
     spec = get_spec(cfg.model)
-    model = build_model(cfg.model, **cfg.model_params)
+    model = build_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_params)
     model.load_state_dict(state["model"])
     model.eval()
 
@@ -60,7 +60,9 @@ def export_checkpoint(checkpoint: Path, out: Path, threshold: float | None = Non
         "crackscan.mean": json.dumps(list(spec.mean)),
         "crackscan.std": json.dumps(list(spec.std)),
         "crackscan.size_multiple": str(spec.size_multiple),
-        "crackscan.classes": json.dumps(["crack"]),
+        # binary models have one output channel, the crack logit; multi-class models one
+        # channel per class, in this order (softmax over channels)
+        "crackscan.classes": json.dumps(list(cfg.classes)),
         "crackscan.threshold": str(threshold if threshold is not None
                                    else val.get("ods_threshold", cfg.threshold)),
         "crackscan.input_color": "RGB",

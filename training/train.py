@@ -4,6 +4,13 @@
 with random crops, validates every epoch on whole validation images, and keeps ``best.pt`` (best
 validation F1 at the configured pixel tolerance) and ``last.pt``. A checkpoint holds model,
 optimizer, scheduler, epoch and the resolved config, so ``--resume`` continues a run exactly.
+After every epoch ``history.json`` and ``curves.png`` (loss and F1 per epoch) are rewritten.
+
+Everything a recipe can ask for is switched on here by plain config values: layer groups with
+their own learning rates and a frozen first group, progressive resizing (``crop_schedule``),
+class weights, knowledge distillation from a teacher checkpoint, mixed precision. Launched by
+``torchrun`` (``WORLD_SIZE`` > 1), each process trains on its shard of the images under
+DistributedDataParallel and only rank 0 validates, logs, and writes files.
 """
 
 from __future__ import annotations
@@ -11,37 +18,53 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training import data as ds
 from training.config import TrainConfig
-from training.losses import get_loss
+from training.losses import distillation_loss, get_loss, median_frequency_weights
 from training.metrics import Evaluator
-from training.models import build_model, get_spec
+from training.models import ModelSpec, build_model, get_spec, load_encoder_weights, param_groups
 
 log = logging.getLogger(__name__)
 
+CPU = torch.device("cpu")
+
 
 class CrackCrops(torch.utils.data.Dataset):
-    """In-memory (image, mask) pairs, served as augmented random crops."""
+    """In-memory (image, mask) pairs, served as augmented random crops of side ``crop`` (set it
+    between epochs for progressive resizing). Binary masks come out as float (1, H, W), class
+    masks as int64 (H, W), as the losses expect."""
 
     def __init__(self, pairs: list[tuple[np.ndarray, np.ndarray]], crop: int, mean, std,
-                 seed: int) -> None:
+                 seed: int, cfg: TrainConfig | None = None) -> None:
         self.pairs, self.crop, self.mean, self.std = pairs, crop, mean, std
         self.rng = np.random.default_rng(seed)
+        self.cfg = cfg or TrainConfig()
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = ds.augment(*self.pairs[index], self.crop, self.rng)
-        return (torch.from_numpy(ds.normalize(image, self.mean, self.std)),
-                torch.from_numpy(mask[None].astype(np.float32)))
+        cfg = self.cfg
+        image, mask = ds.augment(*self.pairs[index], self.crop, self.rng,
+                                 max_rotation=cfg.max_rotation, elastic_sigma=cfg.elastic_sigma,
+                                 elastic_grid=cfg.elastic_grid, border=cfg.border)
+        target = (torch.from_numpy(mask[None].astype(np.float32)) if cfg.num_classes == 1
+                  else torch.from_numpy(mask.astype(np.int64)))
+        return torch.from_numpy(ds.normalize(image, self.mean, self.std)), target
 
 
 def load_folders(cfg: TrainConfig) -> tuple[list[ds.Sample], list[ds.Sample]]:
@@ -56,100 +79,384 @@ def load_folders(cfg: TrainConfig) -> tuple[list[ds.Sample], list[ds.Sample]]:
     return train, val
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, epoch: int) -> float:
+# --- the run's setting: seed, device, processes ----------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device, CUDA included
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda, but this machine has no usable CUDA device "
+                         "(use device: auto or cpu)")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def start_processes(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    NCCL between GPUs, Gloo between CPU processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if world <= 1:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank()
+    if rank != 0:  # one voice: the other ranks only report problems
+        logging.getLogger("training").setLevel(logging.WARNING)
+    log.info("distributed training: %d processes (%s)", world, dist.get_backend())
+    return rank, world, device
+
+
+def from_rank0(*values: float) -> list[float]:
+    """``values`` as rank 0 has them, on every rank (as given outside distributed runs)."""
+    if not dist.is_initialized():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()
+
+
+def autocast(device: torch.device, amp: bool):
+    """Mixed precision: bfloat16 on CPU (no scaler needed), float16 on CUDA (with GradScaler)."""
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=amp)
+
+
+# --- what the recipe asks for --------------------------------------------------------------
+
+def crop_for_epoch(cfg: TrainConfig, epoch: int) -> int:
+    """Progressive resizing: the crop of the last ``crop_schedule`` entry whose fraction of the
+    training (epoch - 1) / epochs has reached; ``crop`` without a schedule."""
+    if not cfg.crop_schedule:
+        return cfg.crop
+    progress = (epoch - 1) / cfg.epochs
+    return [crop for start, crop in cfg.crop_schedule if start <= progress + 1e-9][-1]
+
+
+def crack_label(cfg: TrainConfig) -> int:
+    """The crack label value in the masks: 1 in binary masks, its class index otherwise."""
+    return 1 if cfg.num_classes == 1 else cfg.classes.index("crack")
+
+
+def first_group_frozen(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether the first layer group (early encoder) sits out ``epoch``: while (epoch - 1) /
+    epochs < ``freeze_first_group_fraction``."""
+    return (epoch - 1) / cfg.epochs < cfg.freeze_first_group_fraction - 1e-9
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """One parameter group at ``lr``, or the three layer groups at ``lr`` times ``lr_groups``."""
+    if cfg.lr_groups is None and cfg.freeze_first_group_fraction == 0:
+        groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
+    else:
+        ratios = cfg.lr_groups or (1.0, 1.0, 1.0)
+        # early encoder, late encoder, decoder + head (fastai-style discriminative learning
+        # rates, Lau et al. 2020)
+        groups = [{"params": params, "lr": cfg.lr * ratio}
+                  for params, ratio in zip(param_groups(model), ratios, strict=True)]
+        log.info("layer groups: %s parameters at lr %s",
+                 [sum(p.numel() for p in g["params"]) for g in groups],
+                 [f"{g['lr']:.3g}" for g in groups])
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: int):
+    """Stepped once per batch: one-cycle (warm-up over ``pct_start``, then cosine down), poly or
+    constant."""
+    if cfg.schedule == "poly":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: (1 - min(step, steps - 1) / steps) ** 0.9)
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=steps,
+        pct_start=cfg.pct_start)
+
+
+def resolve_class_weights(cfg: TrainConfig, masks: list[np.ndarray]) -> list[float] | None:
+    """The recipe's class weights; "median_frequency" computes them over the training masks."""
+    if cfg.class_weights != "median_frequency":
+        return cfg.class_weights
+    names = ["background", "crack"] if cfg.num_classes == 1 else cfg.classes
+    weights = median_frequency_weights(masks, len(names)).tolist()
+    log.info("median-frequency class weights over %d training masks: %s", len(masks),
+             ", ".join(f"{n} {w:.4g}" for n, w in zip(names, weights, strict=True)))
+    return weights
+
+
+class Teacher(nn.Module):
+    """A frozen model in eval mode that takes the student's normalised input: the input is
+    re-standardised to the teacher's own mean and std when they differ."""
+
+    def __init__(self, model: nn.Module, student: ModelSpec, teacher: ModelSpec) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        s_mean, s_std, t_mean, t_std = (torch.tensor(v).view(1, 3, 1, 1) for v in
+                                        (student.mean, student.std, teacher.mean, teacher.std))
+        self.register_buffer("scale", s_std / t_std)
+        self.register_buffer("shift", (s_mean - t_mean) / t_std)
+
+    def train(self, mode: bool = True) -> Teacher:  # stays in eval mode, whatever asks
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x * self.scale + self.shift)
+
+
+def load_teacher(path: Path, cfg: TrainConfig, device: torch.device) -> Teacher:
+    """The teacher of a distillation run, built from its checkpoint's own config."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"teacher {path} is not a crackscan training checkpoint")
+    teacher_cfg = TrainConfig(**state["config"])
+    if teacher_cfg.num_classes != cfg.num_classes:
+        raise ValueError(f"teacher {path} has {teacher_cfg.num_classes} output classes, the "
+                         f"student {cfg.num_classes}: distillation needs the same classes")
+    model = build_model(teacher_cfg.model, num_classes=teacher_cfg.num_classes,
+                        **teacher_cfg.model_params)
+    model.load_state_dict(state["model"])
+    log.info("teacher: %s from %s (epoch %s), alpha %g, temperature %g", teacher_cfg.model, path,
+             state.get("epoch"), cfg.distill_alpha, cfg.distill_temperature)
+    return Teacher(model, get_spec(cfg.model), get_spec(teacher_cfg.model)).to(device)
+
+
+# --- one epoch, validation, files ----------------------------------------------------------
+
+def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, epoch: int, *,
+                    device: torch.device = CPU, amp: bool = False,
+                    scaler: torch.amp.GradScaler | None = None, teacher: Teacher | None = None,
+                    alpha: float = 0.0, temperature: float = 1.0,
+                    frozen: list[nn.Parameter] = (), progress: bool = True) -> dict[str, float]:
+    """Mean losses of the epoch (over every process): ``loss`` (what was optimised) and, with a
+    teacher, ``loss_supervised`` and ``loss_distill``. ``frozen`` parameters are left untouched:
+    their gradients are dropped before the optimizer step (the backward pass still runs through
+    them, so a DDP run keeps the same gradient buckets throughout)."""
     model.train()
-    total, count = 0.0, 0
-    for images, masks in tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None):
-        loss = loss_fn(model(images), masks)
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, supervised, distill, images
+    for images, masks in tqdm(loader, desc=f"epoch {epoch}", leave=False,
+                              disable=None if progress else True):
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(images)
+            teacher_logits = teacher(images) if teacher is not None and alpha > 0 else None
+        supervised = loss_fn(logits.float(), masks)
+        distill = (distillation_loss(logits.float(), teacher_logits.float(), temperature)
+                   if teacher_logits is not None else torch.zeros((), device=device))
+        loss = (1 - alpha) * supervised + alpha * distill if teacher is not None else supervised
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        for param in frozen:
+            param.grad = None  # optimizers skip a parameter without a gradient
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
-        total += loss.item() * len(images)
-        count += len(images)
-    return total / max(count, 1)
+        n = len(images)
+        sums += torch.tensor([loss.item() * n, supervised.item() * n, distill.item() * n, n],
+                             dtype=torch.float64)
+    if dist.is_initialized():
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    loss_sum, supervised_sum, distill_sum, count = sums.tolist()
+    means = {"loss": loss_sum / max(count, 1)}
+    if teacher is not None:
+        means |= {"loss_supervised": supervised_sum / max(count, 1),
+                  "loss_distill": distill_sum / max(count, 1)}
+    return means
 
 
 @torch.no_grad()
-def predict(model, image: np.ndarray, mean, std, multiple: int) -> np.ndarray:
-    """Crack probability (HxW float32) of one RGB image with the PyTorch model."""
+def predict(model, image: np.ndarray, mean, std, multiple: int, crack_channel: int = 0,
+            device: torch.device | None = None) -> np.ndarray:
+    """Crack probability (HxW float32) of one RGB image with the PyTorch model: the sigmoid of a
+    binary model's one channel, the softmax probability of ``crack_channel`` of a multi-class
+    model (``crack_channel`` is not used for a binary model)."""
     model.eval()
     padded, (h, w) = ds.pad_to_multiple(image, multiple)
-    logits = model(torch.from_numpy(ds.normalize(padded, mean, std))[None])
-    return torch.sigmoid(logits)[0, 0, :h, :w].numpy()
+    x = torch.from_numpy(ds.normalize(padded, mean, std))[None]
+    logits = model(x.to(device) if device is not None else x).float()
+    prob = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+    return prob[0, crack_channel if logits.shape[1] > 1 else 0, :h, :w].cpu().numpy()
 
 
 def evaluate(model, pairs, mean, std, multiple: int, tolerance: float, threshold: float,
-             sweep: bool = False) -> dict:
+             sweep: bool = False, crack_class: int = 1,
+             device: torch.device | None = None) -> dict:
+    """Crack-class scores over (image, mask) pairs; ``crack_class`` is the crack label value of
+    the masks (1 in binary masks; its index in ``classes`` in class masks)."""
     evaluator = Evaluator(tolerance=tolerance, threshold=threshold, sweep=sweep)
     for image, mask in pairs:
-        evaluator.add(predict(model, image, mean, std, multiple), mask)
+        evaluator.add(predict(model, image, mean, std, multiple, crack_class, device),
+                      mask == crack_class)
     return evaluator.summary()
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, cfg: TrainConfig,
-                    metrics: dict) -> None:
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch,
-                "config": json.loads(cfg.model_dump_json()), "metrics": metrics}, path)
+                    metrics: dict, scaler: torch.amp.GradScaler | None = None) -> None:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "epoch": epoch,
+             "config": json.loads(cfg.model_dump_json()), "metrics": metrics}
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    torch.save(state, path)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Training loss and validation F1 / IoU per epoch, as a PNG."""
+    epochs = [h["epoch"] for h in history]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    loss_axes, score_axes = figure.subplots(1, 2)
+    loss_axes.plot(epochs, [h["loss"] for h in history], "o-", label="loss")
+    if "loss_distill" in history[-1]:
+        for key in ("loss_supervised", "loss_distill"):
+            loss_axes.plot(epochs, [h.get(key, math.nan) for h in history], ".--", label=key)
+    loss_axes.set(xlabel="epoch", ylabel="training loss", title="loss")
+    loss_axes.legend()
+    score_axes.plot(epochs, [h["val_f1"] for h in history], "o-", label="validation F1")
+    score_axes.plot(epochs, [h["val_iou"] for h in history], "s--", label="validation IoU")
+    score_axes.set(xlabel="epoch", ylim=(0, 1), title="validation")
+    score_axes.legend()
+    for axes in (loss_axes, score_axes):
+        axes.grid(alpha=0.3)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.savefig(path, dpi=80)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+def make_loader(cfg: TrainConfig, crops: CrackCrops, rank: int, world: int,
+                device: torch.device):
+    """(loader, sampler): shuffled batches, or this process's shard of them under DDP (sampler
+    None outside DDP). The last short batch is dropped when there is more than one batch, as
+    batch norm cannot learn from a batch of one."""
+    sampler = (torch.utils.data.DistributedSampler(crops, world, rank, shuffle=True,
+                                                   seed=cfg.seed) if world > 1 else None)
+    per_process = math.ceil(len(crops) / world)
+    loader = torch.utils.data.DataLoader(
+        crops, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+        drop_last=per_process > cfg.batch_size, pin_memory=device.type == "cuda")
+    return loader, sampler
+
+
+def restore(path: Path, model, optimizer, scheduler, scaler, device: torch.device
+            ) -> tuple[int, list[dict]]:
+    """Load a checkpoint for ``--resume``; returns (the next epoch, the history so far)."""
+    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    # position, learning rates and momentum come from the checkpoint; the schedule length is
+    # this run's, so a run resumed with more epochs than it was saved with can go on
+    length = {k: v for k, v in scheduler.state_dict().items()
+              if k in ("total_steps", "_schedule_phases")}
+    scheduler.load_state_dict({**checkpoint["scheduler"], **length})
+    if "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
+    log.info("resumed from %s at epoch %d", path, checkpoint["epoch"] + 1)
+    return checkpoint["epoch"] + 1, checkpoint["metrics"].get("history", [])
 
 
 def main(cfg: TrainConfig, resume: Path | None = None) -> dict:
-    torch.manual_seed(cfg.seed)
+    rank, world, device = start_processes(cfg)
+    try:
+        return run(cfg, resume, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
+        device: torch.device) -> dict:
+    """The training run of one process (of ``world``); rank 0 validates and writes the files."""
+    seed_everything(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     spec = get_spec(cfg.model)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    get_loss(cfg.loss, cfg.num_classes,  # a bad loss name fails before anything is loaded
+             [1.0] * max(2, cfg.num_classes) if cfg.class_weights else None)
+    writer = rank == 0
+    if writer:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        (cfg.out / "config.json").write_text(cfg.model_dump_json(indent=2))
 
     train_samples, val_samples = load_folders(cfg)
-    train_pairs = [ds.load_pair(s) for s in train_samples]
-    val_pairs = [ds.load_pair(s) for s in val_samples]
-    loader = torch.utils.data.DataLoader(
-        CrackCrops(train_pairs, cfg.crop, spec.mean, spec.std, cfg.seed),
-        batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_pairs) > cfg.batch_size)
+    train_pairs = [ds.load_pair(s, cfg.num_classes) for s in train_samples]
+    val_pairs = [ds.load_pair(s, cfg.num_classes) for s in val_samples]
+    loss_fn = get_loss(cfg.loss, cfg.num_classes,
+                       resolve_class_weights(cfg, [m for _, m in train_pairs]))
+    crops = CrackCrops(train_pairs, crop_for_epoch(cfg, 1), spec.mean, spec.std, cfg.seed + rank,
+                       cfg)
+    loader, sampler = make_loader(cfg, crops, rank, world, device)
 
-    model = build_model(cfg.model, **cfg.model_params)
+    model = build_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_params)
     if cfg.encoder_weights:
-        state = torch.load(cfg.encoder_weights, map_location="cpu", weights_only=True)
-        missing, _ = model.encoder.load_state_dict(state, strict=False)
-        log.info("encoder weights from %s (%d encoder tensors not in the file)",
-                 cfg.encoder_weights, len(missing))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * max(len(loader), 1), pct_start=0.1)
-    loss_fn = get_loss(cfg.loss)
-
-    start_epoch, best_f1, history = 1, -1.0, []
+        loaded = load_encoder_weights(model, cfg.encoder_weights)
+        log.info("encoder weights: %d of %d encoder tensors from %s", loaded,
+                 len(model.encoder.state_dict()), cfg.encoder_weights)
+    model.to(device)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, cfg.epochs * max(len(loader), 1))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
+    teacher = load_teacher(cfg.teacher, cfg, device) if cfg.teacher else None
+    first_group = param_groups(model)[0] if cfg.freeze_first_group_fraction > 0 else []
+    start_epoch, history = 1, []
     if resume:
-        checkpoint = torch.load(resume, map_location="cpu", weights_only=False)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        # position, learning rates and momentum come from the checkpoint; the schedule length is
-        # this run's, so a run resumed with more epochs than it was saved with can go on
-        length = {k: scheduler.state_dict()[k] for k in ("total_steps", "_schedule_phases")}
-        scheduler.load_state_dict({**checkpoint["scheduler"], **length})
-        start_epoch = checkpoint["epoch"] + 1
-        history = checkpoint["metrics"].get("history", [])
-        best_f1 = max((h["val_f1"] for h in history), default=-1.0)
-        log.info("resumed from %s at epoch %d", resume, start_epoch)
+        start_epoch, history = restore(resume, model, optimizer, scheduler, scaler, device)
+    best_f1 = max((h["val_f1"] for h in history), default=-1.0)
+    trained = (DistributedDataParallel(model, device_ids=None if device.index is None
+                                       else [device.index]) if world > 1 else model)
 
-    started = time.monotonic()
+    started, epochs_done = time.monotonic(), len(history)
     for epoch in range(start_epoch, cfg.epochs + 1):
-        loss = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, epoch)
-        val = evaluate(model, val_pairs, spec.mean, spec.std, spec.size_multiple, cfg.tolerance,
-                       cfg.threshold) if val_pairs else {"f1": math.nan, "iou": math.nan}
-        history.append({"epoch": epoch, "loss": loss, "val_f1": val["f1"], "val_iou": val["iou"],
-                        "minutes": (time.monotonic() - started) / 60})
-        log.info("epoch %d/%d  loss %.4f  val F1@%gpx %.4f  IoU %.4f  (%.1f min)", epoch,
-                 cfg.epochs, loss, cfg.tolerance, val["f1"], val["iou"], history[-1]["minutes"])
-        metrics = {"history": history, "val": val}
-        save_checkpoint(cfg.out / "last.pt", model, optimizer, scheduler, epoch, cfg, metrics)
-        if val["f1"] > best_f1:
-            best_f1 = val["f1"]
-            save_checkpoint(cfg.out / "best.pt", model, optimizer, scheduler, epoch, cfg, metrics)
-        (cfg.out / "history.json").write_text(json.dumps(history, indent=2))
-        if cfg.max_minutes and (time.monotonic() - started) / 60 >= cfg.max_minutes:
+        if crop_for_epoch(cfg, epoch) != crops.crop or epoch == start_epoch:
+            crops.crop = crop_for_epoch(cfg, epoch)
+            log.info("epoch %d: %d px crops", epoch, crops.crop)
+        frozen = first_group if first_group_frozen(cfg, epoch) else []
+        if first_group and (epoch == start_epoch
+                            or first_group_frozen(cfg, epoch - 1) != bool(frozen)):
+            log.info("epoch %d: first layer group %s", epoch, "frozen" if frozen else "trained")
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        losses = train_one_epoch(trained, loader, optimizer, scheduler, loss_fn, epoch,
+                                 device=device, amp=cfg.amp, scaler=scaler, teacher=teacher,
+                                 alpha=cfg.distill_alpha, temperature=cfg.distill_temperature,
+                                 frozen=frozen, progress=writer)
+        stop = bool(cfg.max_minutes and (time.monotonic() - started) / 60 >= cfg.max_minutes)
+        if writer:
+            val = evaluate(model, val_pairs, spec.mean, spec.std, spec.size_multiple,
+                           cfg.tolerance, cfg.threshold, crack_class=crack_label(cfg),
+                           device=device) if val_pairs else {"f1": math.nan, "iou": math.nan}
+            history.append({"epoch": epoch, **losses, "val_f1": val["f1"], "val_iou": val["iou"],
+                            "crop": crops.crop, "first_group_frozen": bool(frozen),
+                            "minutes": (time.monotonic() - started) / 60})
+            log.info("epoch %d/%d  loss %.4f  val F1@%gpx %.4f  IoU %.4f  (%.1f min)", epoch,
+                     cfg.epochs, losses["loss"], cfg.tolerance, val["f1"], val["iou"],
+                     history[-1]["minutes"])
+            metrics = {"history": history, "val": val}
+            save_checkpoint(cfg.out / "last.pt", model, optimizer, scheduler, epoch, cfg, metrics,
+                            scaler)
+            if val["f1"] > best_f1:
+                best_f1 = val["f1"]
+                save_checkpoint(cfg.out / "best.pt", model, optimizer, scheduler, epoch, cfg,
+                                metrics, scaler)
+            (cfg.out / "history.json").write_text(json.dumps(history, indent=2))
+            plot_curves(history, cfg.out / "curves.png")
+        # every process stops together, and returns rank 0's numbers
+        stop_flag, best_f1, epochs_done = from_rank0(float(stop), best_f1, len(history))
+        if stop_flag:
             log.info("stopping after %.1f minutes (max_minutes)", cfg.max_minutes)
             break
-    return {"best_val_f1": best_f1, "epochs": len(history), "out": str(cfg.out)}
+    return {"best_val_f1": best_f1, "epochs": int(epochs_done), "out": str(cfg.out)}
