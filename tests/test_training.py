@@ -324,6 +324,21 @@ def test_train_writes_checkpoints_and_resumes_with_more_epochs(dataset, tmp_path
     assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 3
 
 
+def test_the_default_threshold_is_chosen_on_validation_and_exported(dataset, tmp_path):
+    from training.export import export_checkpoint
+
+    out = tmp_path / "run"
+    result = train_main(tiny_config(dataset, out, epochs=1))
+    report = json.loads((out / "val_report.json").read_text())
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    # the sweep's best threshold is stored with the checkpoint and reported
+    assert best["metrics"]["val"]["ods_threshold"] == report["ods_threshold"]
+    assert result["val_ods_threshold"] == report["ods_threshold"]
+    assert report["ods"] >= report["f1"] - 1e-9  # the best of the sweep beats the fixed 0.5
+    metadata = export_checkpoint(out / "best.pt", tmp_path / "m.onnx")
+    assert float(metadata["crackscan.threshold"]) == report["ods_threshold"]
+
+
 def test_crackscan_train_command(dataset, tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({"model": "mobilenet_aspp", "crop": 64, "batch_size": 2,

@@ -315,6 +315,25 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, cfg: Tr
     torch.save(state, path)
 
 
+def calibrate_threshold(model, best: Path, val_pairs, spec, cfg: TrainConfig, crack_class: int,
+                        device: torch.device | None = None) -> dict:
+    """Score the best checkpoint on the validation split over the threshold sweep and keep the
+    result (with its ODS threshold) in the checkpoint: export makes that threshold the model's
+    default. The threshold is chosen on validation images only, never on test images."""
+    state = torch.load(best, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    val = evaluate(model, val_pairs, spec.mean, spec.std, spec.size_multiple, cfg.tolerance,
+                   cfg.threshold, sweep=True, crack_class=crack_class, device=device)
+    state["metrics"]["val"] = val
+    torch.save(state, best)
+    (best.parent / "val_report.json").write_text(json.dumps(
+        {"checkpoint": best.name, "epoch": state["epoch"], **val}, indent=2))
+    log.info("best checkpoint (epoch %d) on validation: ODS F1@%gpx %.4f at threshold %.2f, "
+             "OIS %.4f", state["epoch"], cfg.tolerance, val["ods"], val["ods_threshold"],
+             val["ois"])
+    return val
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     """Training loss and validation F1 / IoU per epoch, as a PNG."""
     epochs = [h["epoch"] for h in history]
@@ -459,4 +478,9 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
         if stop_flag:
             log.info("stopping after %.1f minutes (max_minutes)", cfg.max_minutes)
             break
-    return {"best_val_f1": best_f1, "epochs": int(epochs_done), "out": str(cfg.out)}
+    result = {"best_val_f1": best_f1, "epochs": int(epochs_done), "out": str(cfg.out)}
+    if writer and val_pairs and (cfg.out / "best.pt").is_file():
+        val = calibrate_threshold(model, cfg.out / "best.pt", val_pairs, spec, cfg,
+                                  crack_label(cfg), device)
+        result.update(val_ods=val["ods"], val_ods_threshold=val["ods_threshold"])
+    return result
