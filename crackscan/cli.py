@@ -90,11 +90,16 @@ def format_summary(summary: dict) -> str:
         f"  frames stored   {summary['frames']}",
         f"  frames dropped  {summary['frames_dropped']}  (bad {summary['frames_bad']})",
         f"  cracks          {summary['cracks']}",
-        f"  chainage        {summary['chainage_start_m']} .. {summary['chainage_end_m']} m",
+        f"  chainage        {_metres(summary['chainage_start_m'])} .. "
+        f"{_metres(summary['chainage_end_m'])} m",
         f"  wall time       {summary['wall_s']:.1f} s  ({summary['fps']:.1f} frames/s)",
         f"  database        {summary['db']}",
     ]
     return "\n".join(lines)
+
+
+def _metres(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def cmd_demo(args) -> int:
@@ -234,7 +239,7 @@ def cmd_train(args) -> int:
     train = _torch_module("training.train")
     try:
         cfg = load_config(Path(args.config), data=args.data, epochs=args.epochs, out=args.out,
-                          teacher=args.teacher)
+                          teacher=args.teacher, max_minutes=args.max_minutes)
     except (ValidationError, ValueError, OSError) as exc:
         first = str(exc).splitlines()
         raise UserError(f"training config {args.config}: {' '.join(first[:3])}") from None
@@ -366,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     p.add_argument("--resume", help="checkpoint to resume from (last.pt)")
     p.add_argument("--teacher", help="knowledge distillation: the teacher's checkpoint (best.pt)")
+    p.add_argument("--max-minutes", type=float,
+                   help="stop after the epoch that passes this wall-clock budget")
 
     p = add("eval", cmd_eval, "score a model on a labelled dataset")
     p.add_argument("--model", help="ONNX model (default: the bundled model)")

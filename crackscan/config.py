@@ -43,6 +43,8 @@ class InferenceConfig(_Strict):
     threshold: float | None = Field(None, gt=0, lt=1)  # None: the model's own (ONNX metadata)
     min_crack_area_px: int = Field(40, ge=1)
     min_crack_length_mm: float = Field(5.0, ge=0)
+    # length / mean width below which a component is a blob (bolt pocket, spall), not a crack
+    min_crack_elongation: float = Field(4.0, ge=0)
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0: one per core
 
 

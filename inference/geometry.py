@@ -369,14 +369,16 @@ def _round(value: float, digits: int) -> float:
 
 
 def measure_cracks(prob: np.ndarray, threshold: float, camera: CameraConfig, chainage_m: float,
-                   severity: SeverityConfig, min_area_px: int = 40, min_length_mm: float = 0.0
-                   ) -> tuple[np.ndarray, list[CrackRecord]]:
+                   severity: SeverityConfig, min_area_px: int = 40, min_length_mm: float = 0.0,
+                   min_elongation: float = 0.0) -> tuple[np.ndarray, list[CrackRecord]]:
     """Measured cracks of one frame.
 
     ``prob`` is HxW float in 0..1; a pixel is crack where ``prob >= threshold``. The binary map is
     closed with a 3x3 square (a crack broken by one or two pixels stays one crack), split into
-    8-connected components, and components smaller than ``min_area_px`` or shorter than
-    ``min_length_mm`` are dropped. ``chainage_m`` is the chainage of the image centre.
+    8-connected components, and components smaller than ``min_area_px``, shorter than
+    ``min_length_mm`` or less elongated than ``min_elongation`` (length / mean width: a crack is
+    a line, a blob such as a bolt pocket or a spall is not) are dropped. ``chainage_m`` is the
+    chainage of the image centre.
 
     Returns (HxW uint8 mask, 0 / 255, of the kept cracks; their records, indexed 0..n-1 in order
     of bounding box x, then y).
@@ -402,6 +404,8 @@ def measure_cracks(prob: np.ndarray, threshold: float, camera: CameraConfig, cha
         component = labels[y:y + h, x:x + w] == label
         crack = measure_component(component, (x, y), sx, sy)
         if crack.length_mm < min_length_mm:
+            continue
+        if crack.length_mm < min_elongation * float(crack.width_mm.mean()):
             continue
         keep[label] = 255
 

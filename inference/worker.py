@@ -48,7 +48,8 @@ def process_frame(frame: FrameMessage, segmenter: Segmenter, config: PipelineCon
     threshold = config.inference.threshold or segmenter.info.threshold
     mask, cracks = measure_cracks(prob, threshold, config.camera, frame.chainage_m,
                                   config.severity, config.inference.min_crack_area_px,
-                                  config.inference.min_crack_length_mm)
+                                  config.inference.min_crack_length_mm,
+                                  config.inference.min_crack_elongation)
     return ResultMessage(
         run_id=frame.run_id, camera_id=frame.camera_id, seq=frame.seq,
         capture_time=frame.capture_time, chainage_m=frame.chainage_m,

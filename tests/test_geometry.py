@@ -236,6 +236,17 @@ def test_min_length_drops_short_cracks():
     assert not mask[200:203].any()
 
 
+def test_min_elongation_drops_blobs_but_keeps_thin_cracks():
+    prob = bar(100, 100, 200, 3)  # a crack: 100 mm long, 1.5 mm wide, elongation ~67
+    cv2.circle(prob, (400, 250), 20, 1.0, -1)  # a bolt pocket: 41 px across, elongation ~1
+    prob[300:306, 500:530] = 1.0  # a short stub: 30 x 6 px, elongation ~5
+    mask, records = measure_cracks(prob, 0.5, SQUARE, 0.0, SEVERITY, min_elongation=4.0)
+    assert sorted(r.bbox_px for r in records) == [(100, 100, 200, 3), (500, 300, 30, 6)]
+    assert not mask[230:270, 380:420].any()
+    _, records = measure_cracks(prob, 0.5, SQUARE, 0.0, SEVERITY, min_elongation=0.0)
+    assert len(records) == 3
+
+
 def test_threshold_applies_to_the_probability():
     prob = bar(100, 100, 200, 3, value=0.4)
     assert measure_cracks(prob, 0.5, SQUARE, 0.0, SEVERITY)[1] == []

@@ -153,3 +153,18 @@ def test_sweep_covers_zero_to_one_in_hundredths():
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="differ in shape"):
         Evaluator().add(np.zeros((4, 4), np.float32), np.zeros((4, 5), bool))
+
+
+def test_default_threshold_is_the_best_interior_one_never_the_sweep_ends():
+    # Truth covers the whole image, so predicting everything (threshold 0.0) is a perfect F1.
+    # Probabilities 0.3 on the left half and 0.8 on the right: any threshold in (0, 0.3] also
+    # predicts everything, so the best interior threshold is the lowest one allowed, 0.05;
+    # thresholds in (0.3, 0.8] keep only the right half (F1 = 2/3).
+    prob = np.full((4, 4), 0.3, np.float32)
+    prob[:, 2:] = 0.8
+    truth = np.ones((4, 4), bool)
+    evaluator = Evaluator(tolerance=0, threshold=0.5)
+    evaluator.add(prob, truth)
+    assert evaluator.summary()["ods_threshold"] == 0.0
+    assert evaluator.best_threshold() == 0.05
+    assert evaluator.best_threshold(low=0.4, high=0.9) == 0.4

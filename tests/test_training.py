@@ -335,8 +335,10 @@ def test_the_default_threshold_is_chosen_on_validation_and_exported(dataset, tmp
     assert best["metrics"]["val"]["ods_threshold"] == report["ods_threshold"]
     assert result["val_ods_threshold"] == report["ods_threshold"]
     assert report["ods"] >= report["f1"] - 1e-9  # the best of the sweep beats the fixed 0.5
+    # the default is the best interior threshold: never 'everything' (0) or 'nothing' (1)
+    assert 0.05 <= report["default_threshold"] <= 0.95
     metadata = export_checkpoint(out / "best.pt", tmp_path / "m.onnx")
-    assert float(metadata["crackscan.threshold"]) == report["ods_threshold"]
+    assert float(metadata["crackscan.threshold"]) == report["default_threshold"]
 
 
 def test_crackscan_train_command(dataset, tmp_path):

@@ -63,8 +63,9 @@ def export_checkpoint(checkpoint: Path, out: Path, threshold: float | None = Non
         # binary models have one output channel, the crack logit; multi-class models one
         # channel per class, in this order (softmax over channels)
         "crackscan.classes": json.dumps(list(cfg.classes)),
+        # explicit, else the one chosen on validation (training's last step), else the recipe's
         "crackscan.threshold": str(threshold if threshold is not None
-                                   else val.get("ods_threshold", cfg.threshold)),
+                                   else val.get("default_threshold", cfg.threshold)),
         "crackscan.input_color": "RGB",
         "crackscan.trained_on": json.dumps([Path(p).name for p in cfg.data]),
         "crackscan.metrics": json.dumps({k: v for k, v in val.items()

@@ -81,6 +81,15 @@ class Evaluator:
         self.best_image_f1.append(image_best)
         self.images += 1
 
+    def best_threshold(self, low: float = 0.05, high: float = 0.95) -> float:
+        """The swept threshold in [low, high] with the best pooled F1: a usable default
+        threshold (the sweep's ends, 'everything' and 'nothing', are never chosen)."""
+        inside = [i for i, t in enumerate(self.thresholds) if low <= t <= high]
+        if not inside:
+            return self.threshold
+        best = max(inside, key=lambda i: f1_from_counts(self.sweep_counts[i])[2])
+        return float(self.thresholds[best])
+
     def summary(self) -> dict[str, float | int]:
         precision, recall, f1 = f1_from_counts(self.counts)
         sweep_f1 = [f1_from_counts(c)[2] for c in self.sweep_counts]

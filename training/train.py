@@ -295,14 +295,14 @@ def predict(model, image: np.ndarray, mean, std, multiple: int, crack_channel: i
 
 def evaluate(model, pairs, mean, std, multiple: int, tolerance: float, threshold: float,
              sweep: bool = False, crack_class: int = 1,
-             device: torch.device | None = None) -> dict:
+             device: torch.device | None = None, summary: bool = True) -> dict | Evaluator:
     """Crack-class scores over (image, mask) pairs; ``crack_class`` is the crack label value of
     the masks (1 in binary masks; its index in ``classes`` in class masks)."""
     evaluator = Evaluator(tolerance=tolerance, threshold=threshold, sweep=sweep)
     for image, mask in pairs:
         evaluator.add(predict(model, image, mean, std, multiple, crack_class, device),
                       mask == crack_class)
-    return evaluator.summary()
+    return evaluator.summary() if summary else evaluator
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, cfg: TrainConfig,
@@ -322,15 +322,17 @@ def calibrate_threshold(model, best: Path, val_pairs, spec, cfg: TrainConfig, cr
     default. The threshold is chosen on validation images only, never on test images."""
     state = torch.load(best, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
-    val = evaluate(model, val_pairs, spec.mean, spec.std, spec.size_multiple, cfg.tolerance,
-                   cfg.threshold, sweep=True, crack_class=crack_class, device=device)
+    evaluator = evaluate(model, val_pairs, spec.mean, spec.std, spec.size_multiple,
+                         cfg.tolerance, cfg.threshold, sweep=True, crack_class=crack_class,
+                         device=device, summary=False)
+    val = {**evaluator.summary(), "default_threshold": evaluator.best_threshold()}
     state["metrics"]["val"] = val
     torch.save(state, best)
     (best.parent / "val_report.json").write_text(json.dumps(
         {"checkpoint": best.name, "epoch": state["epoch"], **val}, indent=2))
     log.info("best checkpoint (epoch %d) on validation: ODS F1@%gpx %.4f at threshold %.2f, "
-             "OIS %.4f", state["epoch"], cfg.tolerance, val["ods"], val["ods_threshold"],
-             val["ois"])
+             "OIS %.4f; default threshold %.2f", state["epoch"], cfg.tolerance, val["ods"],
+             val["ods_threshold"], val["ois"], val["default_threshold"])
     return val
 
 
@@ -482,5 +484,6 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
     if writer and val_pairs and (cfg.out / "best.pt").is_file():
         val = calibrate_threshold(model, cfg.out / "best.pt", val_pairs, spec, cfg,
                                   crack_label(cfg), device)
-        result.update(val_ods=val["ods"], val_ods_threshold=val["ods_threshold"])
+        result.update(val_ods=val["ods"], val_ods_threshold=val["ods_threshold"],
+                      default_threshold=val["default_threshold"])
     return result
