@@ -27,6 +27,7 @@ from inference.segmenter import (
     OnnxRuntimeSegmenter,
     bundled_model_path,
     open_segmenter,
+    pad_for_model,
     preprocess,
 )
 from training.config import TrainConfig
@@ -136,8 +137,9 @@ def test_preprocess_converts_bgr_to_rgb_pads_and_normalises(segmenter):
     info = segmenter.info
     blue = np.zeros((37, 53, 3), np.uint8)
     blue[..., 0] = 255  # pure blue in OpenCV's BGR order
-    x, size = preprocess(blue, info)
-    assert x.shape == (1, 3, 64, 64) and x.dtype == np.float32 and size == (37, 53)
+    x, window = preprocess(blue, info)
+    # 32 px mirrored on every side (37 + 64 = 101, 53 + 64 = 117), then up to multiples of 32
+    assert x.shape == (1, 3, 128, 128) and x.dtype == np.float32 and window == (32, 32, 37, 53)
     pixels = x[0] * np.asarray(info.std, np.float32)[:, None, None] + np.asarray(
         info.mean, np.float32)[:, None, None]  # back to 0..1, channels in the model's RGB order
     assert pixels[2] == pytest.approx(1.0, abs=1e-6)
@@ -147,9 +149,21 @@ def test_preprocess_converts_bgr_to_rgb_pads_and_normalises(segmenter):
     other = dataclasses.replace(info, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                                 size_multiple=16)
     grey = np.full((37, 53), 102, np.uint8)
-    x, size = preprocess(grey, other)
-    assert x.shape == (1, 3, 48, 64) and size == (37, 53)
+    x, window = preprocess(grey, other)
+    assert x.shape == (1, 3, 112, 128) and window == (32, 32, 37, 53)
     assert x == pytest.approx((102 / 255 - 0.5) / 0.25)
+
+
+def test_mirror_padding_surrounds_the_image_with_its_reflection():
+    image = np.arange(40 * 50, dtype=np.uint16).reshape(40, 50).astype(np.uint8)
+    padded, (top, left, h, w) = pad_for_model(image, 32, margin=8)
+    assert padded.shape == (64, 96)  # 40 + 16 -> 64, 50 + 16 -> 96
+    np.testing.assert_array_equal(padded[top:top + h, left:left + w], image)
+    # reflect-101: the row above the image is its second row (the edge row is not repeated)
+    np.testing.assert_array_equal(padded[top - 1, left:left + w], image[1])
+    np.testing.assert_array_equal(padded[:, left - 3], padded[:, left + 3])
+    tiny, window = pad_for_model(np.zeros((5, 7), np.uint8), 32)
+    assert tiny.shape == (32, 32) and window == (4, 4, 5, 7)  # margin shrinks to fit the image
 
 
 def test_model_label_is_name_and_short_sha256(segmenter, exported):

@@ -164,17 +164,6 @@ def test_augment_keeps_image_and_mask_aligned(size, crop):
         assert np.array_equal(dark, aug_mask.astype(bool)), f"misaligned with seed {seed}"
 
 
-def test_pad_to_multiple_pads_bottom_right_and_returns_the_original_size():
-    image = np.arange(37 * 53 * 3, dtype=np.uint32).reshape(37, 53, 3).astype(np.uint8)
-    padded, size = ds.pad_to_multiple(image, 32)
-    assert padded.shape == (64, 64, 3) and size == (37, 53)
-    assert np.array_equal(padded[:37, :53], image)
-    grey, size = ds.pad_to_multiple(np.zeros((64, 33), np.uint8), 32)
-    assert grey.shape == (64, 64) and size == (64, 33)
-    same, size = ds.pad_to_multiple(image[:32, :32], 32)
-    assert same.shape == (32, 32, 3) and size == (32, 32)
-
-
 def write_class_dataset(root: Path, count: int = 6, size: int = 64) -> None:
     """Like ``write_crack_dataset`` with class masks: 0 background, 1 crack (a dark line),
     2 seam (a mid-grey straight band)."""

@@ -244,13 +244,3 @@ def normalize(image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
     x = image.astype(np.float32) / 255.0
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-
-def pad_to_multiple(image: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Reflect-pad the bottom and right so height and width are multiples of ``multiple``;
-    returns the padded image and the original (height, width) to crop back to."""
-    h, w = image.shape[:2]
-    pad_h, pad_w = (-h) % multiple, (-w) % multiple
-    if pad_h or pad_w:
-        image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_REFLECT_101)
-    return image, (h, w)

@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from inference.segmenter import pad_for_model
 from training import data as ds
 from training.config import TrainConfig
 from training.losses import distillation_loss, get_loss, median_frequency_weights
@@ -286,11 +287,12 @@ def predict(model, image: np.ndarray, mean, std, multiple: int, crack_channel: i
     binary model's one channel, the softmax probability of ``crack_channel`` of a multi-class
     model (``crack_channel`` is not used for a binary model)."""
     model.eval()
-    padded, (h, w) = ds.pad_to_multiple(image, multiple)
+    padded, (top, left, h, w) = pad_for_model(image, multiple)  # exactly as inference does
     x = torch.from_numpy(ds.normalize(padded, mean, std))[None]
     logits = model(x.to(device) if device is not None else x).float()
     prob = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
-    return prob[0, crack_channel if logits.shape[1] > 1 else 0, :h, :w].cpu().numpy()
+    channel = crack_channel if logits.shape[1] > 1 else 0
+    return prob[0, channel, top:top + h, left:left + w].cpu().numpy()
 
 
 def evaluate(model, pairs, mean, std, multiple: int, tolerance: float, threshold: float,
