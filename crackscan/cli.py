@@ -126,11 +126,12 @@ def cmd_demo(args) -> int:
         r["chainage_start_m"] - 0.05 <= crack["chainage_m"] <= r["chainage_end_m"] + 0.05
         for r in records))
     print(f"\ntrue cracks in the synthetic drive: {len(truth['cracks'])}, found: {found}")
-    widest = sorted(records, key=lambda r: r["width_max_mm"], reverse=True)[:5]
-    print("\nwidest crack detections:")
-    print(render(widest, "table"))
-    print(f"\ndatabase: {db_url}\nnext: crackscan runs --db {db_url}\n"
-          f"      crackscan query --db {db_url} --min-width-mm 2 --format json")
+    longest = sorted(records, key=lambda r: r["length_mm"], reverse=True)[:5]
+    print("\nlongest crack detections:")
+    print(render(longest, "table"))
+    command = sys.argv[0] if sys.argv[0].endswith("crackscan") else "crackscan"
+    print(f"\ndatabase: {db_url}\nnext: {command} runs --db {db_url}\n"
+          f"      {command} query --db {db_url} --min-length-mm 100 --format json")
     return 0 if summary["frames"] > 0 else 1
 
 
