@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from skimage.morphology import skeletonize
 from test_training import DARK, run_crackscan, tiny_config, torch_threads, write_crack_dataset
 
 from training import data as ds
@@ -98,12 +99,13 @@ def test_recipe_parses_and_names_a_registered_model(recipe):
     assert train.get_spec(cfg.model) is MODELS[cfg.model]  # built in the tiny-epoch test below
 
 
-def test_shipped_recipe_is_unchanged_by_the_new_fields():
+def test_deploy_recipe_is_the_bundled_models():
     cfg = load_config(RECIPES[0].parent / "mobilenet_aspp.yaml")
     assert (cfg.classes, cfg.optimizer, cfg.schedule, cfg.pct_start) == (
         ["crack"], "adamw", "one_cycle", 0.1)
     assert cfg.lr_groups is None and cfg.crop_schedule is None and cfg.teacher is None
-    assert cfg.max_rotation == cfg.elastic_sigma == cfg.freeze_first_group_fraction == 0
+    assert (cfg.max_rotation, cfg.scale_range, cfg.sampling) == (180, (0.7, 1.4), "sqrt")
+    assert cfg.elastic_sigma == cfg.freeze_first_group_fraction == 0
     assert not cfg.amp and cfg.class_weights is None
 
 
@@ -144,6 +146,9 @@ def test_recipe_trains_one_tiny_epoch(recipe, dataset, tmp_path, teacher_checkpo
     ({"classes": ["background", "seam"]}, "no 'crack'"),
     ({"class_weights": [1.0, 2.0, 3.0]}, "needs 2 values"),
     ({"optimizer": "lamb"}, "adamw"),
+    ({"scale_range": [1.5, 0.7]}, "0 < low <= high"),
+    ({"scale_range": [0, 1.0]}, "0 < low <= high"),
+    ({"sampling": "uniform"}, "balanced"),
 ])
 def test_bad_recipe_values_are_refused_with_a_reason(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -299,6 +304,74 @@ def test_elastic_field_is_smooth_and_of_the_asked_size():
             step = max(np.abs(np.diff(field, axis=0)).max(), np.abs(np.diff(field, axis=1)).max())
             assert np.ptp(field) > 5  # displacements of several pixels ...
             assert step < 0.05 * np.ptp(field) and step < 2.5  # ... that change slowly
+
+
+@pytest.mark.parametrize("scale", [0.6, 0.8, 1.0, 1.5])
+def test_zoom_keeps_pairs_aligned_and_scales_the_crack(scale):
+    image, mask = line_pair(size=160, thickness=4)
+    widths = []
+    for seed in range(4):
+        aug_image, aug_mask = ds.augment(image, mask, 64, np.random.default_rng(seed),
+                                         scale_range=(scale, scale))
+        assert aug_image.shape == (64, 64, 3) and aug_mask.shape == (64, 64)
+        assert set(np.unique(aug_mask)) <= {0, 1}
+        dark = aug_image.mean(axis=2) < 110
+        rim = cv2.dilate(aug_mask, np.ones((3, 3), np.uint8)) != cv2.erode(
+            aug_mask, np.ones((3, 3), np.uint8))
+        assert not ((dark ^ aug_mask.astype(bool)) & ~rim).any(), f"misaligned, seed {seed}"
+        # mean width of the line: its area over its length (skeleton pixels, along a line that
+        # runs within 30 degrees of an axis, whichever way flips and turns left it)
+        widths.append(aug_mask.sum() / max(skeletonize(aug_mask.astype(bool)).sum(), 1))
+    # the 4 px line (~4.5 px wide per skeleton pixel at its slope) comes out ``scale`` x as wide
+    assert np.median(widths) == pytest.approx(4 * 1.118 * scale, rel=0.25)
+
+
+def test_shrinking_keeps_a_one_pixel_crack():
+    mask = np.zeros((100, 100), np.uint8)
+    mask[:, 50] = 1
+    for size in (50, 60, 80):
+        _, small = ds.rescale(np.zeros((100, 100, 3), np.uint8), mask, size)
+        assert small.shape == (size, size) and small.sum() == size  # still one pixel wide
+
+
+def test_zoom_samples_class_masks_by_nearest_neighbour():
+    labels = np.random.default_rng(0).choice(np.array([0, 2, 4], np.uint8), (24, 24))
+    labels = cv2.resize(labels, (96, 96), interpolation=cv2.INTER_NEAREST)
+    for size in (48, 150):
+        _, scaled = ds.rescale(np.zeros((96, 96, 3), np.uint8), labels, size)
+        assert set(np.unique(scaled)) == {0, 2, 4}
+
+
+def test_sampling_weights_by_hand():
+    names = ["big"] * 100 + ["small"] * 25
+    for rule, share in (("proportional", 100 / 125), ("sqrt", 10 / 15), ("balanced", 0.5)):
+        weights = train.sampling_weights(names, rule)
+        assert sum(weights[:100]) / sum(weights) == pytest.approx(share)
+        assert len(set(weights[:100])) == len(set(weights[100:])) == 1  # equal within a set
+
+
+def test_weighted_sampler_draws_by_dataset_and_shards_one_draw_across_processes():
+    names = ["big"] * 300 + ["small"] * 30
+    weights = train.sampling_weights(names, "balanced")
+    draws = []
+    for epoch in range(5):
+        sampler = train.WeightedShardSampler(weights, 0, 1, seed=3)
+        sampler.set_epoch(epoch)
+        draws += list(sampler)
+    small = sum(index >= 300 for index in draws) / len(draws)
+    assert 0.44 < small < 0.56  # balanced, where plain shuffling gives 30 / 330 = 0.09
+    shards = [train.WeightedShardSampler(weights, rank, 2, seed=3) for rank in (0, 1)]
+    whole = train.WeightedShardSampler(weights, 0, 1, seed=3)
+    for sampler in (*shards, whole):
+        sampler.set_epoch(7)
+    first, second = list(shards[0]), list(shards[1])
+    assert len(first) == len(shards[0]) == 165 and len(second) == len(shards[1]) == 165
+    merged = [None] * 330
+    merged[0::2], merged[1::2] = first, second
+    assert merged == list(whole)  # one draw, split between the processes
+    again = train.WeightedShardSampler(weights, 0, 1, seed=3)
+    again.set_epoch(8)
+    assert list(again) != list(whole)  # a new draw every epoch
 
 
 def test_elastic_deformation_with_sigma_zero_is_the_identity():

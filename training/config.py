@@ -65,6 +65,12 @@ class TrainConfig(BaseModel):
     elastic_sigma: float = Field(0.0, ge=0)  # px, std of the coarse-grid displacements; 0: off
     elastic_grid: int = Field(3, ge=2)  # control points per side (Ronneberger et al.: 3x3)
     border: Literal["reflect", "constant"] = "reflect"  # how crops, turns and warps fill edges
+    # zoom factor range, drawn log-uniformly per crop ([0.6, 1.5]: cracks 0.6-1.5x as wide in
+    # pixels, as seen by cameras of other resolutions); None: no zoom
+    scale_range: tuple[float, float] | None = None
+    # how often each --data folder is drawn: "proportional" to its training images (plain
+    # shuffling), "sqrt" (to the square root: small sets count more) or "balanced" (equally)
+    sampling: Literal["proportional", "sqrt", "balanced"] = "proportional"
 
     tolerance: float = Field(2.0, ge=0)
     threshold: float = Field(0.5, gt=0, lt=1)
@@ -96,6 +102,9 @@ class TrainConfig(BaseModel):
                                  f"{len(self.class_weights)}")
             if min(self.class_weights) < 0:
                 raise ValueError(f"class_weights must not be negative: {self.class_weights}")
+        if self.scale_range is not None and not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ValueError(f"scale_range must be [low, high] with 0 < low <= high: "
+                             f"{self.scale_range}")
         if any(r <= 0 for r in self.lr_groups or ()):
             raise ValueError(f"lr_groups ratios must be positive: {self.lr_groups}")
         return self

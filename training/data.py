@@ -214,19 +214,46 @@ def lighting(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
+def rescale(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Resize a square pair to ``size`` x ``size``. A binary mask (0/1) is resized by area and
+    thresholded at half, so a 1 px crack shrunk by up to a half survives as 1 px; a class mask
+    with more classes by nearest neighbour."""
+    if mask.shape[0] == size:
+        return image, mask
+    shrink = size < mask.shape[0]
+    image = cv2.resize(image, (size, size),
+                       interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    if mask.max() <= 1:
+        soft = cv2.resize(mask.astype(np.float32), (size, size),
+                          interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        mask = (soft >= 0.5).astype(mask.dtype)
+    else:
+        mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+    return image, mask
+
+
 def augment(image: np.ndarray, mask: np.ndarray, crop: int, rng: np.random.Generator,
             max_rotation: float = 0.0, elastic_sigma: float = 0.0, elastic_grid: int = 3,
-            border: str = "reflect") -> tuple[np.ndarray, np.ndarray]:
-    """Random crop (crack-biased), then, when asked, a turn by any angle in +-``max_rotation``
-    degrees and an elastic warp, then flips, 90-degree turns, grey and lighting. Takes and
-    returns the (image, mask) pair; the mask is only ever sampled by nearest neighbour.
+            border: str = "reflect", scale_range: tuple[float, float] | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Random crop (crack-biased), then, when asked, a zoom by a factor drawn log-uniformly from
+    ``scale_range`` (below 1 the scene shrinks, so cracks get thinner, as from a camera with more
+    mm per pixel), a turn by any angle in +-``max_rotation`` degrees and an elastic warp, then
+    flips, 90-degree turns, grey and lighting. Takes and returns the (image, mask) pair.
 
-    Turns and warps work on a larger window that is centre-cropped afterwards, so the corners
-    they uncover come from the image itself rather than from the border fill.
+    Zooms, turns and warps work on a larger window that is centre-cropped afterwards, so the
+    corners they uncover come from the image itself rather than from the border fill.
     """
     geometric = max_rotation > 0 or elastic_sigma > 0
     window = crop + 2 * math.ceil(0.21 * crop + 2 * elastic_sigma) if geometric else crop
-    image, mask = random_crop(image, mask, window, rng, border, centre=crop)
+    if scale_range is not None and scale_range != (1.0, 1.0):
+        scale = math.exp(rng.uniform(math.log(scale_range[0]), math.log(scale_range[1])))
+        source = max(8, round(window / scale))
+        image, mask = random_crop(image, mask, source, rng, border,
+                                  centre=max(1, min(source, round(crop / scale))))
+        image, mask = rescale(image, mask, window)
+    else:
+        image, mask = random_crop(image, mask, window, rng, border, centre=crop)
     if max_rotation > 0:
         image, mask = rotate(image, mask, rng.uniform(-max_rotation, max_rotation), border)
     if elastic_sigma > 0:

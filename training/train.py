@@ -62,7 +62,8 @@ class CrackCrops(torch.utils.data.Dataset):
         cfg = self.cfg
         image, mask = ds.augment(*self.pairs[index], self.crop, self.rng,
                                  max_rotation=cfg.max_rotation, elastic_sigma=cfg.elastic_sigma,
-                                 elastic_grid=cfg.elastic_grid, border=cfg.border)
+                                 elastic_grid=cfg.elastic_grid, border=cfg.border,
+                                 scale_range=cfg.scale_range)
         target = (torch.from_numpy(mask[None].astype(np.float32)) if cfg.num_classes == 1
                   else torch.from_numpy(mask.astype(np.int64)))
         return torch.from_numpy(ds.normalize(image, self.mean, self.std)), target
@@ -361,13 +362,46 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 # --- the run ---------------------------------------------------------------------------------
 
+def sampling_weights(datasets: list[str], rule: str) -> list[float]:
+    """Per-image draw weights so each dataset folder is drawn in proportion to its number of
+    images ("proportional"), to the square root of it ("sqrt") or equally ("balanced")."""
+    sizes = {name: datasets.count(name) for name in set(datasets)}
+    power = {"proportional": 1.0, "sqrt": 0.5, "balanced": 0.0}[rule]
+    return [sizes[name] ** power / sizes[name] for name in datasets]
+
+
+class WeightedShardSampler(torch.utils.data.Sampler):
+    """``len(weights)`` indices per epoch drawn with replacement by ``weights``, the same draw in
+    every process (seeded by seed and epoch), each process taking its ``rank::world`` share."""
+
+    def __init__(self, weights: list[float], rank: int, world: int, seed: int) -> None:
+        self.weights = torch.as_tensor(weights, dtype=torch.double)
+        self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        draw = torch.multinomial(self.weights, len(self.weights), True, generator=generator)
+        return iter(draw[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.weights), self.world))
+
+
 def make_loader(cfg: TrainConfig, crops: CrackCrops, rank: int, world: int,
-                device: torch.device):
+                device: torch.device, datasets: list[str] | None = None):
     """(loader, sampler): shuffled batches, or this process's shard of them under DDP (sampler
-    None outside DDP). The last short batch is dropped when there is more than one batch, as
-    batch norm cannot learn from a batch of one."""
-    sampler = (torch.utils.data.DistributedSampler(crops, world, rank, shuffle=True,
-                                                   seed=cfg.seed) if world > 1 else None)
+    None outside DDP); with ``cfg.sampling`` other than proportional, images are drawn by their
+    dataset's weight (``datasets``: each training image's folder name). The last short batch is
+    dropped when there is more than one batch, as batch norm cannot learn from a batch of one."""
+    if cfg.sampling != "proportional" and datasets:
+        sampler = WeightedShardSampler(sampling_weights(datasets, cfg.sampling), rank, world,
+                                       cfg.seed)
+    else:
+        sampler = (torch.utils.data.DistributedSampler(crops, world, rank, shuffle=True,
+                                                       seed=cfg.seed) if world > 1 else None)
     per_process = math.ceil(len(crops) / world)
     loader = torch.utils.data.DataLoader(
         crops, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
@@ -422,7 +456,8 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
                        resolve_class_weights(cfg, [m for _, m in train_pairs]))
     crops = CrackCrops(train_pairs, crop_for_epoch(cfg, 1), spec.mean, spec.std, cfg.seed + rank,
                        cfg)
-    loader, sampler = make_loader(cfg, crops, rank, world, device)
+    loader, sampler = make_loader(cfg, crops, rank, world, device,
+                                  [sample.dataset for sample in train_samples])
 
     model = build_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_params)
     if cfg.encoder_weights:
