@@ -250,13 +250,30 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_train_compare(args) -> int:
+    from pydantic import ValidationError
+
+    compare = _torch_module("training.compare")
+    for path in args.config:
+        if not Path(path).is_file():
+            raise UserError(f"recipe {path} does not exist")
+    try:
+        rows = compare.compare([Path(c) for c in args.config], [Path(d) for d in args.data],
+                               args.epochs, Path(args.out), crop=args.crop,
+                               batch_size=args.batch_size, threads=args.threads)
+    except (ValidationError, FileNotFoundError) as exc:
+        raise UserError(f"train-compare: {str(exc).splitlines()[0]}") from None
+    print_json({"out": args.out, "rows": rows})
+    return 0
+
+
 def cmd_eval(args) -> int:
     from inference.segmenter import open_segmenter
     from training.evaluate import evaluate_model
 
     segmenter = open_segmenter(args.model, "auto")
     summary = evaluate_model(segmenter, [Path(d) for d in args.data], args.split, args.tolerance,
-                             args.threshold)
+                             args.threshold, args.val_fraction, args.seed)
     if args.format == "json":
         print_json(summary)
     else:
@@ -375,10 +392,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float,
                    help="stop after the epoch that passes this wall-clock budget")
 
+    p = add("train-compare", cmd_train_compare,
+            "train several recipes with the same budget and tabulate their scores and speed")
+    p.add_argument("--config", action="append", required=True,
+                   help="recipe YAML (repeatable; a distillation recipe after its teacher's)")
+    p.add_argument("--data", action="append", required=True, help="dataset folder (repeatable)")
+    p.add_argument("--epochs", type=int, required=True, help="the budget: epochs for every recipe")
+    p.add_argument("--crop", type=int, help="one crop size for every recipe (default: each "
+                   "recipe's own, progressive resizing included)")
+    p.add_argument("--batch-size", type=int, help="one batch size for every recipe")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    p.add_argument("--out", default="runs/compare")
+
     p = add("eval", cmd_eval, "score a model on a labelled dataset")
     p.add_argument("--model", help="ONNX model (default: the bundled model)")
     p.add_argument("--data", action="append", required=True, help="dataset folder (repeatable)")
-    p.add_argument("--split", help="ids of SPLIT.txt (default: all images)")
+    p.add_argument("--split", help="ids of SPLIT.txt (default: all images); 'carved': the "
+                   "validation ids that training carves from train.txt")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="with --split carved: the training run's val_fraction (default 0.1)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="with --split carved: the training run's seed (default 0)")
     p.add_argument("--tolerance", type=float, default=2.0, help="pixels; 0 = strict")
     p.add_argument("--threshold", type=float, help="default: the model's own")
     p.add_argument("--format", choices=["table", "json"], default="table")

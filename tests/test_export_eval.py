@@ -223,6 +223,31 @@ def test_crackscan_eval_json_matches_evaluate_model(exported, segmenter):
             assert summary[key] == pytest.approx(direct[key]), key
 
 
+def test_eval_on_the_carved_validation_split_scores_the_ids_training_held_out(exported,
+                                                                              segmenter):
+    from training.data import train_val_split
+
+    held_out = train_val_split(exported.data, 0.5, 3)[1]
+    assert len(held_out) == 2 and not set(held_out) & set(
+        (exported.data / "test.txt").read_text().split())
+    done = run_crackscan("eval", "--model", exported.model, "--data", exported.data, "--split",
+                         "carved", "--val-fraction", 0.5, "--seed", 3, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["images"] == 2 and summary["split"] == "carved"
+    only_those = exported.data.parent / "held_out"
+    (only_those / "images").mkdir(parents=True, exist_ok=True)
+    (only_those / "masks").mkdir(exist_ok=True)
+    for sample_id in held_out:
+        for kind, suffix in (("images", ".png"), ("masks", ".png")):
+            target = only_those / kind / f"{sample_id}{suffix}"
+            if not target.exists():
+                target.symlink_to(exported.data / kind / f"{sample_id}{suffix}")
+    direct = evaluate_model(segmenter, [only_those])  # all images of a folder of just those
+    for key in EVAL_KEYS - {"images"}:
+        assert summary[key] == pytest.approx(direct[key]), key
+
+
 def test_eval_against_the_models_own_predictions(exported, segmenter, tmp_path):
     """Masks made from the model's own thresholded output must score F1 = IoU = 1 at strict
     matching, and their inverse 0: any mismatch of colour order, padding, cropping or mask

@@ -576,3 +576,45 @@ def test_torchrun_ddp_on_cpu_writes_one_checkpoint_that_loads(dataset, tmp_path)
     assert checkpoint["epoch"] == 1
     build_model("mobilenet_aspp").load_state_dict(checkpoint["model"])  # no "module." prefix
     assert json.loads(done.stdout)["epochs"] == 1
+
+
+# --- same-budget comparison -----------------------------------------------------------------
+
+def test_train_compare_trains_scores_and_tabulates_teacher_then_student(dataset, tmp_path):
+    """``crackscan train-compare`` with the Song et al. pair: the distilled student gets the
+    teacher this comparison trained, and every row is scored on the carved validation ids by
+    the exported ONNX model."""
+    out = tmp_path / "compare"
+    teacher, student = (RECIPES[0].parent / f"{name}.yaml"
+                        for name in ("song2019_resnet18_aspp", "song2019_mobilenet_aspp_kd"))
+    done = run_crackscan("train-compare", "--config", teacher, "--config", student,
+                         "--data", dataset, "--epochs", 1, "--crop", 64, "--batch-size", 2,
+                         "--threads", 1, "--out", out, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["rows"]
+    assert [r["recipe"] for r in rows] == ["song2019_resnet18_aspp", "song2019_mobilenet_aspp_kd"]
+    assert [r["model"] for r in rows] == ["resnet18_aspp", "mobilenet_aspp"]
+    held_out = ds.train_val_split(dataset, 0.1, 0)[1]
+    for row in rows:
+        assert row["epochs"] == 1 and row["crop"] == 64 and row["images"] == len(held_out)
+        assert 0 <= row["f1_2px"] <= 1 and 0 <= row["ods_strict"] <= row["ods_2px"] <= 1
+        assert row["cpu_ms_512"] > 0 and row["gpu_ms_512_fp16"] is None  # no CUDA here
+        assert Path(row["onnx"]).is_file()
+    assert rows[0]["params_m"] == pytest.approx(
+        sum(p.numel() for p in build_model("resnet18_aspp").parameters()) / 1e6)
+    student_cfg = json.loads((out / "song2019_mobilenet_aspp_kd" / "config.json").read_text())
+    assert Path(student_cfg["teacher"]) == out / "song2019_resnet18_aspp" / "best.pt"
+    table = (out / "compare.md").read_text().splitlines()
+    assert len(table) == 4 and "`resnet18_aspp`" in table[2]
+    assert json.loads((out / "compare.json").read_text())["rows"] == rows
+
+
+def test_train_compare_refuses_a_student_without_its_teacher(dataset, tmp_path):
+    recipe = yaml.safe_load((RECIPES[0].parent / "song2019_mobilenet_aspp_kd.yaml").read_text())
+    recipe["teacher"] = str(tmp_path / "nowhere" / "best.pt")
+    student = tmp_path / "student.yaml"
+    student.write_text(yaml.safe_dump(recipe))
+    done = run_crackscan("train-compare", "--config", student, "--data", dataset,
+                         "--epochs", 1, "--out", tmp_path / "c")
+    assert done.returncode == 2 and "list its recipe before this one" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -89,6 +89,18 @@ def train_val_split(folder: Path, val_fraction: float, seed: int) -> tuple[list[
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
 
 
+CARVED = "carved"  # the split name of the validation ids that training carves
+
+
+def split_ids(folder: Path, split: str | None, val_fraction: float = 0.1, seed: int = 0
+              ) -> list[str]:
+    """Ids of ``split`` (``read_split``); ``"carved"``: the validation ids a training run with
+    this ``val_fraction`` and ``seed`` carves from the folder (``train_val_split``)."""
+    if split == CARVED:
+        return train_val_split(folder, val_fraction, seed)[1]
+    return read_split(folder, split)
+
+
 def load_image(path: Path) -> np.ndarray:
     """An image as HxWx3 uint8 RGB (grey images are replicated to three channels)."""
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)

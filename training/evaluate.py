@@ -19,14 +19,17 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_model(segmenter: Segmenter, folders: list[Path], split: str | None = None,
-                   tolerance: float = 2.0, threshold: float | None = None) -> dict:
+                   tolerance: float = 2.0, threshold: float | None = None,
+                   val_fraction: float = 0.1, seed: int = 0) -> dict:
+    """Score ``segmenter`` on the ``split`` ids of ``folders`` (``"carved"``: the validation ids
+    training carves with ``val_fraction`` and ``seed``) at its default or the given threshold."""
     threshold = segmenter.info.threshold if threshold is None else threshold
     evaluator = Evaluator(tolerance=tolerance, threshold=threshold)
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
             raise ds.DatasetError(f"dataset folder {folder} does not exist")
-        samples = ds.samples(folder, ds.read_split(folder, split))
+        samples = ds.samples(folder, ds.split_ids(folder, split, val_fraction, seed))
         if not samples:
             raise ds.DatasetError(f"{folder}: no images in split {split or '(all)'}")
         for sample in tqdm(samples, desc=folder.name, leave=False, disable=None):

@@ -1,0 +1,152 @@
+"""Same-budget comparison of the architectures: what ``crackscan train-compare`` runs.
+
+Every recipe is trained on the same dataset folders for the same number of epochs (the same
+number of training crops; with ``crop`` given, also the same crop and batch size for all), then
+exported to ONNX and scored by the deploy path (ONNX Runtime, ``training.evaluate``) on the
+validation ids the runs carved: F1 at the threshold the run calibrated and ODS, at a 2 px
+tolerance and strict. With it: parameters, training minutes, and the bare model's time for one
+512 x 512 tile on ONNX Runtime (this machine's CPU) and on PyTorch CUDA in fp16 when there is a
+GPU. Writes ``OUT/compare.json`` and ``OUT/compare.md`` (the README's table) after every recipe,
+so a long comparison can be read while it runs.
+
+A distillation recipe whose teacher is another recipe of the same comparison gets that run's
+``best.pt`` as its teacher (list the teacher first).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from inference.segmenter import OnnxRuntimeSegmenter
+from training import train
+from training.config import TrainConfig, load_config
+from training.evaluate import evaluate_model
+from training.export import export_checkpoint
+from training.models import build_model
+
+log = logging.getLogger(__name__)
+
+TILE = 512
+
+
+def _median_ms(run, repeats: int) -> float:
+    run()  # warm-up: allocations, kernel choice
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def cpu_tile_ms(model_path: Path, threads: int = 0, repeats: int = 5) -> float:
+    """Median ms of the bare ONNX Runtime session on one 1 x 3 x 512 x 512 tile on the CPU."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    tile = np.random.default_rng(0).standard_normal((1, 3, TILE, TILE)).astype(np.float32)
+    name = session.get_inputs()[0].name
+    return _median_ms(lambda: session.run(None, {name: tile}), repeats)
+
+
+def gpu_tile_ms(cfg: TrainConfig, checkpoint: Path, repeats: int = 20) -> float | None:
+    """Median ms of the PyTorch model in fp16 on CUDA for one 512 x 512 tile; None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    model = build_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_params)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    model = model.cuda().half().eval()
+    tile = torch.randn(1, 3, TILE, TILE, device="cuda", dtype=torch.half)
+
+    def run() -> None:
+        with torch.no_grad():
+            model(tile)
+        torch.cuda.synchronize()
+
+    return _median_ms(run, repeats)
+
+
+def recipe_config(recipe: Path, data: list[Path], epochs: int, out: Path, crop: int | None,
+                  batch_size: int | None, done: dict[str, Path]) -> TrainConfig:
+    """The recipe with the comparison's budget; a teacher that this comparison trained earlier
+    (same ``out`` directory name as the recipe's teacher path) is replaced by that run."""
+    cfg = load_config(recipe, data=data, epochs=epochs, out=out / recipe.stem)
+    changes: dict = {"max_minutes": None}
+    if crop:
+        changes.update(crop=crop, crop_schedule=None)
+    if batch_size:
+        changes["batch_size"] = batch_size
+    if cfg.teacher is not None:
+        trained = done.get(cfg.teacher.parent.name)
+        if trained is None and not cfg.teacher.is_file():
+            raise FileNotFoundError(f"{recipe}: teacher {cfg.teacher} does not exist; list its "
+                                    "recipe before this one")
+        changes["teacher"] = trained or cfg.teacher
+    return TrainConfig(**{**cfg.model_dump(), **changes})
+
+
+def score_recipe(recipe: Path, cfg: TrainConfig, threads: int) -> dict:
+    """Train ``cfg``, export its best checkpoint and score it; one row of the table."""
+    started = time.monotonic()
+    result = train.main(cfg)
+    minutes = (time.monotonic() - started) / 60
+    best = cfg.out / "best.pt"
+    onnx_path = cfg.out / "model.onnx"
+    export_checkpoint(best, onnx_path)  # the threshold the run calibrated on its validation ids
+    segmenter = OnnxRuntimeSegmenter(onnx_path, threads=threads)
+    scores = {tolerance: evaluate_model(segmenter, cfg.data, "carved", tolerance, None,
+                                        cfg.val_fraction, cfg.seed) for tolerance in (2, 0)}
+    model = build_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_params)
+    return {
+        "recipe": recipe.stem, "model": cfg.model,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "epochs": result["epochs"], "crop": cfg.crop if not cfg.crop_schedule else "schedule",
+        "batch_size": cfg.batch_size, "train_minutes": round(minutes, 1),
+        "threshold": scores[2]["threshold"], "images": scores[2]["images"],
+        "f1_2px": scores[2]["f1"], "ods_2px": scores[2]["ods"], "ois_2px": scores[2]["ois"],
+        "f1_strict": scores[0]["f1"], "ods_strict": scores[0]["ods"], "iou": scores[2]["iou"],
+        "cpu_ms_512": cpu_tile_ms(onnx_path, threads),
+        "gpu_ms_512_fp16": gpu_tile_ms(cfg, best),
+        "onnx": str(onnx_path),
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| recipe | model | params | train min | F1 @ 2 px | ODS @ 2 px | F1 strict | "
+            "ODS strict | IoU | CPU ms / 512 tile | GPU ms / 512 tile (fp16) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        gpu = "-" if r["gpu_ms_512_fp16"] is None else f"{r['gpu_ms_512_fp16']:.2f}"
+        lines.append(f"| `{r['recipe']}` | `{r['model']}` | {r['params_m']:.1f} M | "
+                     f"{r['train_minutes']} | {r['f1_2px']:.3f} | {r['ods_2px']:.3f} | "
+                     f"{r['f1_strict']:.3f} | {r['ods_strict']:.3f} | {r['iou']:.3f} | "
+                     f"{r['cpu_ms_512']:.0f} | {gpu} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def compare(recipes: list[Path], data: list[Path], epochs: int, out: Path, *,
+            crop: int | None = None, batch_size: int | None = None, threads: int = 0
+            ) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    done: dict[str, Path] = {}
+    for recipe in recipes:
+        cfg = recipe_config(recipe, data, epochs, out, crop, batch_size, done)
+        log.info("train-compare: %s (%s), %d epochs", recipe.stem, cfg.model, epochs)
+        rows.append(score_recipe(recipe, cfg, threads))
+        done[recipe.stem] = cfg.out / "best.pt"
+        (out / "compare.json").write_text(json.dumps(
+            {"epochs": epochs, "crop": crop, "batch_size": batch_size,
+             "data": [str(d) for d in data], "rows": rows}, indent=2))
+        (out / "compare.md").write_text(markdown(rows))
+    return rows
