@@ -6,9 +6,17 @@ an ``end`` message on the control socket with the counts, which always add up:
 ``frames_read == frames_sent + frames_dropped + frames_bad``.
 
 Stamps. ``seq`` is the SOURCE frame index, not a count of sent frames, so a bad or dropped frame
-leaves a visible gap in the sequence for management. ``capture_time = started_at + offset_s`` and
-``chainage_m = start_chainage_m + speed_kmh / 3.6 * offset_s`` (the chainage of the image centre;
-no odometer yet).
+leaves a visible gap in the sequence for management. ``capture_time`` is the source's own (a
+recording, a metadata file, a camera's clock) or ``started_at + offset_s``; ``chainage_m`` (of
+the image centre) is the source's own or the position model's at that time (constant speed, an
+odometer log or a chainage file: ``acquisition.position``).
+
+Cameras. A rig source (``acquisition.rig``) yields frames of several cameras, each with its
+``camera_id``; every camera gets its own counts and its own end message, and management closes
+the run when all have ended.
+
+Recording. With a ``recorder`` every good frame is written to the recording before it is
+offered to the stream, so a live run's recording keeps the frames the stream drops.
 
 Modes. ``replay``: nothing is dropped. The frame socket's high-water mark is
 ``acquisition.queue_frames``; when the workers fall behind, sending waits (polling, so a ``stop``
@@ -17,9 +25,10 @@ made; the frame is counted as dropped and the next one read. A recorded source r
 mode is paced at its own frame rate (a camera paces itself), so drops measure whether inference
 keeps up in real time.
 
-Draining. After the end message, a run that was not stopped keeps the frame stream open until
-``stop`` is set or ``drain_s`` passes (default ``management.drain_timeout_s``), then closes it with
-a linger. ZeroMQ's linger alone is not enough: it only hands frames to the kernel, and a worker
+Draining. After the end message, a run keeps the frame stream open until ``stop`` is set or
+``drain_s`` passes (default ``management.drain_timeout_s``), then closes it with a linger; a
+stopped run (``stop`` already set) until ``finish`` is set or ``STOPPED_DRAIN_S`` passes, so the
+frames it sent before the stop still reach the workers. ZeroMQ's linger alone is not enough: it only hands frames to the kernel, and a worker
 whose receive queue is full when the connection closes drops what is still in its socket buffer
 (libzmq stops reading a peer that hung up while its input was throttled). So a replay's last
 frames would be lost whenever workers are behind at the end. The pipeline stops acquisition once
@@ -35,9 +44,11 @@ import time
 
 import zmq
 
+from acquisition.position import ChainageModel, open_position
+from acquisition.recording import Recorder
 from acquisition.sources import FrameSource
 from crackscan.config import PipelineConfig
-from crackscan.sockets import SocketSpec
+from crackscan.sockets import KeyRing, SocketSpec, terminate
 from crackscan.wire import EndOfStreamMessage, FrameMessage, RunStartMessage, WireError
 
 log = logging.getLogger(__name__)
@@ -47,6 +58,7 @@ POLL_MS = 100  # how long one wait for a slow worker lasts before `stop` is chec
 CONTROL_SEND_TIMEOUT_S = 10.0  # run_start / end wait this long for room on the control socket
 REPLAY_LINGER_MS = 30_000  # after a drain that was not stopped, queued frames get this long
 STOPPED_LINGER_MS = 1_000
+STOPPED_DRAIN_S = 8.0  # a stopped run keeps its stream open this long for the frames it sent
 CONTROL_LINGER_MS = 5_000
 PROGRESS_EVERY_S = 5.0
 WAIT_WARNING_S = 10.0  # replay: a frame waiting this long for a worker is logged
@@ -62,9 +74,11 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-def _open(spec: str, context: zmq.Context, hwm: int, role: str) -> zmq.Socket:
+def _open(spec: str, context: zmq.Context, hwm: int, role: str, keys: KeyRing | None = None
+          ) -> zmq.Socket:
     try:
-        return SocketSpec.parse(spec).open(context, hwm=hwm)
+        return SocketSpec.parse(spec, authenticated=keys is not None).open(context, hwm=hwm,
+                                                                          keys=keys)
     except ValueError as exc:
         raise AcquisitionError(f"bad {role} socket: {exc}") from None
     except zmq.ZMQError as exc:
@@ -90,12 +104,37 @@ def _send(socket: zmq.Socket, parts: list[bytes], stop: threading.Event | None,
         socket.poll(POLL_MS, zmq.POLLOUT)
 
 
+class Counts:
+    """One camera's frames: read = sent + dropped + bad at the end of a run."""
+
+    def __init__(self) -> None:
+        self.read = self.sent = self.dropped = self.bad = self.recorded = 0
+
+
+def position_model(config: PipelineConfig) -> ChainageModel:
+    """The run's chainage model from ``acquisition.position`` (constant speed by default)."""
+    acquisition = config.acquisition
+    position = acquisition.position
+    return open_position(position.source, file=position.file, speed_kmh=acquisition.speed_kmh,
+                         start_chainage_m=acquisition.start_chainage_m,
+                         direction=position.direction, ticks_per_m=position.ticks_per_m,
+                         clock=position.clock)
+
+
+def _totals(counts: dict[str, Counts]) -> tuple[int, int, int, int]:
+    return (sum(c.read for c in counts.values()), sum(c.sent for c in counts.values()),
+            sum(c.dropped for c in counts.values()), sum(c.bad for c in counts.values()))
+
+
 def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str, mode: str,
                     config: PipelineConfig, stop: threading.Event,
                     source_label: str | None = None, *, pace: bool | None = None,
-                    drain_s: float | None = None, context: zmq.Context | None = None
+                    drain_s: float | None = None, context: zmq.Context | None = None,
+                    position: ChainageModel | None = None, recorder: Recorder | None = None,
+                    keys: KeyRing | None = None, finish: threading.Event | None = None
                     ) -> EndOfStreamMessage:
-    """Run one acquisition over ``source`` and return the end message that was sent.
+    """Run one acquisition over ``source``; returns the end message that was sent (for a rig:
+    one with the totals over its cameras, camera_id ``"cam_a+cam_b"``).
 
     ``frames`` and ``control`` are socket specs (``push+bind:...`` for frames, ``push+connect:...``
     to management's PULL for control). ``stop`` ends the run early (reason ``"stopped"``).
@@ -103,29 +142,35 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
     ``drain_s``: how long the frame stream stays open after the end (see the module docstring).
     ``context``: the ZeroMQ context (needed for inproc:// endpoints); by default the run makes its
     own and terminates it, which waits for queued messages up to the sockets' linger.
+    ``position``: the chainage model (default: from ``config.acquisition.position``).
+    ``recorder``: write every good frame there too (``--record DIR``); closed by the caller.
+    ``keys``: every link CURVE-authenticated (the frame stream serves authorized clients only).
+    ``finish``: set when the frames sent are all stored, so the stream may close; after a stop,
+    the stream stays open for the frames already sent until ``finish`` or ``STOPPED_DRAIN_S``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    acquisition, camera_id = config.acquisition, config.camera.id
-    speed_mps = acquisition.speed_kmh / 3.6
+    acquisition = config.acquisition
+    cameras = tuple(getattr(source, "cameras", None) or (config.camera.id,))
+    position = position_model(config) if position is None else position
     pace = mode == "live" if pace is None else pace
     own_context = context is None
     context = zmq.Context() if context is None else context
     frame_socket = control_socket = None
-    read = sent = dropped = bad = 0
+    counts = {camera: Counts() for camera in cameras}
     reason = "end_of_source"
     try:
-        frame_socket = _open(frames, context, acquisition.queue_frames, "frame")
-        control_socket = _open(control, context, 16, "control")
+        frame_socket = _open(frames, context, acquisition.queue_frames, "frame", keys)
+        control_socket = _open(control, context, 16, "control", keys)
         label = source_label or source.description
         started_at = time.time()
         start = RunStartMessage(run_id=run_id, source=label, mode=mode, started_at=started_at,
-                                cameras=(camera_id,), config=config.model_dump(mode="json"))
+                                cameras=cameras, config=config.model_dump(mode="json"))
         if not _send(control_socket, start.to_frames(), None, CONTROL_SEND_TIMEOUT_S):
             log.error("run_start could not be queued for management within %gs",
                       CONTROL_SEND_TIMEOUT_S)
-        log.info("run %s: %s, %s mode, camera %s, frames on %s", run_id, label, mode, camera_id,
-                 frames)
+        log.info("run %s: %s, %s mode, camera(s) %s, %s, frames on %s", run_id, label, mode,
+                 ", ".join(cameras), position.description, frames)
 
         clock = time.monotonic()
         next_report = clock + PROGRESS_EVERY_S
@@ -134,25 +179,34 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
                 if stop.is_set():
                     reason = "stopped"
                     break
-                read += 1
+                camera_id = item.camera_id or cameras[0]
+                count = counts.setdefault(camera_id, Counts())
+                count.read += 1
                 if item.image is None:
-                    bad += 1
+                    count.bad += 1
                     continue
                 if pace:
                     delay = clock + item.offset_s - time.monotonic()
                     if delay > 0 and stop.wait(delay):
                         reason = "stopped"
                         break
+                capture_time = (item.capture_time if item.capture_time is not None
+                                else started_at + item.offset_s)
+                chainage_m = (item.chainage_m if item.chainage_m is not None
+                              else position.chainage_at(item.offset_s if position.clock ==
+                                                        "relative" else capture_time))
+                if recorder is not None:  # before the stream, which may drop it
+                    recorder.write(camera_id, item.index, capture_time, chainage_m, item.image)
+                    count.recorded += 1
                 message = FrameMessage(
                     run_id=run_id, camera_id=camera_id, seq=item.index,
-                    capture_time=started_at + item.offset_s,
-                    chainage_m=acquisition.start_chainage_m + speed_mps * item.offset_s,
+                    capture_time=capture_time, chainage_m=chainage_m,
                     image=item.image, encoding=acquisition.encoding)
                 try:
                     parts = message.to_frames()
                 except WireError as exc:  # one frame that cannot be encoded is a bad frame
                     log.warning("run %s: frame %d cannot be sent: %s", run_id, item.index, exc)
-                    bad += 1
+                    count.bad += 1
                     continue
                 if mode == "replay":
                     delivered = _send(frame_socket, parts, stop, WAIT_WARNING_S)
@@ -162,18 +216,19 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
                                     frames)
                         delivered = _send(frame_socket, parts, stop)
                     if delivered:
-                        sent += 1
+                        count.sent += 1
                     else:
                         reason = "stopped"
                         break
                 else:
                     try:
                         frame_socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-                        sent += 1
+                        count.sent += 1
                     except zmq.Again:
-                        dropped += 1
+                        count.dropped += 1
                 if time.monotonic() >= next_report:
                     next_report += PROGRESS_EVERY_S
+                    read, sent, dropped, bad = _totals(counts)
                     log.info("run %s: %d read, %d sent, %d dropped, %d bad (%.1f frames/s)",
                              run_id, read, sent, dropped, bad, read / (time.monotonic() - clock))
         except KeyboardInterrupt:
@@ -181,22 +236,41 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
         except Exception:  # a source failing mid-run ends the run cleanly, with the counts so far
             log.exception("run %s: reading %s failed", run_id, label)
             reason = "source_error"
-        # a frame read but neither sent nor bad (the run stopped while it waited) counts as dropped
-        dropped = read - sent - bad
 
-        end = EndOfStreamMessage(run_id=run_id, camera_id=camera_id, ended_at=time.time(),
-                                 frames_read=read, frames_sent=sent, frames_dropped=dropped,
-                                 frames_bad=bad, reason=reason)
-        if not _send(control_socket, end.to_frames(), None, CONTROL_SEND_TIMEOUT_S):
-            log.error("end of run %s could not be queued for management within %gs", run_id,
-                      CONTROL_SEND_TIMEOUT_S)
-        log.info("run %s ended (%s): %d read, %d sent, %d dropped, %d bad", run_id, reason, read,
-                 sent, dropped, bad)
-        if sent and reason != "stopped":
-            drain_s = config.management.drain_timeout_s if drain_s is None else drain_s
+        ended_at = time.time()
+        for camera_id, count in counts.items():
+            # read but neither sent nor bad (the run stopped while it waited): dropped
+            count.dropped = count.read - count.sent - count.bad
+            end = EndOfStreamMessage(run_id=run_id, camera_id=camera_id, ended_at=ended_at,
+                                     frames_read=count.read, frames_sent=count.sent,
+                                     frames_dropped=count.dropped, frames_bad=count.bad,
+                                     reason=reason, frames_recorded=count.recorded)
+            if not _send(control_socket, end.to_frames(), None, CONTROL_SEND_TIMEOUT_S):
+                log.error("end of run %s camera %s could not be queued for management within "
+                          "%gs", run_id, camera_id, CONTROL_SEND_TIMEOUT_S)
+        read, sent, dropped, bad = _totals(counts)
+        if len(counts) > 1:  # what the caller gets: the run's totals over its cameras
+            end = EndOfStreamMessage(run_id=run_id, camera_id="+".join(counts),
+                                     ended_at=ended_at, frames_read=read, frames_sent=sent,
+                                     frames_dropped=dropped, frames_bad=bad, reason=reason,
+                                     frames_recorded=sum(c.recorded for c in counts.values()))
+        log.info("run %s ended (%s): %d read, %d sent, %d dropped, %d bad%s", run_id, reason,
+                 read, sent, dropped, bad, f", {sum(c.recorded for c in counts.values())} "
+                 "recorded" if recorder is not None else "")
+        if sent:
+            # the frames already sent are the run's: keep the stream open while workers take
+            # them, until told the run is stored (``finish``, or ``stop`` after a normal end)
+            stopped = reason == "stopped"
+            drain_s = (STOPPED_DRAIN_S if stopped else config.management.drain_timeout_s
+                       if drain_s is None else drain_s)
             log.info("run %s: keeping the frame stream open up to %gs so workers can take the "
-                     "frames still queued (stop to end now)", run_id, drain_s)
-            stop.wait(drain_s)
+                     "frames still queued (%s to end now)", run_id, drain_s,
+                     "a second stop" if stopped else "stop")
+            deadline = time.monotonic() + drain_s
+            while time.monotonic() < deadline and not (finish is not None and finish.is_set()):
+                if not stopped and stop.is_set():
+                    break
+                time.sleep(POLL_MS / 1000)
         return end
     finally:
         if frame_socket is not None:
@@ -205,4 +279,4 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
         if control_socket is not None:
             control_socket.close(linger=CONTROL_LINGER_MS)
         if own_context:
-            context.term()
+            terminate(context)

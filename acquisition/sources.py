@@ -3,9 +3,12 @@
 ``open_source(spec, config)`` turns a ``--source`` string into a :class:`FrameSource`:
 
     drive.mp4 (any video OpenCV decodes)   frames/ (an image folder, sorted by name)
-    synthetic, synthetic:SECONDS           (a synthetic tunnel drive, see acquisition.synth)
+    DIR (a recording made with --record)   synthetic, synthetic:SECONDS (acquisition.synth)
+    camera:N, /dev/videoN, rtsp://..., gst:PIPELINE (live: acquisition.cameras)
+    rig (the cameras of config.rig, each from its own source: acquisition.rig)
 
-Cameras (``camera:N``, ``rtsp://``, ``gst:...``) are refused with a clear error until they exist.
+A video or folder may come with a per-frame metadata CSV (``camera.metadata``, ``--metadata``)
+that gives each frame's capture time and chainage (``acquisition.metadata``).
 
 A source yields :class:`SourceFrame` in order: the source's frame index, its capture offset in
 seconds from the start of the source, and a BGR uint8 HxWx3 image, or ``None`` for a frame that
@@ -32,7 +35,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -49,7 +52,7 @@ MAX_FAILED_READS = 50  # failed reads in a row before the rest of a video counts
 SYNTHETIC_DEFAULT_S = 10.0
 SYNTHETIC_FPS = 25.0
 SYNTHETIC_SIZE = (640, 360)
-_LATER = re.compile(r"^(camera:|rtsps?://|gst:|https?://|udp://|rtmp://|v4l2:)", re.IGNORECASE)
+_NOT_SUPPORTED = re.compile(r"^(https?://|udp://|rtmp://|v4l2:)", re.IGNORECASE)
 
 
 class SourceError(ValueError):
@@ -61,6 +64,11 @@ class SourceFrame:
     index: int  # the source's own frame number: gaps are frames that never arrived
     offset_s: float  # capture time since the first frame of the source
     image: np.ndarray | None  # BGR uint8 HxWx3; None for a corrupt / unreadable frame
+    # what a source may know better than the run's clock and position model (a recording, a
+    # per-frame metadata file, a camera's own clock); None: acquisition stamps it
+    capture_time: float | None = None  # UNIX seconds
+    chainage_m: float | None = None  # chainage of the image centre
+    camera_id: str | None = None  # a rig's camera; None: the run's (single) camera
 
 
 @runtime_checkable
@@ -269,9 +277,71 @@ class SyntheticSource(_Source):
 
 # --- the one entry point ------------------------------------------------------------------------
 
+class MetadataSource(_Source):
+    """A video or folder source whose frames take capture time and chainage from a per-frame
+    metadata file; a frame the file does not list keeps the run's clock and position."""
+
+    def __init__(self, source: FrameSource, metadata_path: Path) -> None:
+        from acquisition.metadata import FrameMetadata, MetadataError
+
+        try:
+            self.metadata = FrameMetadata.load(Path(metadata_path))
+        except (MetadataError, OSError) as exc:
+            source.close()
+            raise SourceError(str(exc)) from None
+        names = getattr(source, "files", None) if isinstance(source, ImageFolderSource) else None
+        if (self.metadata.key == "file") != (names is not None):
+            source.close()
+            raise SourceError(f"metadata {metadata_path} is keyed by '{self.metadata.key}'; "
+                              f"{source.description} needs "
+                              f"'{'file' if names is not None else 'frame'}' (one row per "
+                              f"{'image file name' if names is not None else 'frame index'})")
+        self.source, self._names = source, names
+        self.fps, self.description = source.fps, (f"{source.description} with metadata "
+                                                  f"{metadata_path}")
+        self.unlisted = 0
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        for item in self.source:
+            name = self._names[item.index].name if self._names is not None else None
+            meta = self.metadata.for_frame(item.index, name)
+            if meta is None:
+                self.unlisted += 1
+                if self.unlisted == 1:
+                    log.warning("%s: frame %d is not in the metadata file; it and any other "
+                                "unlisted frames take the run's clock and position",
+                                self.source.description, item.index)
+                yield item
+                continue
+            yield replace(item, capture_time=meta.capture_time, chainage_m=meta.chainage_m)
+
+    def close(self) -> None:
+        self.source.close()
+
+
 def open_source(spec: str, config: PipelineConfig) -> FrameSource:
-    """The source a ``--source`` string names; raises :class:`SourceError` with what to do."""
+    """The source a ``--source`` string names (``config.camera`` is its camera: scale, capture
+    settings, metadata file); raises :class:`SourceError` with what to do."""
     text = spec.strip()
+    if text == "rig":
+        from acquisition.rig import open_rig
+
+        return open_rig(config, open_source)
+    source = _open_one(text, config)
+    if config.camera.metadata is not None:
+        if not isinstance(source, VideoFileSource | ImageFolderSource):
+            source.close()
+            raise SourceError(f"a metadata file belongs to a video or an image folder, not to "
+                              f"{source.description}")
+        return MetadataSource(source, config.camera.metadata)
+    return source
+
+
+def _open_one(text: str, config: PipelineConfig) -> FrameSource:
+    from acquisition.cameras import CaptureSettings, is_capture_spec, open_capture
+    from acquisition.recording import RecordingError, RecordingSource, is_recording
+
+    spec = text
     if text == "synthetic" or text.startswith("synthetic:"):
         seconds_text = text.partition(":")[2] or str(SYNTHETIC_DEFAULT_S)
         try:
@@ -282,13 +352,22 @@ def open_source(spec: str, config: PipelineConfig) -> FrameSource:
             raise SourceError(f"bad source {spec!r}: use 'synthetic' or 'synthetic:SECONDS' "
                               "with SECONDS a positive number, e.g. synthetic:30")
         return SyntheticSource(seconds, config)
-    if _LATER.match(text):
-        raise SourceError(f"source {spec!r} is not supported yet: cameras and streams come in a "
-                          "later release; use a video file, an image folder or 'synthetic'")
+    if is_capture_spec(text):
+        return open_capture(text, CaptureSettings(**config.camera.capture.model_dump()))
+    if _NOT_SUPPORTED.match(text):
+        raise SourceError(f"source {spec!r} is not supported: use camera:N, a device path, "
+                          "rtsp://..., gst:PIPELINE, a video file, an image folder, a "
+                          "recording or 'synthetic'")
     path = Path(text).expanduser()
     if not path.exists():
         raise SourceError(f"source {spec!r} not found: no such file or folder; give a video "
-                          "file, an image folder, 'synthetic' or 'synthetic:SECONDS'")
+                          "file, an image folder, a recording, camera:N, rtsp://..., "
+                          "'synthetic' or 'synthetic:SECONDS'")
+    if is_recording(path):
+        try:
+            return RecordingSource(path)
+        except RecordingError as exc:
+            raise SourceError(str(exc)) from None
     if path.is_dir() or path.suffix.lower() in IMAGE_EXTENSIONS:
         return ImageFolderSource(path, config)
     return VideoFileSource(path, config)

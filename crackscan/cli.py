@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from crackscan.config import ConfigError, load_pipeline_config
+from crackscan.config import ConfigError, PipelineConfig, load_pipeline_config
 
 log = logging.getLogger("crackscan")
 
@@ -28,6 +28,8 @@ class UserError(Exception):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's input, not our bug: shown as one line."""
+    from acquisition.position import PositionError
+    from acquisition.recording import RecordingError
     from acquisition.service import AcquisitionError
     from acquisition.sources import SourceError
     from acquisition.synth import SynthError
@@ -36,6 +38,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from training.data import DatasetError
 
     return (UserError, ConfigError, SourceError, SynthError, AcquisitionError, ModelError,
+            PositionError, RecordingError,
             DatabaseError, DatasetError, FileNotFoundError, PermissionError)
 
 
@@ -46,11 +49,16 @@ def setup_logging(verbose: bool, stage: str | None = None) -> None:
         format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
-def stop_on_signals() -> threading.Event:
-    """SIGTERM and SIGINT set the returned event: every stage's loop ends cleanly on it."""
+def stop_on_signals(again: threading.Event | None = None) -> threading.Event:
+    """SIGTERM and SIGINT set the returned event: every stage's loop ends cleanly on it. A
+    second signal sets ``again`` (acquisition: stop draining, exit now)."""
     stop = threading.Event()
 
     def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        if stop.is_set() and again is not None:
+            log.info("signal %d again: ending now", signum)
+            again.set()
+            return
         log.info("signal %d: stopping", signum)
         stop.set()
 
@@ -72,7 +80,7 @@ def cmd_run(args) -> int:
     summary = run_pipeline(
         source=args.source, db_url=args.db, model=args.model, backend=args.backend,
         workers=args.workers, mode=args.mode, config_path=args.config, record=args.record,
-        verbose=args.verbose)
+        verbose=args.verbose, config=source_config(args), acquire_args=source_args(args))
     if args.format == "json":
         print_json(summary)
     else:
@@ -137,15 +145,88 @@ def cmd_demo(args) -> int:
 
 # --- the three services alone ---------------------------------------------------------------
 
+def source_config(args) -> PipelineConfig:
+    """The pipeline config of ``--config`` with the source flags of run / acquire applied."""
+    config = load_pipeline_config(args.config)
+    acquisition, camera = config.acquisition, config.camera
+    if args.odometer and args.chainage_file:
+        raise UserError("give --odometer or --chainage-file, not both")
+    for flag, kind in ((args.odometer, "odometer"), (args.chainage_file, "chainage_file")):
+        if flag:
+            position = acquisition.position.model_copy(update={"source": kind, "file": Path(flag)})
+            acquisition = acquisition.model_copy(update={"position": position})
+    if args.encoding:
+        acquisition = acquisition.model_copy(update={"encoding": args.encoding})
+    if args.metadata:
+        camera = camera.model_copy(update={"metadata": Path(args.metadata)})
+    return config.model_copy(update={"acquisition": acquisition, "camera": camera})
+
+
+def source_args(args) -> list[str]:
+    """The source flags of ``args`` as ``acquire`` takes them (for the pipeline's stage)."""
+    out = []
+    for flag in ("record", "metadata", "odometer", "chainage_file", "encoding"):
+        value = getattr(args, flag)
+        if value:
+            out += ["--" + flag.replace("_", "-"), str(value)]
+    return out + (["--realtime"] if args.realtime else [])
+
+
+def load_keys(args):
+    from crackscan.sockets import KeyRing
+
+    if not getattr(args, "keys", None):
+        return None
+    try:
+        return KeyRing.load(Path(args.keys))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def cmd_keys(args) -> int:
+    from crackscan.sockets import create_keys
+
+    try:
+        written = create_keys(Path(args.out), tuple(args.client or ("client",)))
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+    for path in written:
+        log.info("wrote %s", path)
+    print(f"keys in {args.out}: give workers client.key, client.key_secret and server.key; "
+          "keep server.key_secret on the hosts that bind (acquisition, management)")
+    return 0
+
+
 def cmd_acquire(args) -> int:
+    from acquisition.recording import Recorder, RecordingError
     from acquisition.service import new_run_id, run_acquisition
     from acquisition.sources import open_source
 
-    config = load_pipeline_config(args.config)
-    stop = stop_on_signals()
+    config = source_config(args)
+    keys = load_keys(args)
+    finish = threading.Event()
+    stop = stop_on_signals(again=finish)
+    run_id = args.run_id or new_run_id()
     with open_source(args.source, config) as source:
-        end = run_acquisition(source, args.frames, args.control, args.run_id or new_run_id(),
-                              args.mode, config, stop, source_label=args.source)
+        recorder = None
+        if args.record:
+            try:
+                recorder = Recorder(
+                    Path(args.record), source=args.source, run_id=run_id, fps=source.fps,
+                    cameras=tuple(getattr(source, "cameras", None) or (config.camera.id,)),
+                    encoding=config.acquisition.record_encoding,
+                    jpeg_quality=config.acquisition.record_jpeg_quality)
+            except RecordingError as exc:
+                raise UserError(str(exc)) from None
+        try:
+            end = run_acquisition(source, args.frames, args.control, run_id, args.mode, config,
+                                  stop, source_label=args.source,
+                                  pace=True if args.realtime else None, recorder=recorder,
+                                  keys=keys, finish=finish)
+        finally:
+            if recorder is not None:
+                recorder.close()
+                log.info("recorded %d frames to %s", recorder.frames_written, args.record)
     log.info("end of stream: read %d, sent %d, dropped %d, bad %d (%s)", end.frames_read,
              end.frames_sent, end.frames_dropped, end.frames_bad, end.reason)
     return 0
@@ -158,7 +239,8 @@ def cmd_infer(args) -> int:
     config = load_pipeline_config(args.config)
     segmenter = open_segmenter(args.model, args.backend, args.threads or config.inference.threads)
     stop = stop_on_signals()
-    stats = run_worker(args.frames, args.results, segmenter, config, stop)
+    stats = run_worker(args.frames, args.results, segmenter, config, stop,
+                       keys=load_keys(args))
     log.info("worker done: %d frames, %d cracks, %d malformed, %d failed", stats.frames,
              stats.cracks, stats.malformed, stats.failed)
     return 0
@@ -172,7 +254,7 @@ def cmd_manage(args) -> int:
     engine = make_engine(resolve_url(args.db))
     stop = stop_on_signals()
     finished = run_management(args.results, engine, config.management, stop,
-                              exit_after_runs=args.exit_after_runs)
+                              exit_after_runs=args.exit_after_runs, keys=load_keys(args))
     log.info("management done: %d run(s) finished", len(finished))
     return 0
 
@@ -320,9 +402,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="ONNX model (default: the bundled model)")
     db_flag(p)
 
+    def source_flags(p):
+        p.add_argument("--source", required=True,
+                       help="video file, image folder, recording folder, camera:N, /dev/videoN, "
+                            "rtsp://..., gst:PIPELINE, 'synthetic[:SECONDS]', or 'rig' (the "
+                            "cameras of the --config file's rig)")
+        p.add_argument("--record", metavar="DIR",
+                       help="write every captured frame with its metadata to this new folder "
+                            "(replay it later with --source DIR)")
+        p.add_argument("--realtime", action="store_true",
+                       help="replay at the recorded frame rate (default: as fast as possible)")
+        p.add_argument("--metadata", metavar="CSV",
+                       help="per-frame capture time / chainage of a video or image folder")
+        p.add_argument("--odometer", metavar="CSV",
+                       help="odometer log (time_s and distance_m or ticks): chainage from it")
+        p.add_argument("--chainage-file", metavar="CSV",
+                       help="chainage log (time_s, chainage_m): chainage from it")
+        p.add_argument("--encoding", choices=["raw", "jpeg", "png"],
+                       help="frames on the wire (default: config, raw)")
+
+    def keys_flag(p):
+        p.add_argument("--keys", metavar="DIR", help="CURVE keys from `crackscan keys`: "
+                       "authenticate and encrypt every link (needed to bind a non-loopback "
+                       "interface)")
+
     p = add("run", cmd_run, "run acquisition, inference and management on one source")
-    p.add_argument("--source", required=True,
-                   help="video file, image folder, or 'synthetic[:SECONDS]'")
+    source_flags(p)
     db_flag(p)
     p.add_argument("--model", help="ONNX model (default: the bundled model)")
     p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto")
@@ -331,11 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay: back-pressure, no frame dropped; live: bounded queues, drops "
                         "counted")
     p.add_argument("--config", help="pipeline YAML (see configs/pipeline.yaml)")
-    p.add_argument("--record", help="write every captured frame to this folder")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
     p = add("acquire", cmd_acquire, "the acquisition service alone")
-    p.add_argument("--source", required=True)
+    source_flags(p)
+    keys_flag(p)
     p.add_argument("--frames", default="push+bind:tcp://127.0.0.1:5555",
                    help="socket for frames to inference workers")
     p.add_argument("--control", default="push+connect:tcp://127.0.0.1:5556",
@@ -351,12 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: config)")
     p.add_argument("--config")
+    keys_flag(p)
 
     p = add("manage", cmd_manage, "the management service alone (stores results)")
     p.add_argument("--results", default="pull+bind:tcp://127.0.0.1:5556")
     db_flag(p)
     p.add_argument("--config")
     p.add_argument("--exit-after-runs", type=int, help="exit after this many runs finished")
+    keys_flag(p)
+
+    p = add("keys", cmd_keys, "create CURVE keys for links between hosts")
+    p.add_argument("--out", required=True, metavar="DIR", help="key folder (created)")
+    p.add_argument("--client", action="append", metavar="NAME",
+                   help="a client key pair to add and authorize (repeatable; default: 'client')")
 
     p = add("runs", cmd_runs, "list inspection runs")
     db_flag(p)

@@ -14,6 +14,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CaptureConfig(_Strict):
+    """What a live camera or stream is asked for (drivers may ignore it: what they give is
+    logged), and how a lost stream is reopened."""
+
+    width: int | None = Field(None, gt=0)  # None: the driver's default
+    height: int | None = Field(None, gt=0)
+    fps: float | None = Field(None, gt=0)
+    exposure: float | None = None  # driver units; None: automatic
+    open_timeout_s: float = Field(10.0, gt=0)  # no first frame in this long: a clear error
+    reconnect_initial_s: float = Field(0.5, gt=0)  # first wait before reopening; doubles ...
+    reconnect_max_s: float = Field(10.0, gt=0)  # ... up to this
+    reconnect_timeout_s: float = Field(60.0, gt=0)  # no frame for this long: the camera has ended
+
+
 class CameraConfig(_Strict):
     """One camera of the rig: its scale and which part of the lining it sees.
 
@@ -21,22 +35,54 @@ class CameraConfig(_Strict):
     ``direction`` +1 when chainage grows with that image coordinate, -1 when it shrinks.
     ``arc_offset_mm`` is the ring arc (mm, measured round the ring) of the first image row
     (or column) across the tunnel, so the camera's sector is arc_offset_mm .. + extent.
+    ``source`` is where a rig camera's frames come from (any ``--source`` form); the single
+    camera of a run without a rig takes ``--source`` instead. ``metadata`` is an optional
+    per-frame CSV (capture time, chainage) of a recorded source.
     """
 
-    id: str = "cam0"
+    id: str = Field("cam0", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     mm_per_px_along: float = Field(0.5, gt=0)
     mm_per_px_across: float = Field(0.5, gt=0)
     along_axis: Literal["x", "y"] = "x"
     direction: Literal[1, -1] = 1
     arc_offset_mm: float = 0.0
+    source: str | None = None
+    metadata: Path | None = None
+    capture: CaptureConfig = CaptureConfig()
+
+
+class PositionConfig(_Strict):
+    """Where each frame is along the tunnel (its chainage, metres, of the image centre).
+
+    ``speed``: start + direction x speed x time. ``odometer``: a CSV log ``time_s`` with
+    ``distance_m`` (or ``ticks`` and ``ticks_per_m``), interpolated at the capture time.
+    ``chainage_file``: a CSV ``time_s, chainage_m``, interpolated. ``clock``: the log's times are
+    seconds since the first frame ("relative") or UNIX seconds ("unix"). A frame whose source
+    knows its chainage (a recording, a metadata file) keeps it."""
+
+    source: Literal["speed", "odometer", "chainage_file"] = "speed"
+    file: Path | None = None
+    ticks_per_m: float | None = Field(None, gt=0)
+    clock: Literal["relative", "unix"] = "relative"
+    direction: Literal[1, -1] = 1  # -1: the vehicle drives towards lower chainage
+
+    @model_validator(mode="after")
+    def _check(self) -> PositionConfig:
+        if self.source != "speed" and self.file is None:
+            raise ValueError(f"position source {self.source} needs 'file'")
+        return self
 
 
 class AcquisitionConfig(_Strict):
     speed_kmh: float = Field(10.0, ge=0)  # chainage = start + speed x time, without an odometer
     start_chainage_m: float = 0.0
+    position: PositionConfig = PositionConfig()
     folder_fps: float = Field(10.0, gt=0)  # capture rate assumed for an image folder
     encoding: Literal["raw", "jpeg", "png"] = "raw"
     queue_frames: int = Field(4, ge=1)  # ZeroMQ high-water mark on the frame stream
+    # --record DIR: how frames are written (png: lossless; jpeg at this quality: smaller)
+    record_encoding: Literal["png", "jpeg"] = "png"
+    record_jpeg_quality: int = Field(95, ge=1, le=100)
 
 
 class InferenceConfig(_Strict):
@@ -78,10 +124,27 @@ class ManagementConfig(_Strict):
 
 class PipelineConfig(_Strict):
     camera: CameraConfig = CameraConfig()
+    # a camera rig: several cameras in one run, each with its own ``source`` (``--source rig``)
+    rig: tuple[CameraConfig, ...] = ()
     acquisition: AcquisitionConfig = AcquisitionConfig()
     inference: InferenceConfig = InferenceConfig()
     severity: SeverityConfig = SeverityConfig()
     management: ManagementConfig = ManagementConfig()
+
+    @model_validator(mode="after")
+    def _check_rig(self) -> PipelineConfig:
+        ids = [camera.id for camera in self.rig]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"rig camera ids must be unique: {ids}")
+        missing = [camera.id for camera in self.rig if not camera.source]
+        if missing:
+            raise ValueError(f"rig cameras need a 'source': {', '.join(missing)}")
+        return self
+
+    def camera_for(self, camera_id: str) -> CameraConfig:
+        """The rig camera of that id, else the single camera (whatever its id: a recording
+        from another vehicle keeps its camera names)."""
+        return next((camera for camera in self.rig if camera.id == camera_id), self.camera)
 
 
 class ConfigError(ValueError):

@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from acquisition.service import new_run_id
+from acquisition.service import new_run_id, position_model
 from acquisition.sources import open_source
-from crackscan.config import load_pipeline_config
+from crackscan.config import PipelineConfig, load_pipeline_config
 from inference.segmenter import bundled_model_path, open_segmenter
 from management.db import make_engine, resolve_url, session_factory
 from management.store import list_runs
@@ -78,19 +78,29 @@ def _supervise(manager: subprocess.Popen, acquirer: subprocess.Popen,
 
 def run_pipeline(source: str, db_url: str | None, model: str | None, backend: str, workers: int,
                  mode: str, config_path: str | None, record: str | None,
-                 verbose: bool = False) -> dict:
+                 verbose: bool = False, config: PipelineConfig | None = None,
+                 acquire_args: list[str] | None = None) -> dict:
     """Run one source through the pipeline; returns the run summary (as ``runs`` reports it,
-    plus wall time, fps, backend and workers)."""
+    plus wall time, fps, backend and workers). ``config``: the run's config when the caller
+    changed it (source flags); ``acquire_args``: those flags, passed on to acquisition (which
+    also takes ``--record``)."""
     from crackscan.cli import UserError
 
     if workers < 1:
         raise UserError("--workers must be at least 1")
+    if config is None:
+        config = load_pipeline_config(Path(config_path) if config_path else None)
+    acquire_args = list(acquire_args or [])
     if record:
-        raise UserError("--record is not supported yet in this build (acquisition issue)")
-    config = load_pipeline_config(Path(config_path) if config_path else None)
+        if Path(record).exists() and (not Path(record).is_dir() or any(Path(record).iterdir())):
+            raise UserError(f"--record {record}: the folder exists and is not empty; give a new "
+                            "folder for the recording")
+        if "--record" not in acquire_args:
+            acquire_args += ["--record", record]
     db_url = resolve_url(db_url)
     # fail fast, in this process, on everything the user typed
     open_source(source, config).close()
+    position_model(config)
     model_path = Path(model) if model else bundled_model_path()
     segmenter = open_segmenter(model_path, backend)
     backend_name = segmenter.backend
@@ -118,14 +128,17 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
             pool = [_spawn("infer", worker_args, verbose) for _ in range(workers)]
             acquirer = _spawn("acquire", ["--source", source, "--frames", f"push+bind:{frames}",
                                           "--control", f"push+connect:{results}", "--run-id",
-                                          run_id, "--mode", mode] + config_args, verbose)
+                                          run_id, "--mode", mode] + config_args
+                              + acquire_args, verbose)
             _supervise(manager, acquirer, pool, lambda: _spawn("infer", worker_args, verbose))
         except KeyboardInterrupt:
             # a second Ctrl-C while management drains ends everything at once (finally below)
             stopping = True
             log.info("stopping: acquisition first, then management stores what is in flight")
-            if acquirer is not None:
-                _stop(acquirer, 10)
+            if acquirer is not None and acquirer.poll() is None:
+                # it stops reading, sends its end, and keeps the frames it sent flowing to the
+                # workers until management has them (the second SIGTERM, below) or 8 s pass
+                acquirer.send_signal(signal.SIGTERM)
             if manager is not None:
                 manager.wait()
         except StageFailed as exc:

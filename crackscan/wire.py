@@ -335,6 +335,7 @@ class EndOfStreamMessage:
     frames_dropped: int  # live mode: not sent because inference was behind
     frames_bad: int  # unreadable / corrupt frames skipped
     reason: str = "end_of_source"  # or "stopped" (Ctrl-C / SIGTERM), "source_error"
+    frames_recorded: int = 0  # written to the --record directory (0 when not recording)
 
     def to_frames(self) -> list[bytes]:
         return [_header_frame(self.TYPE, asdict(self))]
@@ -347,7 +348,9 @@ class EndOfStreamMessage:
                    ended_at=_take(h, "ended_at", float), frames_read=_count(h, "frames_read"),
                    frames_sent=_count(h, "frames_sent"),
                    frames_dropped=_count(h, "frames_dropped"),
-                   frames_bad=_count(h, "frames_bad"), reason=_choice(h, "reason", END_REASONS))
+                   frames_bad=_count(h, "frames_bad"), reason=_choice(h, "reason", END_REASONS),
+                   # optional: an older sender leaves it out
+                   frames_recorded=_count(h, "frames_recorded") if "frames_recorded" in h else 0)
 
 
 Message = RunStartMessage | FrameMessage | ResultMessage | EndOfStreamMessage

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import zmq
 
 from crackscan.config import PipelineConfig
-from crackscan.sockets import SocketSpec
+from crackscan.sockets import KeyRing, SocketSpec
 from crackscan.wire import FrameMessage, ResultMessage, WireError, decode
 from inference.geometry import measure_cracks
 from inference.segmenter import Segmenter
@@ -46,7 +46,8 @@ def process_frame(frame: FrameMessage, segmenter: Segmenter, config: PipelineCon
     started = time.perf_counter()
     prob = segmenter.segment([frame.image])[0]
     threshold = config.inference.threshold or segmenter.info.threshold
-    mask, cracks = measure_cracks(prob, threshold, config.camera, frame.chainage_m,
+    mask, cracks = measure_cracks(prob, threshold, config.camera_for(frame.camera_id),
+                                  frame.chainage_m,
                                   config.severity, config.inference.min_crack_area_px,
                                   config.inference.min_crack_length_mm,
                                   config.inference.min_crack_elongation)
@@ -67,13 +68,16 @@ def _send(sock: zmq.Socket, frames: list[bytes], stop: threading.Event) -> bool:
 
 
 def run_worker(frames: str, results: str, segmenter: Segmenter, config: PipelineConfig,
-               stop: threading.Event, worker: str | None = None) -> WorkerStats:
+               stop: threading.Event, worker: str | None = None,
+               keys: KeyRing | None = None) -> WorkerStats:
+    """Take frames from ``frames`` and push results to ``results`` until ``stop``; with
+    ``keys``, both links are CURVE-authenticated (a worker on another host)."""
     worker = worker or worker_name()
     stats = WorkerStats()
     context = zmq.Context.instance()
     # one frame queued per worker at most, so frames go to whichever worker is free
-    inbox = SocketSpec.parse(frames).open(context, hwm=1)
-    outbox = SocketSpec.parse(results).open(context, hwm=16)
+    inbox = SocketSpec.parse(frames).open(context, hwm=1, keys=keys)
+    outbox = SocketSpec.parse(results).open(context, hwm=16, keys=keys)
     try:
         while not stop.is_set():
             if not inbox.poll(POLL_MS):

@@ -38,7 +38,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from crackscan.config import ManagementConfig
-from crackscan.sockets import SocketSpec
+from crackscan.sockets import KeyRing, SocketSpec, terminate
 from crackscan.wire import (
     EndOfStreamMessage,
     ResultMessage,
@@ -358,23 +358,25 @@ class _Manager:
 def run_management(results: str, engine: Engine, config: ManagementConfig,
                    stop: threading.Event, exit_after_runs: int | None = None,
                    on_run_finished: OnRunFinished | None = None,
-                   stats: ManagementStats | None = None) -> list[str]:
+                   stats: ManagementStats | None = None,
+                   keys: KeyRing | None = None) -> list[str]:
     """Receive on ``results`` (a PULL SocketSpec string) and store into ``engine`` until ``stop``
     is set or ``exit_after_runs`` runs have finished; returns the ids of the runs finished, in
     the order they finished.
 
     ``on_run_finished(run_id, status)`` is called as each run finishes. ``stats``, when given,
     is filled in as messages arrive. On ``stop``, what is already queued on the socket is read
-    and everything received is committed before returning.
+    and everything received is committed before returning. ``keys``: accept only authorized
+    CURVE clients (needed to bind a non-loopback interface).
     """
-    spec = SocketSpec.parse(results)
+    spec = SocketSpec.parse(results, authenticated=keys is not None)
     if spec.pattern != "pull":
         raise ValueError(f"results socket {results!r} must be a pull socket, "
                          "e.g. pull+bind:ipc:///tmp/crackscan/results")
     manager = _Manager(session_factory(engine), config, stats or ManagementStats(),
                        on_run_finished)
     context = zmq.Context()
-    socket = spec.open(context, hwm=RESULTS_HWM)
+    socket = spec.open(context, hwm=RESULTS_HWM, keys=keys)
     log.info("management receiving on %s, storing to %s", spec,
              engine.url.render_as_string(hide_password=True))
     try:
@@ -406,7 +408,7 @@ def run_management(results: str, engine: Engine, config: ManagementConfig,
             manager.stop_runs(time.monotonic())
     finally:
         socket.close(linger=0)
-        context.term()
+        terminate(context)
     stats = manager.stats
     log.info("management done: %d messages, %d results stored, %d duplicates, %d malformed, "
              "%d refused by the database", stats.messages, stats.stored, stats.duplicates,

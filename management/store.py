@@ -128,7 +128,8 @@ def end_stream(session: Session, msg: EndOfStreamMessage) -> bool:
     run.cameras_ended = {**run.cameras_ended, msg.camera_id: {
         "ended_at": _iso(_utc(msg.ended_at)), "reason": msg.reason,
         "frames_read": msg.frames_read, "frames_sent": msg.frames_sent,
-        "frames_dropped": msg.frames_dropped, "frames_bad": msg.frames_bad}}
+        "frames_dropped": msg.frames_dropped, "frames_bad": msg.frames_bad,
+        "frames_recorded": msg.frames_recorded}}
     return True
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
-from acquisition.service import new_run_id, run_acquisition
+from acquisition.service import STOPPED_DRAIN_S, new_run_id, run_acquisition
 from acquisition.sources import SourceError, SourceFrame, open_source
 from crackscan.config import AcquisitionConfig, PipelineConfig
 from crackscan.wire import EndOfStreamMessage, FrameMessage, RunStartMessage, decode
@@ -156,11 +156,15 @@ def test_empty_folder_and_missing_path_are_source_errors(tmp_path):
         open_source(str(tmp_path / "nowhere.mp4"), CONFIG)
 
 
-@pytest.mark.parametrize("spec", ["camera:0", "rtsp://10.0.0.5/stream",
-                                  "gst:videotestsrc ! appsink"])
-def test_cameras_and_streams_are_not_supported_yet(spec):
-    with pytest.raises(SourceError, match="not supported yet"):
-        open_source(spec, CONFIG)
+@pytest.mark.parametrize("spec,match", [
+    ("camera:7", "camera:7 did not open"),  # no cameras on a test machine
+    ("rtsp://127.0.0.1:9/stream", "rtsp://127.0.0.1:9/stream"),  # nothing listens on port 9
+    ("http://example.invalid/video", "not supported"),
+])
+def test_a_camera_or_stream_that_is_not_there_is_a_clear_error(spec, match):
+    quick = PipelineConfig(camera={"capture": {"open_timeout_s": 1.0}})
+    with pytest.raises(SourceError, match=re.escape(match)):
+        open_source(spec, quick)
 
 
 def test_synthetic_source(tmp_path):
@@ -326,25 +330,36 @@ def test_live_mode_drops_frames_a_busy_consumer_cannot_take(tmp_path):
     assert elapsed >= (count - 1) / fps * 0.9  # a recording played live keeps its frame rate
 
 
-def test_stop_ends_a_blocked_replay_with_reason_stopped(tmp_path):
+@pytest.mark.parametrize("finish_after_s", [1.0, None])
+def test_stop_ends_a_blocked_replay_with_reason_stopped(tmp_path, finish_after_s):
+    """A stop ends reading at once; the frames already sent are kept flowing until ``finish``
+    (the pipeline's second signal, once management has them) or, without it, for at most
+    STOPPED_DRAIN_S."""
     path = write_video(tmp_path / "drive.mp4", 40, size=(320, 240))
     config = PipelineConfig(acquisition=AcquisitionConfig(queue_frames=1))
     consumer = Consumer(tmp_path, read_frames=False)
-    stop = threading.Event()
-    timer = threading.Timer(0.5, stop.set)
+    stop, finish = threading.Event(), threading.Event()
+    timers = [threading.Timer(0.5, stop.set)]
+    if finish_after_s is not None:
+        timers.append(threading.Timer(0.5 + finish_after_s, finish.set))
     try:
         with open_source(str(path), config) as source:
-            timer.start()
+            for timer in timers:
+                timer.start()
             began = time.monotonic()
-            end = run_in_thread(consumer, source, "replay", config, stop)
+            end = run_in_thread(consumer, source, "replay", config, stop, finish=finish)
             elapsed = time.monotonic() - began
     finally:
-        timer.cancel()
+        for timer in timers:
+            timer.cancel()
         consumer.close()
     assert end.reason == "stopped"
     assert 0 < end.frames_sent < 40
     assert end.frames_sent + end.frames_dropped + end.frames_bad == end.frames_read
-    assert elapsed < 5.0
+    if finish_after_s is None:
+        assert STOPPED_DRAIN_S <= elapsed < STOPPED_DRAIN_S + 4
+    else:
+        assert 1.4 <= elapsed < 4.0
 
 
 class BrokenSource:
