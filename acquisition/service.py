@@ -28,11 +28,12 @@ keeps up in real time.
 Draining. After the end message, a run keeps the frame stream open until ``stop`` is set or
 ``drain_s`` passes (default ``management.drain_timeout_s``), then closes it with a linger; a
 stopped run (``stop`` already set) until ``finish`` is set or ``STOPPED_DRAIN_S`` passes, so the
-frames it sent before the stop still reach the workers. ZeroMQ's linger alone is not enough: it only hands frames to the kernel, and a worker
-whose receive queue is full when the connection closes drops what is still in its socket buffer
-(libzmq stops reading a peer that hung up while its input was throttled). So a replay's last
-frames would be lost whenever workers are behind at the end. The pipeline stops acquisition once
-management has every result; ``crackscan acquire`` on its own exits after the drain.
+frames it sent before the stop still reach the workers. ZeroMQ's linger alone is not enough:
+it only hands frames to the kernel, and a worker whose receive queue is full when the connection
+closes drops what is still in its socket buffer (libzmq stops reading a peer that hung up while
+its input was throttled). So a run's last frames would be lost whenever workers are behind at
+the end. The pipeline stops acquisition once management has every result; ``crackscan acquire``
+on its own exits after the drain.
 """
 
 from __future__ import annotations
