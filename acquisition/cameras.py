@@ -156,6 +156,8 @@ class CaptureSource(_Source):
     thread (e.g. on a stop request) ends a back-off wait at once.
     """
 
+    interruptible = True  # close() from another thread ends iteration (see acquisition.service)
+
     def __init__(self, spec: str, settings: CaptureSettings | None = None, *,
                  opener: Callable[[], cv2.VideoCapture] | None = None,
                  clock: Callable[[], float] = time.monotonic,

@@ -34,6 +34,8 @@ class _Ended:
 class RigSource(_Source):
     """The frames of several cameras, each source read by its own thread."""
 
+    interruptible = True  # close() from another thread ends iteration (see acquisition.service)
+
     def __init__(self, sources: dict[str, FrameSource]) -> None:
         if not sources:
             raise SourceError("a rig needs at least one camera")
@@ -53,8 +55,11 @@ class RigSource(_Source):
             thread.start()
         running = len(self._threads)
         failure: BaseException | None = None
-        while running:
-            item = self._queue.get()
+        while running and not self._stop.is_set():
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
             if isinstance(item, _Ended):
                 running -= 1
                 if item.error is not None:

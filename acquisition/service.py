@@ -122,6 +122,14 @@ def position_model(config: PipelineConfig) -> ChainageModel:
                          clock=position.clock)
 
 
+def _close_on_stop(source: FrameSource, stop: threading.Event, done: threading.Event) -> None:
+    while not done.is_set():
+        if stop.wait(POLL_MS / 1000):
+            if not done.is_set():
+                source.close()
+            return
+
+
 def _totals(counts: dict[str, Counts]) -> tuple[int, int, int, int]:
     return (sum(c.read for c in counts.values()), sum(c.sent for c in counts.values()),
             sum(c.dropped for c in counts.values()), sum(c.bad for c in counts.values()))
@@ -175,6 +183,11 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
 
         clock = time.monotonic()
         next_report = clock + PROGRESS_EVERY_S
+        reading = threading.Event()
+        if getattr(source, "interruptible", False):
+            # a camera waiting to reconnect yields nothing: close it on stop, ending iteration
+            threading.Thread(target=_close_on_stop, args=(source, stop, reading), daemon=True,
+                             name="close-on-stop").start()
         try:
             for item in source:
                 if stop.is_set():
@@ -237,6 +250,10 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
         except Exception:  # a source failing mid-run ends the run cleanly, with the counts so far
             log.exception("run %s: reading %s failed", run_id, label)
             reason = "source_error"
+        finally:
+            reading.set()
+        if stop.is_set() and reason == "end_of_source":
+            reason = "stopped"  # the source ended because it was closed on stop
 
         ended_at = time.time()
         for camera_id, count in counts.items():

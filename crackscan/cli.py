@@ -91,12 +91,21 @@ def cmd_run(args) -> int:
 def format_summary(summary: dict) -> str:
     lines = [
         f"run {summary['id']}  ({summary['status']})",
-        f"  source          {summary['source']}  [{summary['mode']}]",
+        f"  source          {summary['source']}  [{summary['mode']}]"
+        + (f"  cameras {', '.join(summary['cameras'])}" if len(summary["cameras"]) > 1 else ""),
         f"  model           {summary['model']}  backend {summary['backend']}, "
         f"{summary['workers']} worker(s)",
         f"  frames read     {summary['frames_read']}",
         f"  frames stored   {summary['frames']}",
         f"  frames dropped  {summary['frames_dropped']}  (bad {summary['frames_bad']})",
+    ]
+    if summary.get("frames_recorded"):
+        lines.append(f"  frames recorded {summary['frames_recorded']}")
+    if summary.get("latency_ms_p50") is not None:
+        lines.append(f"  latency         p50 {summary['latency_ms_p50']:.0f} ms, p99 "
+                     f"{summary['latency_ms_p99']:.0f} ms, max {summary['latency_ms_max']:.0f} ms "
+                     "(capture to stored)")
+    lines += [
         f"  cracks          {summary['cracks']}",
         f"  chainage        {_metres(summary['chainage_start_m'])} .. "
         f"{_metres(summary['chainage_end_m'])} m",

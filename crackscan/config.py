@@ -164,8 +164,27 @@ def load_pipeline_config(path: Path | None = None) -> PipelineConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping of sections")
     try:
-        return PipelineConfig(**raw)
+        return _relative_to(PipelineConfig(**raw), path.parent)
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(part) for part in first["loc"])
         raise ConfigError(f"config {path}: {key}: {first['msg']}") from None
+
+
+def _relative_to(config: PipelineConfig, folder: Path) -> PipelineConfig:
+    """Relative file paths in a config file name files beside it: the position log, metadata
+    files, and rig sources that are files there (``camera:0`` and URLs stay as they are)."""
+    def camera(cam: CameraConfig) -> CameraConfig:
+        update: dict = {}
+        if cam.metadata is not None and not cam.metadata.is_absolute():
+            update["metadata"] = folder / cam.metadata
+        if cam.source and not Path(cam.source).is_absolute() and (folder / cam.source).exists():
+            update["source"] = str(folder / cam.source)
+        return cam.model_copy(update=update) if update else cam
+
+    position = config.acquisition.position
+    if position.file is not None and not position.file.is_absolute():
+        position = position.model_copy(update={"file": folder / position.file})
+    acquisition = config.acquisition.model_copy(update={"position": position})
+    return config.model_copy(update={"camera": camera(config.camera), "acquisition": acquisition,
+                                     "rig": tuple(camera(c) for c in config.rig)})

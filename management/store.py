@@ -185,6 +185,22 @@ def run_progress(session: Session, run_id: str) -> dict[str, Any]:
     }
 
 
+def run_latency(session: Session, run_id: str) -> dict[str, float | None]:
+    """Capture-to-stored latency of a run's frames in ms: p50, p99 and max (None without
+    frames). Meaningful for live runs, whose capture times are the run's own clock."""
+    rows = session.execute(select(Frame.capture_time, Frame.stored_at)
+                           .where(Frame.run_id == run_id)).all()
+    if not rows:
+        return {"latency_ms_p50": None, "latency_ms_p99": None, "latency_ms_max": None}
+    delays = sorted((stored - captured).total_seconds() * 1000 for captured, stored in rows)
+
+    def percentile(q: float) -> float:
+        return round(delays[min(len(delays) - 1, math.ceil(q * len(delays)) - 1)], 1)
+
+    return {"latency_ms_p50": percentile(0.5), "latency_ms_p99": percentile(0.99),
+            "latency_ms_max": round(delays[-1], 1)}
+
+
 def list_runs(session: Session) -> list[dict[str, Any]]:
     """Every run, oldest first, with its counters and what is stored for it."""
     frames = (select(Frame.run_id, func.count(Frame.id).label("frames"),
@@ -199,7 +215,7 @@ def list_runs(session: Session) -> list[dict[str, Any]]:
         .outerjoin(frames, frames.c.run_id == Run.id)
         .outerjoin(cracks, cracks.c.run_id == Run.id)
         .order_by(Run.started_at, Run.id)).all()
-    return [{
+    summaries = [{
         "id": run.id,
         "source": run.source,
         "mode": run.mode,
@@ -218,7 +234,13 @@ def list_runs(session: Session) -> list[dict[str, Any]]:
         "ended_at": _iso(run.ended_at),
         "chainage_start_m": chainage_start,
         "chainage_end_m": chainage_end,
+        "frames_recorded": sum(end.get("frames_recorded", 0)
+                               for end in run.cameras_ended.values()),
     } for run, frame_count, chainage_start, chainage_end, crack_count in rows]
+    for summary in summaries:  # a live run's latency: what bounded queues are for
+        if summary["mode"] == "live":
+            summary.update(run_latency(session, summary["id"]))
+    return summaries
 
 
 def parse_chainage(text: str) -> tuple[float, float]:

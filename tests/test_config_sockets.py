@@ -64,3 +64,29 @@ def test_push_pull_over_a_real_socket(tmp_path):
     push.close(0)
     pull.close(0)
     context.term()
+
+
+def test_the_rig_example_parses_and_its_relative_files_sit_beside_it():
+    config = load_pipeline_config(REPO / "configs" / "rig_two_cameras.yaml")
+    assert [camera.id for camera in config.rig] == ["crown", "right_shoulder"]
+    assert config.rig[1].arc_offset_mm == 3200.0 and config.rig[0].capture.fps == 30
+    assert config.acquisition.position.file == REPO / "configs" / "odometer.csv"
+    assert config.camera_for("right_shoulder").mm_per_px_across == 0.6
+    assert config.camera_for("some_recorded_camera") == config.camera
+
+
+def test_rig_cameras_need_unique_ids_and_sources(tmp_path):
+    path = tmp_path / "rig.yaml"
+    (tmp_path / "a.mp4").write_bytes(b"")
+    path.write_text("rig:\n  - {id: a, source: a.mp4}\n  - {id: a, source: camera:1}\n")
+    with pytest.raises(ConfigError, match="unique"):
+        load_pipeline_config(path)
+    path.write_text("rig:\n  - {id: a, source: a.mp4}\n  - {id: b}\n")
+    with pytest.raises(ConfigError, match="need a 'source': b"):
+        load_pipeline_config(path)
+    path.write_text("rig:\n  - {id: a, source: a.mp4}\n  - {id: b, source: camera:1}\n")
+    config = load_pipeline_config(path)
+    assert config.rig[0].source == str(tmp_path / "a.mp4") and config.rig[1].source == "camera:1"
+    path.write_text("acquisition:\n  position: {source: odometer}\n")
+    with pytest.raises(ConfigError, match="needs 'file'"):
+        load_pipeline_config(path)
