@@ -292,6 +292,9 @@ class Recorder:
             if self._closed:
                 return
             self._closed = True
+            if self._queue.qsize():
+                log.info("recording %s: writing the last %d queued frames", self.directory,
+                         self._queue.qsize())
             for _ in self._threads:
                 self._queue.put(None)
         for thread in self._threads:

@@ -19,11 +19,14 @@ Recording. With a ``recorder`` every good frame is written to the recording befo
 offered to the stream, so a live run's recording keeps the frames the stream drops.
 
 Modes. ``replay``: nothing is dropped. The frame socket's high-water mark is
-``acquisition.queue_frames``; when the workers fall behind, sending waits (polling, so a ``stop``
-is seen within ``POLL_MS``) and the reader waits with it. ``live``: a send that would wait is not
-made; the frame is counted as dropped and the next one read. A recorded source replayed in live
-mode is paced at its own frame rate (a camera paces itself), so drops measure whether inference
-keeps up in real time.
+``acquisition.queue_frames`` (live: ``live_queue_frames``, 1, as each queued frame adds latency);
+when the workers fall behind, sending waits (polling, so a ``stop`` is seen within ``POLL_MS``)
+and the reader waits with it. ``live``: a send that would wait is not made; the frame is counted
+as dropped and the next one read. A recorded source replayed in live mode is paced at its own
+frame rate (a camera paces itself), so drops measure whether inference keeps up in real time.
+A live frame read more than ``LATE_FRAMES`` frame periods (and ``LATE_MIN_S``) after its capture
+time, because acquisition itself fell behind (a slow disk, a busy CPU), is dropped, not sent, as
+a camera would have overwritten it, so latency stays bounded. Dropped frames are still recorded.
 
 Draining. After the end message, a run keeps the frame stream open until ``stop`` is set or
 ``drain_s`` passes (default ``management.drain_timeout_s``), then closes it with a linger; a
@@ -59,6 +62,8 @@ POLL_MS = 100  # how long one wait for a slow worker lasts before `stop` is chec
 CONTROL_SEND_TIMEOUT_S = 10.0  # run_start / end wait this long for room on the control socket
 REPLAY_LINGER_MS = 30_000  # after a drain that was not stopped, queued frames get this long
 STOPPED_LINGER_MS = 1_000
+LATE_FRAMES = 4.0  # live: a frame read this many frame periods after its time is dropped ...
+LATE_MIN_S = 0.2  # ... and at least this late (a camera driver buffers a few frames)
 STOPPED_DRAIN_S = 8.0  # a stopped run keeps its stream open this long for the frames it sent
 CONTROL_LINGER_MS = 5_000
 PROGRESS_EVERY_S = 5.0
@@ -169,7 +174,8 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
     counts = {camera: Counts() for camera in cameras}
     reason = "end_of_source"
     try:
-        frame_socket = _open(frames, context, acquisition.queue_frames, "frame", keys)
+        queue = acquisition.queue_frames if mode == "replay" else acquisition.live_queue_frames
+        frame_socket = _open(frames, context, queue, "frame", keys)
         control_socket = _open(control, context, 16, "control", keys)
         label = source_label or source.description
         started_at = time.time()
@@ -199,11 +205,16 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
                 if item.image is None:
                     count.bad += 1
                     continue
+                late = False
                 if pace:
                     delay = clock + item.offset_s - time.monotonic()
                     if delay > 0 and stop.wait(delay):
                         reason = "stopped"
                         break
+                    # live: a frame more than LATE_FRAMES periods behind its capture time is one a
+                    # camera would have overwritten while we were busy: recorded, not sent
+                    late = mode == "live" and -delay > max(LATE_FRAMES / max(source.fps, 1e-3),
+                                                           LATE_MIN_S)
                 capture_time = (item.capture_time if item.capture_time is not None
                                 else started_at + item.offset_s)
                 chainage_m = (item.chainage_m if item.chainage_m is not None
@@ -212,6 +223,9 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
                 if recorder is not None:  # before the stream, which may drop it
                     recorder.write(camera_id, item.index, capture_time, chainage_m, item.image)
                     count.recorded += 1
+                if late:
+                    count.dropped += 1
+                    continue
                 message = FrameMessage(
                     run_id=run_id, camera_id=camera_id, seq=item.index,
                     capture_time=capture_time, chainage_m=chainage_m,

@@ -79,7 +79,9 @@ class AcquisitionConfig(_Strict):
     position: PositionConfig = PositionConfig()
     folder_fps: float = Field(10.0, gt=0)  # capture rate assumed for an image folder
     encoding: Literal["raw", "jpeg", "png"] = "raw"
-    queue_frames: int = Field(4, ge=1)  # ZeroMQ high-water mark on the frame stream
+    queue_frames: int = Field(4, ge=1)  # ZeroMQ high-water mark on the frame stream (replay)
+    # live mode: every queued frame adds one frame's inference time to the latency
+    live_queue_frames: int = Field(1, ge=1)
     # --record DIR: how frames are written (png: lossless; jpeg at this quality: smaller)
     record_encoding: Literal["png", "jpeg"] = "png"
     record_jpeg_quality: int = Field(95, ge=1, le=100)

@@ -32,6 +32,7 @@ from management.store import list_runs
 log = logging.getLogger(__name__)
 
 WORKER_RESTARTS = 3  # per worker slot, before the run is abandoned
+RECORDING_CLOSE_S = 600.0  # how long a recording acquisition may take to write its last frames
 
 
 class StageFailed(RuntimeError):
@@ -146,7 +147,8 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
         finally:
             for process in [acquirer, *pool, manager]:
                 if process is not None:
-                    _stop(process, 10)
+                    # acquisition finishes writing its recording before it exits
+                    _stop(process, RECORDING_CLOSE_S if process is acquirer and record else 10)
         wall_s = time.monotonic() - started
 
     engine = make_engine(db_url)

@@ -113,17 +113,17 @@ def test_live_run_against_a_slow_consumer_drops_frames_but_records_them_all(tmp_
 
 def test_live_realtime_run_counts_drops_with_bounded_latency_and_a_complete_recording(
         tmp_path):
-    """``crackscan run --mode live --realtime --record`` on a 60 fps video (no CPU keeps up):
+    """``crackscan run --mode live --realtime --record`` on a 30 fps video (no CPU keeps up):
     stored + dropped = captured, every captured frame recorded, latency bounded."""
     video = tmp_path / "fast.mp4"
-    crackscan("synth", "--out", str(video), "--seconds", "1.5", "--fps", "60", "--seed", "2")
+    crackscan("synth", "--out", str(video), "--seconds", "3", "--fps", "30", "--seed", "2")
     db, recording = f"sqlite:///{tmp_path / 'live.db'}", tmp_path / "rec"
     summary = json.loads(crackscan("run", "--source", str(video), "--mode", "live",
                                    "--realtime", "--record", str(recording), "--db", db,
                                    "--format", "json").stdout)
     (run,) = json.loads(crackscan("runs", "--db", db, "--format", "json").stdout)
-    assert run["mode"] == "live" and run["frames_read"] == 90
-    assert run["frames_dropped"] > 0, "a CPU worker does not keep up with 60 fps at 640x360"
+    assert run["mode"] == "live" and run["frames_read"] == 90  # 3 s at 30 fps
+    assert run["frames"] > 0 and run["frames_dropped"] > 0, "a CPU worker is slower than 30 fps"
     assert run["frames"] + run["frames_dropped"] == run["frames_read"]
     assert run["frames_recorded"] == 90 and len(list(RecordingSource(recording))) == 90
     # bounded: at most a few queued frames (queue_frames per link) wait for a worker
@@ -323,3 +323,48 @@ def test_stop_ends_a_run_whose_camera_is_waiting_to_reconnect(tmp_path):
         source.close()
     assert time.monotonic() - began < 1.5 + 4.0
     assert end.reason == "stopped" and end.frames_read == 8 and len(opens) >= 2
+
+
+class HiccupSource:
+    """A 50 fps source whose reader stalls for 0.5 s before frame 10 (a slow disk, a busy CPU),
+    then reads as fast as it can."""
+
+    description, fps = "hiccup", 50.0
+
+    def __iter__(self):
+        from acquisition.sources import SourceFrame
+
+        for index in range(60):
+            if index == 10:
+                time.sleep(0.5)
+            yield SourceFrame(index, index / self.fps, frame_image(index))
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_live_mode_drops_frames_read_late_so_latency_stays_bounded(tmp_path):
+    """After the stall, frames are read behind their capture time: live mode drops them (a
+    camera would have overwritten them) until the reader has caught up, and records them all."""
+    consumer = Consumer(tmp_path)  # takes every frame at once: only lateness drops frames
+    recording = tmp_path / "rec"
+    try:
+        with Recorder(recording, source="hiccup", run_id="run-1", fps=50.0,
+                      cameras=("cam0",)) as recorder:
+            end = run_in_thread(consumer, HiccupSource(), "live", PipelineConfig(),
+                                recorder=recorder)
+    finally:
+        consumer.close()
+    sent = [message.seq for message in consumer.received]
+    # on time before the stall (the very first may find no connected worker yet)
+    assert len([seq for seq in sent if seq < 10]) >= 8
+    assert 10 not in sent and 20 not in sent  # read 0.5 s late: dropped
+    assert sent[-1] == 59  # caught up again
+    assert end.frames_dropped == 60 - len(sent) >= 12 and end.frames_recorded == 60
+    assert len(list(RecordingSource(recording))) == 60
