@@ -368,3 +368,20 @@ def test_live_mode_drops_frames_read_late_so_latency_stays_bounded(tmp_path):
     assert sent[-1] == 59  # caught up again
     assert end.frames_dropped == 60 - len(sent) >= 12 and end.frames_recorded == 60
     assert len(list(RecordingSource(recording))) == 60
+
+
+def test_image_folder_with_a_metadata_file_keyed_by_file_name(tmp_path):
+    import cv2
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for index, name in enumerate(("b_0001.png", "b_0002.png", "b_0003.png")):
+        cv2.imwrite(str(folder / name), frame_image(index))
+    metadata = tmp_path / "positions.csv"
+    metadata.write_text("file,time_s,chainage_m\nb_0001.png,1800000000.0,12.5\n"
+                        "b_0003.png,1800000001.0,13.5\n")  # b_0002 not listed
+    with open_source(str(folder), PipelineConfig(camera={"metadata": metadata})) as source:
+        frames = list(source)
+    assert [(f.capture_time, f.chainage_m) for f in frames] == [
+        (1800000000.0, 12.5), (None, None), (1800000001.0, 13.5)]
+    assert "with metadata" in source.description
