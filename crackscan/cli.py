@@ -152,6 +152,28 @@ def cmd_demo(args) -> int:
     return 0 if summary["frames"] > 0 else 1
 
 
+def cmd_bench(args) -> int:
+    from crackscan.bench import run_bench
+
+    if not 0 <= args.overlap < 1:
+        raise UserError(f"--overlap must be in 0..1 (a share of the frame), got {args.overlap}")
+    if args.frames < 1 or args.workers < 1:
+        raise UserError("--frames and --workers must be at least 1")
+    config = load_pipeline_config(args.config)
+    try:
+        result = run_bench(args.source, Path(args.model) if args.model else None, args.backend,
+                           args.workers, args.frames, config, args.config, args.overlap,
+                           args.threads)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if args.format == "json":
+        print_json(result)
+    else:
+        for key, value in result.items():
+            print(f"{key:22s} {value:.3f}" if isinstance(value, float) else f"{key:22s} {value}")
+    return 0
+
+
 # --- the three services alone ---------------------------------------------------------------
 
 def source_config(args) -> PipelineConfig:
@@ -478,6 +500,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="key folder (created)")
     p.add_argument("--client", action="append", metavar="NAME",
                    help="a client key pair to add and authorize (repeatable; default: 'client')")
+
+    p = add("bench", cmd_bench, "measure the bare model and the whole pipeline on this machine")
+    p.add_argument("--source", default="synthetic:8",
+                   help="frames to measure on (default: an 8 s synthetic drive, 640x360)")
+    p.add_argument("--model", help="ONNX model (default: the bundled model)")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--frames", type=int, default=100,
+                   help="frames for the bare model (the pipeline reads the whole source)")
+    p.add_argument("--threads", type=int, default=0, help="bare model's CPU threads")
+    p.add_argument("--overlap", type=float, default=0.1,
+                   help="share of a frame that must overlap the next one, for the speed")
+    p.add_argument("--config", help="pipeline YAML: camera scale (or rig) for the speed")
+    p.add_argument("--format", choices=["table", "json"], default="table")
 
     p = add("runs", cmd_runs, "list inspection runs")
     db_flag(p)

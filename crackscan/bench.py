@@ -1,0 +1,125 @@
+"""``crackscan bench``: how fast the model and the whole pipeline are on this machine.
+
+Two measurements in one run, on the same frames:
+
+- the bare model: the backend's ``segment`` on the source's frames one at a time (the batch and
+  input size the pipeline uses), in this process: ``model_fps`` and the per-frame latency
+  percentiles;
+- the pipeline: ``crackscan run`` on the same source in replay mode (acquisition, N inference
+  workers with geometry, management into a throw-away SQLite database): ``pipeline_fps`` is its
+  steady rate, frames stored over the time between the first and the last frame stored, so
+  process start-up and model loading are not counted (they are reported as ``pipeline_wall_s``).
+
+``pipeline_efficiency = pipeline_fps / model_fps`` is the share of the model's speed the
+pipeline keeps. ``speed_kmh`` is the vehicle speed that rate covers: each frame advances
+``frame_along_mm * (1 - overlap)`` along the tunnel for every camera of the rig, so
+``speed = pipeline_fps / cameras * frame_along_mm * (1 - overlap) * 3.6 / 1000``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from acquisition.sources import open_source
+from crackscan.config import PipelineConfig
+from inference.segmenter import bundled_model_path, open_segmenter
+
+log = logging.getLogger(__name__)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def read_frames(source: str, config: PipelineConfig, limit: int) -> list[np.ndarray]:
+    """The first ``limit`` good frames of ``source`` (kept in memory for the bare model)."""
+    frames = []
+    with open_source(source, config) as frames_source:
+        for item in frames_source:
+            if item.image is not None:
+                frames.append(item.image)
+            if len(frames) >= limit:
+                break
+    if not frames:
+        raise ValueError(f"source {source} gave no frames to measure")
+    return frames
+
+
+def bench_model(model: Path | None, backend: str, frames: list[np.ndarray], threads: int = 0,
+                warmup: int = 2) -> dict:
+    """The bare backend on ``frames``, one per call, after ``warmup`` calls."""
+    segmenter = open_segmenter(model, backend, threads)
+    for frame in frames[:warmup]:
+        segmenter.segment([frame])
+    times = []
+    for frame in frames:
+        start = time.perf_counter()
+        segmenter.segment([frame])
+        times.append(time.perf_counter() - start)
+    return {"backend": segmenter.backend, "model": segmenter.info.label,
+            "model_fps": len(times) / sum(times),
+            "latency_ms_p50": 1000 * statistics.median(times),
+            "latency_ms_p99": 1000 * _percentile(times, 0.99),
+            "model_frames": len(times)}
+
+
+def bench_pipeline(source: str, model: Path | None, backend: str, workers: int,
+                   config_path: str | None) -> dict:
+    """``crackscan run`` on ``source`` into a temporary SQLite database; the steady rate from
+    the stored frames' times."""
+    from crackscan.pipeline import run_pipeline
+    from management.db import make_engine, session_factory
+    from management.models import Frame
+
+    with tempfile.TemporaryDirectory(prefix="crackscan-bench-") as folder:
+        db = f"sqlite:///{Path(folder) / 'bench.db'}"
+        summary = run_pipeline(source=source, db_url=db, model=str(model) if model else None,
+                               backend=backend, workers=workers, mode="replay",
+                               config_path=config_path, record=None)
+        engine = make_engine(db)
+        with session_factory(engine)() as session:
+            stored = sorted(t for (t,) in session.query(Frame.stored_at).all())
+        engine.dispose()
+    steady = (len(stored) - 1) / (stored[-1] - stored[0]).total_seconds() if len(stored) > 2 \
+        and stored[-1] > stored[0] else math.nan
+    return {"pipeline_fps": steady, "pipeline_frames": summary["frames"],
+            "pipeline_wall_s": summary["wall_s"], "pipeline_status": summary["status"]}
+
+
+def vehicle_speed_kmh(fps: float, frame_shape: tuple[int, int], config: PipelineConfig,
+                      overlap: float) -> tuple[float, float, int]:
+    """(speed km/h, frame length along the tunnel in mm, cameras) the rate keeps up with."""
+    cameras = list(config.rig) or [config.camera]
+    height, width = frame_shape
+    along_mm = min((width if cam.along_axis == "x" else height) * cam.mm_per_px_along
+                   for cam in cameras)
+    speed = fps / len(cameras) * along_mm * (1 - overlap) / 1000 * 3.6
+    return speed, along_mm, len(cameras)
+
+
+def run_bench(source: str, model: Path | None, backend: str, workers: int, frames: int,
+              config: PipelineConfig, config_path: str | None, overlap: float = 0.1,
+              threads: int = 0) -> dict:
+    """Everything ``crackscan bench --format json`` prints."""
+    images = read_frames(source, config, frames)
+    height, width = images[0].shape[:2]
+    result = {"source": source, "input": f"{width}x{height}", "batch": 1, "workers": workers}
+    result.update(bench_model(model or bundled_model_path(), backend, images, threads))
+    model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.update(bench_pipeline(source, model, backend, workers, config_path))
+    children_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    result["pipeline_efficiency"] = result["pipeline_fps"] / result["model_fps"]
+    speed, along_mm, cameras = vehicle_speed_kmh(result["pipeline_fps"], (height, width), config,
+                                                 overlap)
+    result.update(speed_kmh=speed, frame_along_mm=along_mm, cameras=cameras, overlap=overlap,
+                  memory_mb_model=model_rss, memory_mb_stage_max=children_rss)
+    return result

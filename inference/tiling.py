@@ -1,0 +1,239 @@
+"""Tiles and batches: segmenting frames too large for one pass, and many frames per pass.
+
+Line-scan strips (a few hundred px by many thousands) and 4K area-camera frames do not fit a GPU
+in one piece, and a TensorRT engine is built for one fixed input size. :class:`TiledSegmenter`
+cuts such an image into overlapping square tiles of one size (:class:`TileGrid`,
+:func:`split`), segments them, and stitches the maps (:func:`stitch`).
+
+Stitching keeps from each tile only the pixels it *owns*: overlaps are cut along their centre
+line, so every owned pixel lies at least overlap/2 px inside its tile (except at the image's own
+borders). The inner segmenter mirror-pads every tile by ``REFLECT_MARGIN_PX``, so a tile's
+border pixels still see (mirrored) context; the overlap moves the seams further from those
+mirrored borders, where a tile's view of the scene differs most from the whole image's.
+Tiling is not exactly invariant: a model with global context (the bundled model's ASPP
+image-pooling branch averages over the whole input) sees each tile's average, not the frame's.
+
+:class:`BatchingSegmenter` runs the same-shaped images of one ``segment`` call through ONNX
+Runtime as one batch (the exported models have a dynamic batch axis), which is what tiles are:
+on a GPU a batch of tiles costs little more than one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from inference.segmenter import (
+    ModelInfo,
+    OnnxRuntimeSegmenter,
+    Segmenter,
+    crack_probability,
+    preprocess,
+)
+
+# Tiles are a multiple of the network stride (32 for the encoders crackscan exports), so a tile
+# plus the 32 px mirror margin on both sides needs no further padding.
+TILE_MULTIPLE = 32
+MIN_TILE = 64
+
+
+def check_tiling(tile: int, overlap: int) -> None:
+    """Raise ValueError unless ``tile`` is a multiple of 32, at least 64, and
+    0 <= ``overlap`` < tile / 2 (so a pixel lies in at most two tiles along each axis)."""
+    if tile < MIN_TILE or tile % TILE_MULTIPLE:
+        raise ValueError(f"tile {tile} must be a multiple of {TILE_MULTIPLE} and >= {MIN_TILE}")
+    if not 0 <= overlap < tile / 2:
+        raise ValueError(f"overlap {overlap} must be >= 0 and < tile / 2 = {tile / 2:g}")
+
+
+def check_batch(max_batch: int) -> None:
+    if max_batch < 1:
+        raise ValueError(f"max_batch {max_batch} must be >= 1")
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles along one axis of ``length`` px: every ``tile - overlap`` px, the
+    last one shifted back so that it ends at the image's end (it then shares more than
+    ``overlap`` px with its neighbour). A length up to ``tile`` gives one tile at 0."""
+    step = tile - overlap
+    starts = []
+    start = 0
+    while start + tile < length:
+        starts.append(start)
+        start += step
+    starts.append(max(0, length - tile))
+    return starts
+
+
+def owned_span(starts: list[int], index: int, length: int, tile: int) -> tuple[int, int]:
+    """The [begin, end) that tile ``index`` owns along one axis: from the centre line of its
+    overlap with the previous tile to the centre line of its overlap with the next one (the
+    image's ends for the first and last tiles)."""
+    begin = 0 if index == 0 else (starts[index - 1] + tile + starts[index]) // 2
+    end = length if index == len(starts) - 1 else (starts[index] + tile + starts[index + 1]) // 2
+    return begin, end
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles of side ``tile`` covering an HxW image with at least ``overlap`` px shared between
+    neighbours.
+
+    Windows are (top, left) in row-major order; tiles never leave the image (the last row and
+    column of tiles are shifted back inside). A side shorter than ``tile`` has one tile at 0
+    that the caller pads (:func:`split` mirror-pads it) up to ``tile``.
+    """
+
+    height: int
+    width: int
+    tile: int
+    overlap: int
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"image size {self.height}x{self.width} must be at least 1x1")
+        check_tiling(self.tile, self.overlap)
+
+    @property
+    def tops(self) -> list[int]:
+        return tile_starts(self.height, self.tile, self.overlap)
+
+    @property
+    def lefts(self) -> list[int]:
+        return tile_starts(self.width, self.tile, self.overlap)
+
+    def windows(self) -> list[tuple[int, int]]:
+        """(top, left) of every tile, row by row."""
+        return [(top, left) for top in self.tops for left in self.lefts]
+
+    def keep(self, top: int, left: int) -> tuple[int, int, int, int]:
+        """The pixels the tile at (top, left) owns when stitching, as (y0, y1, x0, x1) in image
+        coordinates (half-open). Each overlap is split along its centre line, so the owned
+        regions of all windows partition the image and an owned pixel is at least
+        overlap // 2 px from its tile's border, unless that border is the image's."""
+        tops, lefts = self.tops, self.lefts
+        if top not in tops or left not in lefts:
+            raise ValueError(f"({top}, {left}) is not a tile window of {self}")
+        y0, y1 = owned_span(tops, tops.index(top), self.height, self.tile)
+        x0, x1 = owned_span(lefts, lefts.index(left), self.width, self.tile)
+        return y0, y1, x0, x1
+
+
+def split(image: np.ndarray, grid: TileGrid) -> list[np.ndarray]:
+    """The tiles of ``image`` (HxW or HxWxC, matching ``grid``) in ``grid.windows()`` order, all
+    ``tile`` x ``tile``: where the image is shorter than a tile, the tile is mirror-padded at
+    the bottom or right (the padding's map is dropped by :func:`stitch`)."""
+    if image.shape[:2] != (grid.height, grid.width):
+        raise ValueError(f"image of {image.shape[0]}x{image.shape[1]} px does not match "
+                         f"grid of {grid.height}x{grid.width}")
+    tiles = []
+    for top, left in grid.windows():
+        piece = image[top:top + grid.tile, left:left + grid.tile]
+        bottom, right = grid.tile - piece.shape[0], grid.tile - piece.shape[1]
+        if bottom or right:
+            piece = cv2.copyMakeBorder(piece, 0, bottom, 0, right, cv2.BORDER_REFLECT_101)
+        tiles.append(np.ascontiguousarray(piece))
+    return tiles
+
+
+def stitch(maps: list[np.ndarray], grid: TileGrid) -> np.ndarray:
+    """The HxW float32 map of the whole image from the tiles' maps (in ``grid.windows()``
+    order, each at least as large as the tile's part of the image): every pixel comes from the
+    one tile that owns it."""
+    windows = grid.windows()
+    if len(maps) != len(windows):
+        raise ValueError(f"{len(maps)} maps for a grid of {len(windows)} tiles")
+    whole = np.empty((grid.height, grid.width), np.float32)
+    for (top, left), tile_map in zip(windows, maps):
+        y0, y1, x0, x1 = grid.keep(top, left)
+        whole[y0:y1, x0:x1] = tile_map[y0 - top:y1 - top, x0 - left:x1 - left]
+    return whole
+
+
+class TiledSegmenter:
+    """A Segmenter that cuts images larger than ``tile`` (either side) into overlapping tiles,
+    segments the tiles in batches of up to ``max_batch`` with the inner segmenter, and stitches
+    the maps. Smaller images go to the inner segmenter whole.
+
+    Every tile handed to the inner segmenter is ``tile`` x ``tile`` (see :func:`split`), so a
+    fixed-shape engine can serve it; with a :class:`BatchingSegmenter` inside, each call is one
+    real batch. ``tiles_run`` counts the tiles segmented so far.
+    """
+
+    def __init__(self, inner: Segmenter, tile: int = 512, overlap: int = 64,
+                 max_batch: int = 8) -> None:
+        check_tiling(tile, overlap)
+        check_batch(max_batch)
+        self.inner = inner
+        self.tile = tile
+        self.overlap = overlap
+        self.max_batch = max_batch
+        self.info: ModelInfo = inner.info
+        self.backend = f"{inner.backend}+tiles{tile}"
+        self.tiles_run = 0
+
+    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Crack probability maps (HxW float32), one per BGR uint8 image, in input order."""
+        maps: list[np.ndarray | None] = [None] * len(images)
+        whole = [i for i, image in enumerate(images)
+                 if image.shape[0] <= self.tile and image.shape[1] <= self.tile]
+        if whole:
+            for i, result in zip(whole, self.inner.segment([images[i] for i in whole])):
+                maps[i] = result
+        # Tiles of all large images of the call share one queue, so batches stay full.
+        grids: dict[int, TileGrid] = {}
+        tiles: list[np.ndarray] = []
+        for i, image in enumerate(images):
+            if maps[i] is None:
+                grids[i] = TileGrid(image.shape[0], image.shape[1], self.tile, self.overlap)
+                tiles.extend(split(image, grids[i]))
+        tile_maps: list[np.ndarray] = []
+        for start in range(0, len(tiles), self.max_batch):
+            tile_maps.extend(self.inner.segment(tiles[start:start + self.max_batch]))
+        self.tiles_run += len(tiles)
+        start = 0
+        for i, grid in grids.items():
+            count = len(grid.windows())
+            maps[i] = stitch(tile_maps[start:start + count], grid)
+            start += count
+        return maps  # type: ignore[return-value]  # every slot filled above
+
+
+class BatchingSegmenter:
+    """Runs same-shaped images of one ``segment`` call as one batch of up to ``max_batch``
+    through an ONNX Runtime session (the model has a dynamic batch axis), instead of one by
+    one. Output order = input order.
+
+    Images are grouped by their padded input shape (after :func:`preprocess`), so images of
+    different sizes in one call still work, each group in batches of its own. On a CPU this
+    gains little; on a GPU it turns a call's tiles into a few launches.
+    """
+
+    def __init__(self, inner: OnnxRuntimeSegmenter, max_batch: int = 8) -> None:
+        check_batch(max_batch)
+        self.inner = inner
+        self.max_batch = max_batch
+        self.info: ModelInfo = inner.info
+        self.backend = f"{inner.backend}+batch{max_batch}"
+        self.batches_run = 0
+
+    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Crack probability maps (HxW float32), one per BGR uint8 image, in input order."""
+        prepared = [preprocess(image, self.info) for image in images]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (x, _) in enumerate(prepared):
+            groups.setdefault(x.shape, []).append(i)
+        maps: list[np.ndarray | None] = [None] * len(images)
+        for members in groups.values():
+            for start in range(0, len(members), self.max_batch):
+                chunk = members[start:start + self.max_batch]
+                batch = np.concatenate([prepared[i][0] for i in chunk])
+                logits = self.inner.session.run(None, {self.inner.input_name: batch})[0]
+                self.batches_run += 1
+                for i, item in zip(chunk, logits):
+                    top, left, h, w = prepared[i][1]
+                    maps[i] = crack_probability(item[:, top:top + h, left:left + w],
+                                                self.info.classes)
+        return maps  # type: ignore[return-value]  # every slot filled above

@@ -1,0 +1,49 @@
+"""``crackscan bench``: the bare model and the whole pipeline measured in one run (numbers are
+printed and recorded, never asserted against a speed: only their consistency is checked)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_pipeline import crackscan
+
+from crackscan.bench import vehicle_speed_kmh
+from crackscan.config import PipelineConfig
+
+KEYS = {"model_fps", "pipeline_fps", "latency_ms_p50", "latency_ms_p99", "backend", "input",
+        "pipeline_efficiency", "speed_kmh", "memory_mb_model", "memory_mb_stage_max"}
+
+
+def test_bench_json_measures_model_and_pipeline_on_the_same_frames():
+    result = json.loads(crackscan("bench", "--source", "synthetic:1.2", "--frames", "4",
+                                  "--format", "json").stdout)
+    assert KEYS <= set(result)
+    assert result["input"] == "640x360" and result["backend"] == "onnxruntime"
+    assert result["model_frames"] == 4 and result["pipeline_frames"] == 30
+    assert result["pipeline_status"] == "complete"
+    assert result["model_fps"] > 0 and result["pipeline_fps"] > 0
+    assert 0 < result["latency_ms_p50"] <= result["latency_ms_p99"]
+    assert result["pipeline_efficiency"] == pytest.approx(result["pipeline_fps"]
+                                                          / result["model_fps"])
+    # 640 px along the tunnel at 0.5 mm/px, 10 % overlap, one camera
+    assert result["speed_kmh"] == pytest.approx(result["pipeline_fps"] * 0.32 * 0.9 * 3.6)
+    assert result["memory_mb_model"] > 50
+
+
+def test_vehicle_speed_by_hand():
+    # 10 frames/s, 1280 px along at 0.5 mm/px = 0.64 m per frame, no overlap: 6.4 m/s
+    speed, along_mm, cameras = vehicle_speed_kmh(10.0, (720, 1280), PipelineConfig(), 0.0)
+    assert (speed, along_mm, cameras) == (pytest.approx(23.04), 640.0, 1)
+    # a rig of two cameras shares the rate; rows along the tunnel on the second camera
+    rig = PipelineConfig(rig=[{"id": "a", "source": "camera:0"},
+                              {"id": "b", "source": "camera:1", "along_axis": "y",
+                               "mm_per_px_along": 1.0}])
+    speed, along_mm, cameras = vehicle_speed_kmh(10.0, (720, 1280), rig, 0.25)
+    assert cameras == 2 and along_mm == 640.0  # the shorter of 640 mm and 720 mm
+    assert speed == pytest.approx(5 * 0.64 * 0.75 * 3.6)
+
+
+def test_bench_refuses_a_bad_overlap():
+    result = crackscan("bench", "--overlap", "1.5", check=False)
+    assert result.returncode == 2 and "--overlap" in result.stderr
