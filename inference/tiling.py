@@ -146,7 +146,7 @@ def stitch(maps: list[np.ndarray], grid: TileGrid) -> np.ndarray:
     if len(maps) != len(windows):
         raise ValueError(f"{len(maps)} maps for a grid of {len(windows)} tiles")
     whole = np.empty((grid.height, grid.width), np.float32)
-    for (top, left), tile_map in zip(windows, maps):
+    for (top, left), tile_map in zip(windows, maps, strict=True):
         y0, y1, x0, x1 = grid.keep(top, left)
         whole[y0:y1, x0:x1] = tile_map[y0 - top:y1 - top, x0 - left:x1 - left]
     return whole
@@ -180,7 +180,8 @@ class TiledSegmenter:
         whole = [i for i, image in enumerate(images)
                  if image.shape[0] <= self.tile and image.shape[1] <= self.tile]
         if whole:
-            for i, result in zip(whole, self.inner.segment([images[i] for i in whole])):
+            results = self.inner.segment([images[i] for i in whole])
+            for i, result in zip(whole, results, strict=True):
                 maps[i] = result
         # Tiles of all large images of the call share one queue, so batches stay full.
         grids: dict[int, TileGrid] = {}
@@ -232,7 +233,7 @@ class BatchingSegmenter:
                 batch = np.concatenate([prepared[i][0] for i in chunk])
                 logits = self.inner.session.run(None, {self.inner.input_name: batch})[0]
                 self.batches_run += 1
-                for i, item in zip(chunk, logits):
+                for i, item in zip(chunk, logits, strict=True):
                     top, left, h, w = prepared[i][1]
                     maps[i] = crack_probability(item[:, top:top + h, left:left + w],
                                                 self.info.classes)
