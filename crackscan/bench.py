@@ -55,9 +55,12 @@ def read_frames(source: str, config: PipelineConfig, limit: int) -> list[np.ndar
 
 
 def bench_model(model: Path | None, backend: str, frames: list[np.ndarray], threads: int = 0,
-                warmup: int = 2) -> dict:
-    """The bare backend on ``frames``, one per call, after ``warmup`` calls."""
-    segmenter = open_segmenter(model, backend, threads)
+                warmup: int = 2, config: PipelineConfig | None = None) -> dict:
+    """The bare backend on ``frames``, one per call, after ``warmup`` calls, tiled as the
+    workers tile (``config.inference``)."""
+    inference = (config or PipelineConfig()).inference
+    segmenter = open_segmenter(model, backend, threads, tile=inference.tile,
+                               tile_overlap=inference.tile_overlap, max_batch=inference.max_batch)
     for frame in frames[:warmup]:
         segmenter.segment([frame])
     times = []
@@ -113,7 +116,8 @@ def run_bench(source: str, model: Path | None, backend: str, workers: int, frame
     images = read_frames(source, config, frames)
     height, width = images[0].shape[:2]
     result = {"source": source, "input": f"{width}x{height}", "batch": 1, "workers": workers}
-    result.update(bench_model(model or bundled_model_path(), backend, images, threads))
+    result.update(bench_model(model or bundled_model_path(), backend, images, threads,
+                              config=config))
     model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result.update(bench_pipeline(source, model, backend, workers, config_path))
     children_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

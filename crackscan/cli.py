@@ -268,7 +268,10 @@ def cmd_infer(args) -> int:
     from inference.worker import run_worker
 
     config = load_pipeline_config(args.config)
-    segmenter = open_segmenter(args.model, args.backend, args.threads or config.inference.threads)
+    inference = config.inference
+    segmenter = open_segmenter(args.model, args.backend, args.threads or inference.threads,
+                               tile=inference.tile, tile_overlap=inference.tile_overlap,
+                               max_batch=inference.max_batch)
     stop = stop_on_signals()
     stats = run_worker(args.frames, args.results, segmenter, config, stop,
                        keys=load_keys(args))
@@ -395,6 +398,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_build_engine(args) -> int:
+    from inference.segmenter import bundled_model_path
+    from inference.tensorrt_backend import build_engine
+
+    if args.int8 and not (args.calib or (args.calib_cache and Path(args.calib_cache).is_file())):
+        raise UserError("--int8 needs --calib DIR (images to calibrate on) or an existing "
+                        "--calib-cache FILE")
+    onnx_path = Path(args.onnx) if args.onnx else bundled_model_path()
+    if not onnx_path.is_file():
+        raise UserError(f"ONNX model {onnx_path} does not exist")
+    plan = build_engine(onnx_path, Path(args.out), fp16=args.fp16, int8=args.int8,
+                        calib_dir=Path(args.calib) if args.calib else None,
+                        calib_cache=Path(args.calib_cache) if args.calib_cache else None,
+                        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+                        max_batch=args.max_batch, tile=args.tile)
+    log.info("wrote %s", plan)
+    return 0
+
+
 def cmd_export(args) -> int:
     export = _torch_module("training.export")
     if not Path(args.checkpoint).is_file():
@@ -461,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     source_flags(p)
     db_flag(p)
     p.add_argument("--model", help="ONNX model (default: the bundled model)")
-    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"],
+                   default="auto", help="auto: TensorRT when it and a GPU are there, else "
+                   "ONNX Runtime; torch: a training checkpoint (.pt)")
     p.add_argument("--workers", type=int, default=1, help="inference worker processes")
     p.add_argument("--mode", choices=["replay", "live"], default="replay",
                    help="replay: back-pressure, no frame dropped; live: bounded queues, drops "
@@ -484,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", default="pull+connect:tcp://127.0.0.1:5555")
     p.add_argument("--results", default="push+connect:tcp://127.0.0.1:5556")
     p.add_argument("--model")
-    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"],
+                   default="auto", help="auto: TensorRT when it and a GPU are there, else "
+                   "ONNX Runtime; torch: a training checkpoint (.pt)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: config)")
     p.add_argument("--config")
     keys_flag(p)
@@ -505,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="synthetic:8",
                    help="frames to measure on (default: an 8 s synthetic drive, 640x360)")
     p.add_argument("--model", help="ONNX model (default: the bundled model)")
-    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime"], default="auto")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"],
+                   default="auto", help="auto: TensorRT when it and a GPU are there, else "
+                   "ONNX Runtime; torch: a training checkpoint (.pt)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--frames", type=int, default=100,
                    help="frames for the bare model (the pipeline reads the whole source)")
@@ -573,6 +601,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=2.0, help="pixels; 0 = strict")
     p.add_argument("--threshold", type=float, help="default: the model's own")
     p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = add("build-engine", cmd_build_engine,
+            "compile an ONNX model into a TensorRT plan (NVIDIA GPU with TensorRT)")
+    p.add_argument("--onnx", help="ONNX model (default: the bundled model)")
+    p.add_argument("--out", required=True, help="the plan to write (FILE.plan; FILE.json beside)")
+    p.add_argument("--fp16", action="store_true", help="allow FP16 kernels")
+    p.add_argument("--int8", action="store_true", help="INT8, calibrated on --calib images")
+    p.add_argument("--calib", metavar="DIR", help="folder of images for INT8 calibration")
+    p.add_argument("--calib-cache", metavar="FILE", help="INT8 calibration cache (read/written)")
+    p.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache (read/written)")
+    p.add_argument("--tile", type=int, default=512, help="tile side the engine serves (px)")
+    p.add_argument("--max-batch", type=int, default=8)
 
     p = add("export", cmd_export, "export a training checkpoint to ONNX")
     p.add_argument("--checkpoint", required=True)

@@ -94,6 +94,19 @@ class InferenceConfig(_Strict):
     # length / mean width below which a component is a blob (bolt pocket, spall), not a crack
     min_crack_elongation: float = Field(4.0, ge=0)
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0: one per core
+    # frames larger than ``tile`` px (either side: line-scan strips, 4K) are cut into tiles that
+    # overlap by ``tile_overlap`` px, segmented ``max_batch`` at a time and stitched; 0: whole
+    tile: int = Field(0, ge=0)
+    tile_overlap: int = Field(64, ge=0)
+    max_batch: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _check_tiles(self) -> InferenceConfig:
+        if self.tile:
+            from inference.tiling import check_tiling
+
+            check_tiling(self.tile, self.tile_overlap)
+        return self
 
 
 class SeverityConfig(_Strict):

@@ -166,15 +166,54 @@ class OnnxRuntimeSegmenter:
         return maps
 
 
-def open_segmenter(model: Path | None = None, backend: str = "auto", threads: int = 0) -> Segmenter:
-    """The segmenter for ``backend`` (auto | onnxruntime | tensorrt); logs which one was picked."""
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+ENGINE_CACHE = Path.home() / ".cache" / "crackscan" / "engines"
+
+
+def open_segmenter(model: Path | None = None, backend: str = "auto", threads: int = 0, *,
+                   tile: int = 0, tile_overlap: int = 64, max_batch: int = 8,
+                   engine_cache: Path | None = None) -> Segmenter:
+    """The segmenter for ``model`` on ``backend``; logs which one was picked.
+
+    ``model``: an ONNX file (default: the bundled model), a TensorRT plan (``.plan``, from
+    ``crackscan build-engine``) or a training checkpoint (``.pt``: the PyTorch backend).
+    ``backend``: ``auto`` takes TensorRT for an ONNX model when TensorRT, pycuda and a GPU are
+    there (building the engine into ``engine_cache`` the first time, which takes minutes), else
+    ONNX Runtime (with its CUDA provider when installed); ``torch`` runs a checkpoint.
+    ``tile``: frames larger than this are cut into overlapping tiles (``inference.tiling``); a
+    TensorRT engine always works on its own tile size.
+    """
+    from inference import tensorrt_backend as trt_backend
+    from inference.tiling import BatchingSegmenter, TiledSegmenter
+
     path = Path(model) if model else bundled_model_path()
-    if backend == "tensorrt":
-        raise ModelError("the TensorRT backend is not available in this build; use "
-                         "--backend onnxruntime (or auto)")
-    if backend not in ("auto", "onnxruntime"):
-        raise ModelError(f"unknown backend {backend!r}; expected auto, tensorrt or onnxruntime")
-    segmenter = OnnxRuntimeSegmenter(path, threads=threads)
-    log.info("backend onnxruntime (%s), model %s", ", ".join(segmenter.providers),
-             segmenter.info.label)
+    if backend not in BACKENDS:
+        raise ModelError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    kind = {".plan": "tensorrt", ".engine": "tensorrt", ".pt": "torch"}.get(path.suffix.lower(),
+                                                                          "onnx")
+    if kind == "torch" or backend == "torch":
+        if kind != "torch":
+            raise ModelError(f"--backend torch runs a training checkpoint (.pt), not {path}")
+        from inference.torch_backend import TorchSegmenter
+
+        segmenter: Segmenter = TorchSegmenter(path, max_batch=max_batch)
+    elif kind == "tensorrt" or backend == "tensorrt" or (
+            backend == "auto" and trt_backend.tensorrt_available()):
+        if backend == "onnxruntime":
+            raise ModelError(f"{path} is a TensorRT plan; ONNX Runtime runs the .onnx model")
+        plan = path if kind == "tensorrt" else trt_backend.cached_engine(
+            path, engine_cache or ENGINE_CACHE, max_batch=max_batch, tile=tile or 512)
+        engine = trt_backend.TensorRTSegmenter(plan)
+        segmenter = TiledSegmenter(engine, tile=engine.tile, overlap=tile_overlap,
+                                   max_batch=engine.max_batch)
+    else:
+        onnx_runtime = OnnxRuntimeSegmenter(path, threads=threads)
+        segmenter = onnx_runtime
+        if tile:
+            segmenter = TiledSegmenter(BatchingSegmenter(onnx_runtime, max_batch), tile=tile,
+                                       overlap=tile_overlap, max_batch=max_batch)
+        log.info("backend %s (%s), model %s", segmenter.backend,
+                 ", ".join(onnx_runtime.providers), segmenter.info.label)
+        return segmenter
+    log.info("backend %s, model %s", segmenter.backend, segmenter.info.label)
     return segmenter

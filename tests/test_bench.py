@@ -47,3 +47,11 @@ def test_vehicle_speed_by_hand():
 def test_bench_refuses_a_bad_overlap():
     result = crackscan("bench", "--overlap", "1.5", check=False)
     assert result.returncode == 2 and "--overlap" in result.stderr
+
+
+def test_build_engine_without_tensorrt_says_where_it_comes_from():
+    result = crackscan("build-engine", "--out", "never.plan", check=False)
+    assert result.returncode == 2 and "TensorRT is not installed" in result.stderr
+    assert "pypi.nvidia.com" in result.stderr and "Traceback" not in result.stderr
+    result = crackscan("build-engine", "--out", "never.plan", "--int8", check=False)
+    assert result.returncode == 2 and "--calib" in result.stderr

@@ -191,9 +191,22 @@ def test_missing_or_broken_model_file_is_refused(tmp_path):
         open_segmenter(broken)
 
 
-def test_tensorrt_backend_says_it_is_not_available(exported):
-    with pytest.raises(ModelError, match="not available"):
+def test_tensorrt_backend_says_it_is_not_installed(exported):
+    with pytest.raises(ModelError, match="TensorRT is not installed"):
         open_segmenter(exported.model, backend="tensorrt")
+    with pytest.raises(ModelError, match="TensorRT is not installed"):
+        open_segmenter(exported.model.with_suffix(".plan"))
+
+
+def test_auto_without_a_gpu_is_onnx_runtime_and_tiles_when_asked(exported):
+    assert open_segmenter(exported.model, threads=1).backend == "onnxruntime"
+    tiled = open_segmenter(exported.model, threads=1, tile=64, tile_overlap=16, max_batch=4)
+    assert tiled.backend == "onnxruntime+batch4+tiles64"
+    image = np.random.default_rng(0).integers(0, 256, (100, 150, 3), dtype=np.uint8)
+    (prob,) = tiled.segment([image])
+    assert prob.shape == (100, 150) and tiled.tiles_run == 6  # 2 rows x 3 columns of tiles
+    with pytest.raises(ModelError, match="unknown backend"):
+        open_segmenter(exported.model, backend="cuda")
 
 
 def test_bundled_model_ships_and_loads():

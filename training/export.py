@@ -37,6 +37,31 @@ class ExportError(RuntimeError):
     pass
 
 
+def checkpoint_metadata(state: dict, cfg: TrainConfig, threshold: float | None = None
+                        ) -> dict[str, str]:
+    """The crackscan metadata of a checkpoint: what an exported ONNX model carries and what the
+    PyTorch backend reports (``inference.torch_backend``)."""
+    spec = get_spec(cfg.model)
+    val = state.get("metrics", {}).get("val", {})
+    return {
+        "crackscan.model": cfg.model,
+        "crackscan.mean": json.dumps(list(spec.mean)),
+        "crackscan.std": json.dumps(list(spec.std)),
+        "crackscan.size_multiple": str(spec.size_multiple),
+        # binary models have one output channel, the crack logit; multi-class models one
+        # channel per class, in this order (softmax over channels)
+        "crackscan.classes": json.dumps(list(cfg.classes)),
+        # explicit, else the one chosen on validation (training's last step), else the recipe's
+        "crackscan.threshold": str(threshold if threshold is not None
+                                   else val.get("default_threshold", cfg.threshold)),
+        "crackscan.input_color": "RGB",
+        "crackscan.trained_on": json.dumps([Path(p).name for p in cfg.data]),
+        "crackscan.metrics": json.dumps({k: v for k, v in val.items()
+                                         if isinstance(v, (int, float))}),
+        "crackscan.epoch": str(state.get("epoch")),
+    }
+
+
 def export_checkpoint(checkpoint: Path, out: Path, threshold: float | None = None,
                       extra_metadata: dict[str, str] | None = None) -> dict[str, str]:
     """Write ``out`` (ONNX) from a ``best.pt`` / ``last.pt`` checkpoint; returns the metadata."""
@@ -54,25 +79,7 @@ def export_checkpoint(checkpoint: Path, out: Path, threshold: float | None = Non
     model.load_state_dict(state["model"])
     model.eval()
 
-    val = state.get("metrics", {}).get("val", {})
-    metadata = {
-        "crackscan.model": cfg.model,
-        "crackscan.mean": json.dumps(list(spec.mean)),
-        "crackscan.std": json.dumps(list(spec.std)),
-        "crackscan.size_multiple": str(spec.size_multiple),
-        # binary models have one output channel, the crack logit; multi-class models one
-        # channel per class, in this order (softmax over channels)
-        "crackscan.classes": json.dumps(list(cfg.classes)),
-        # explicit, else the one chosen on validation (training's last step), else the recipe's
-        "crackscan.threshold": str(threshold if threshold is not None
-                                   else val.get("default_threshold", cfg.threshold)),
-        "crackscan.input_color": "RGB",
-        "crackscan.trained_on": json.dumps([Path(p).name for p in cfg.data]),
-        "crackscan.metrics": json.dumps({k: v for k, v in val.items()
-                                         if isinstance(v, (int, float))}),
-        "crackscan.epoch": str(state.get("epoch")),
-        **(extra_metadata or {}),
-    }
+    metadata = {**checkpoint_metadata(state, cfg, threshold), **(extra_metadata or {})}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     sample = torch.randn(1, 3, 2 * spec.size_multiple * 4, 3 * spec.size_multiple * 4)
