@@ -271,7 +271,8 @@ def cmd_infer(args) -> int:
     inference = config.inference
     segmenter = open_segmenter(args.model, args.backend, args.threads or inference.threads,
                                tile=inference.tile, tile_overlap=inference.tile_overlap,
-                               max_batch=inference.max_batch)
+                               max_batch=inference.max_batch,
+                               batch_frames=inference.batch_frames)
     stop = stop_on_signals()
     stats = run_worker(args.frames, args.results, segmenter, config, stop,
                        keys=load_keys(args))

@@ -99,6 +99,9 @@ class InferenceConfig(_Strict):
     tile: int = Field(0, ge=0)
     tile_overlap: int = Field(64, ge=0)
     max_batch: int = Field(8, ge=1)
+    # micro-batching of frames in a worker (GPUs): up to batch_frames, waiting batch_wait_ms
+    batch_frames: int = Field(1, ge=1)
+    batch_wait_ms: float = Field(5.0, ge=0)
 
     @model_validator(mode="after")
     def _check_tiles(self) -> InferenceConfig:

@@ -172,7 +172,7 @@ ENGINE_CACHE = Path.home() / ".cache" / "crackscan" / "engines"
 
 def open_segmenter(model: Path | None = None, backend: str = "auto", threads: int = 0, *,
                    tile: int = 0, tile_overlap: int = 64, max_batch: int = 8,
-                   engine_cache: Path | None = None) -> Segmenter:
+                   batch_frames: int = 1, engine_cache: Path | None = None) -> Segmenter:
     """The segmenter for ``model`` on ``backend``; logs which one was picked.
 
     ``model``: an ONNX file (default: the bundled model), a TensorRT plan (``.plan``, from
@@ -181,7 +181,8 @@ def open_segmenter(model: Path | None = None, backend: str = "auto", threads: in
     there (building the engine into ``engine_cache`` the first time, which takes minutes), else
     ONNX Runtime (with its CUDA provider when installed); ``torch`` runs a checkpoint.
     ``tile``: frames larger than this are cut into overlapping tiles (``inference.tiling``); a
-    TensorRT engine always works on its own tile size.
+    TensorRT engine always works on its own tile size. ``batch_frames`` > 1: the worker hands
+    over several frames per call, which ONNX Runtime then runs as one batch per frame size.
     """
     from inference import tensorrt_backend as trt_backend
     from inference.tiling import BatchingSegmenter, TiledSegmenter
@@ -212,6 +213,8 @@ def open_segmenter(model: Path | None = None, backend: str = "auto", threads: in
         if tile:
             segmenter = TiledSegmenter(BatchingSegmenter(onnx_runtime, max_batch), tile=tile,
                                        overlap=tile_overlap, max_batch=max_batch)
+        elif batch_frames > 1:
+            segmenter = BatchingSegmenter(onnx_runtime, batch_frames)
         log.info("backend %s (%s), model %s", segmenter.backend,
                  ", ".join(onnx_runtime.providers), segmenter.info.label)
         return segmenter
