@@ -326,6 +326,26 @@ def cmd_query(args) -> int:
     return 0
 
 
+def cmd_db(args) -> int:
+    from management import schema
+    from management.db import make_engine, resolve_url
+
+    # Not the schema check of every other command: this is the command that fixes the schema.
+    engine = make_engine(resolve_url(args.db), check_schema=False)
+    try:
+        before = schema.current_revision(engine)
+        if args.action == "current":
+            print(before or "none")
+            return 0
+        after = schema.upgrade(engine)
+    finally:
+        engine.dispose()
+    shown = engine.url.render_as_string(hide_password=True)
+    print(f"database {shown}: schema {after} "
+          + ("(already)" if after == before else f"(was {before or 'none'})"))
+    return 0
+
+
 # --- data and models ------------------------------------------------------------------------
 
 def cmd_synth(args) -> int:
@@ -557,6 +577,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", choices=["longitudinal", "circumferential", "diagonal", "network"])
     p.add_argument("--limit", type=int)
     p.add_argument("--format", choices=["table", "csv", "json", "geojson"], default="table")
+
+    p = add("db", cmd_db, "show or upgrade the database schema (back the database up before "
+                          "an upgrade)")
+    p.add_argument("action", choices=["upgrade", "current"],
+                   help="upgrade: migrate the database to this crackscan's schema; current: "
+                        "print the database's schema revision ('none': empty, or from before "
+                        "migrations)")
+    db_flag(p)
 
     p = add("synth", cmd_synth, "write a synthetic tunnel drive (mp4) and its ground truth")
     p.add_argument("--out", required=True)

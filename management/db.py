@@ -1,9 +1,10 @@
 """Database engines and sessions: the one place that turns a URL into a checked, ready engine.
 
-``make_engine`` validates the URL, prepares SQLite (parent directory, WAL, foreign keys), creates
-the tables and proves the database answers, so a bad URL or an unreachable server fails at start-up
-with one clear line (:class:`DatabaseError`) instead of a traceback mid-run. Nothing here runs at
-import time; engines are made by the caller and passed in.
+``make_engine`` validates the URL, prepares SQLite (parent directory, WAL, foreign keys), proves
+the database answers and checks its schema (:func:`management.schema.ensure_schema`: an empty
+database gets the tables), so a bad URL, an unreachable server or a database of another crackscan
+version fails at start-up with one clear line (:class:`DatabaseError`) instead of a traceback
+mid-run. Nothing here runs at import time; engines are made by the caller and passed in.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import sqlalchemy.exc as sa_exc
 from sqlalchemy import URL, Engine, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
-
-from management.models import Base
 
 DEFAULT_URL = "sqlite:///crackscan.db"
 ENV_URL = "CRACKSCAN_DB"
@@ -55,11 +54,14 @@ def _enable_sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> Non
         cursor.close()
 
 
-def make_engine(url: str) -> Engine:
-    """A ready engine for ``url`` with the crackscan tables created.
+def make_engine(url: str, *, check_schema: bool = True) -> Engine:
+    """A ready engine for ``url`` whose database is at this crackscan's schema (an empty one is
+    created). ``check_schema=False`` skips that step: for ``crackscan db``, which inspects and
+    migrates the schema itself.
 
     Raises :class:`DatabaseError` (one line) for a malformed URL, an unknown dialect or missing
-    driver, an SQLite file that cannot be created or opened, or a server that cannot be reached.
+    driver, an SQLite file that cannot be created or opened, a server that cannot be reached, or
+    a schema this crackscan cannot use (older: the message names ``crackscan db upgrade``).
     """
     try:
         parsed = make_url(url)
@@ -109,8 +111,15 @@ def make_engine(url: str) -> Engine:
                 "is the server running, and are host, port, user and database name right?")
         raise DatabaseError(f"cannot connect to database {shown}: {describe_error(exc)} "
                             f"({hint})") from None
+    if not check_schema:
+        return engine
+    from management.schema import ensure_schema  # not at the top: schema imports DatabaseError
+
     try:
-        Base.metadata.create_all(engine)
+        ensure_schema(engine)
+    except DatabaseError:
+        engine.dispose()
+        raise
     except sa_exc.SQLAlchemyError as exc:
         engine.dispose()
         raise DatabaseError(f"cannot create the crackscan tables in {shown}: {describe_error(exc)} "

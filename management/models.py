@@ -8,7 +8,9 @@ Times are stored as naive UTC (``UTCDateTime``) because SQLite has no time zones
 out as aware UTC datetimes. ``Crack.chainage_start_m <= Crack.chainage_end_m`` always holds in the
 database (the store orders the pair), so a chainage range query is a simple overlap test.
 
-Tables are created by :func:`management.db.make_engine` only.
+Tables are created and changed only by the migrations in ``management/migrations`` (run by
+:mod:`management.schema`): every change here comes with a migration, or the test that compares
+the migrated schema with these models fails.
 """
 
 from __future__ import annotations
