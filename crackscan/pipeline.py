@@ -32,6 +32,7 @@ from management.store import list_runs
 log = logging.getLogger(__name__)
 
 WORKER_RESTARTS = 3  # per worker slot, before the run is abandoned
+STOP_GRACE_S = 30.0  # on Ctrl-C, management gets its drain timeout and this much more
 RECORDING_CLOSE_S = 600.0  # how long a recording acquisition may take to write its last frames
 
 
@@ -141,7 +142,10 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
                 # workers until management has them (the second SIGTERM, below) or 8 s pass
                 acquirer.send_signal(signal.SIGTERM)
             if manager is not None:
-                manager.wait()
+                try:  # management finishes the run (or gives up on it after its drain timeout)
+                    manager.wait(timeout=config.management.drain_timeout_s + STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    log.warning("management did not finish the run in time; stopping every stage")
         except StageFailed as exc:
             raise UserError(f"run {run_id} failed: {exc}") from None
         finally:
