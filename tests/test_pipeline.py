@@ -150,7 +150,12 @@ def test_ctrl_c_stops_the_run_cleanly_and_keeps_every_frame_sent(tmp_path):
                 pass
     assert stored >= 3, "the run stored no frames before the deadline"
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    try:
+        out, err = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:  # seen twice in full-suite runs, never alone: show why
+        process.kill()
+        out, err = process.communicate()
+        raise AssertionError(f"crackscan run did not end after SIGINT:\n{err[-4000:]}") from None
     assert process.returncode == 0, err[-2000:]
     summary = json.loads(out)
     assert summary["status"] == "stopped" and summary["interrupted"]
