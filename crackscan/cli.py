@@ -106,13 +106,18 @@ def format_summary(summary: dict) -> str:
                      f"{summary['latency_ms_p99']:.0f} ms, max {summary['latency_ms_max']:.0f} ms "
                      "(capture to stored)")
     lines += [
-        f"  cracks          {summary['cracks']}",
+        f"  cracks          {summary.get('physical_cracks', 0)} physical, from "
+        f"{summary['cracks']} detections",
         f"  chainage        {_metres(summary['chainage_start_m'])} .. "
         f"{_metres(summary['chainage_end_m'])} m",
         f"  wall time       {summary['wall_s']:.1f} s  ({summary['fps']:.1f} frames/s)",
         f"  database        {summary['db']}",
     ]
     return "\n".join(lines)
+
+
+def _maybe(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _metres(value: float | None) -> str:
@@ -124,7 +129,8 @@ def cmd_demo(args) -> int:
     from crackscan.pipeline import run_pipeline
     from management.db import make_engine, session_factory
     from management.formats import render
-    from management.store import query_cracks
+    from management.store import query_physical
+    from management.truth import score_against_truth
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,13 +144,16 @@ def cmd_demo(args) -> int:
     print(format_summary(summary))
     engine = make_engine(db_url)
     with session_factory(engine)() as session:
-        records = query_cracks(session, run=summary["id"])
-    found = sum(1 for crack in truth["cracks"] if any(
-        r["chainage_start_m"] - 0.05 <= crack["chainage_m"] <= r["chainage_end_m"] + 0.05
-        for r in records))
-    print(f"\ntrue cracks in the synthetic drive: {len(truth['cracks'])}, found: {found}")
-    longest = sorted(records, key=lambda r: r["length_mm"], reverse=True)[:5]
-    print("\nlongest crack detections:")
+        physical = query_physical(session, run=summary["id"])
+    score = score_against_truth(truth["cracks"], physical)
+    print(f"true cracks in the synthetic drive: {score['true_cracks']}, found: {score['found']}, "
+          f"physical cracks per found crack: {_maybe(score['physical_per_found_crack'], '.2f')}")
+    print(f"median error against the truth: length {_maybe(score['median_length_error'], '+.1%')}"
+          f", mean width {_maybe(score['median_width_error'], '+.1%')}; "
+          f"{score['other_physical_cracks']} physical cracks on no true crack (joints, stains, "
+          "false detections)")
+    longest = sorted(physical, key=lambda r: r["length_mm"], reverse=True)[:5]
+    print("\nlongest physical cracks:")
     print(render(longest, "table"))
     command = sys.argv[0] if sys.argv[0].endswith("crackscan") else "crackscan"
     print(f"\ndatabase: {db_url}\nnext: {command} runs --db {db_url}\n"
@@ -311,17 +320,22 @@ def cmd_runs(args) -> int:
 def cmd_query(args) -> int:
     from management.db import make_engine, resolve_url, session_factory
     from management.formats import render
-    from management.store import parse_chainage, query_cracks
+    from management.store import parse_chainage, query_cracks, query_physical
 
     try:
         chainage = parse_chainage(args.chainage) if args.chainage else None
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    query = query_cracks if args.detections else query_physical
     engine = make_engine(resolve_url(args.db))
     with session_factory(engine)() as session:
-        records = query_cracks(session, run=args.run, min_width_mm=args.min_width_mm,
-                               min_length_mm=args.min_length_mm, chainage=chainage,
-                               crack_type=args.type, limit=args.limit)
+        try:
+            records = query(session, run=args.run, min_width_mm=args.min_width_mm,
+                            min_length_mm=args.min_length_mm, chainage=chainage,
+                            crack_type=args.type, severity=args.severity, sort=args.sort,
+                            limit=args.limit)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     print(render(records, args.format))
     return 0
 
@@ -331,6 +345,8 @@ def cmd_db(args) -> int:
     from management.db import make_engine, resolve_url
 
     # Not the schema check of every other command: this is the command that fixes the schema.
+    if args.action == "merge":
+        return _merge_runs(args)
     engine = make_engine(resolve_url(args.db), check_schema=False)
     try:
         before = schema.current_revision(engine)
@@ -343,6 +359,27 @@ def cmd_db(args) -> int:
     shown = engine.url.render_as_string(hide_password=True)
     print(f"database {shown}: schema {after} "
           + ("(already)" if after == before else f"(was {before or 'none'})"))
+    return 0
+
+
+def _merge_runs(args) -> int:
+    """``crackscan db merge``: (re)build physical cracks of one run or of every run."""
+    from management.db import make_engine, resolve_url, session_factory
+    from management.store import list_runs, merge_run
+
+    if not args.link_mm > 0:
+        raise UserError(f"--link-mm must be > 0, got {args.link_mm}")
+    engine = make_engine(resolve_url(args.db))
+    sessions = session_factory(engine)
+    with sessions() as session:
+        runs = [args.run] if args.run else [run["id"] for run in list_runs(session)]
+    for run_id in runs:
+        with sessions.begin() as session:
+            try:
+                count = merge_run(session, run_id, args.link_mm)
+            except LookupError as exc:
+                raise UserError(str(exc)) from None
+        print(f"run {run_id}: {count} physical cracks")
     return 0
 
 
@@ -568,23 +605,34 @@ def build_parser() -> argparse.ArgumentParser:
     db_flag(p)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
 
-    p = add("query", cmd_query, "query crack records")
+    p = add("query", cmd_query, "query physical cracks (or, with --detections, the per-frame "
+                                "records)")
     db_flag(p)
     p.add_argument("--run")
-    p.add_argument("--min-width-mm", type=float)
+    p.add_argument("--detections", action="store_true",
+                   help="the per-frame detections instead of the physical cracks merged from them")
+    p.add_argument("--min-width-mm", type=float, help="maximum width at least this")
     p.add_argument("--min-length-mm", type=float)
     p.add_argument("--chainage", metavar="A:B", help="chainage range in metres")
     p.add_argument("--type", choices=["longitudinal", "circumferential", "diagonal", "network"])
+    p.add_argument("--severity", help="a severity class name (config severity.names)")
+    p.add_argument("--sort", default="chainage_m",
+                   help="chainage_m (default), length_mm, width_max_mm, width_mean_mm or arc_mm; "
+                        "a leading '-' sorts largest first, e.g. --sort=-width_max_mm")
     p.add_argument("--limit", type=int)
     p.add_argument("--format", choices=["table", "csv", "json", "geojson"], default="table")
 
     p = add("db", cmd_db, "show or upgrade the database schema (back the database up before "
                           "an upgrade)")
-    p.add_argument("action", choices=["upgrade", "current"],
-                   help="upgrade: migrate the database to this crackscan's schema; current: "
-                        "print the database's schema revision ('none': empty, or from before "
-                        "migrations)")
+    p.add_argument("action", choices=["upgrade", "current", "merge"],
+                   help="upgrade: migrate the database to this crackscan's schema; merge: "
+                        "rebuild physical cracks from the detections (--run, --link-mm); "
+                        "current: print the database's schema revision ('none': empty, or from "
+                        "before migrations)")
     db_flag(p)
+    p.add_argument("--run", help="merge: this run only (default: every run)")
+    p.add_argument("--link-mm", type=float, default=10.0,
+                   help="merge: detections of different frames this close are one crack")
 
     p = add("synth", cmd_synth, "write a synthetic tunnel drive (mp4) and its ground truth")
     p.add_argument("--out", required=True)

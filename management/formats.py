@@ -25,6 +25,8 @@ FORMATS = ("table", "csv", "json", "geojson")
 TABLE_COLUMNS = (
     ["run", "camera", "seq", "index", "chainage_m", "arc_mm", "length_mm", "width_max_mm",
      "width_mean_mm", "orientation_deg", "type", "severity"],
+    ["run", "number", "chainage_start_m", "chainage_end_m", "arc_mm", "length_mm", "width_max_mm",
+     "width_mean_mm", "orientation_deg", "type", "severity", "detections", "frames"],
     ["id", "status", "mode", "source", "model", "frames", "frames_sent", "frames_dropped",
      "frames_bad", "cracks", "chainage_start_m", "chainage_end_m", "started_at"],
 )

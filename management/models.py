@@ -26,6 +26,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     TypeDecorator,
     UniqueConstraint,
@@ -86,6 +87,9 @@ class Run(Base):
     frames_bad: Mapped[int] = mapped_column(BigInteger, default=0)
     frames_duplicate: Mapped[int] = mapped_column(BigInteger, default=0)
     frames_malformed: Mapped[int] = mapped_column(BigInteger, default=0)
+    # when the run's physical cracks were last merged from its detections (None: not yet; a
+    # query merges such a run in memory)
+    merged_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Frame(Base):
@@ -153,5 +157,45 @@ class Crack(Base):
     score_mean: Mapped[float] = mapped_column(Float)
     polyline_px: Mapped[list[list[float]]] = mapped_column(JSON)
     polyline: Mapped[list[list[float]]] = mapped_column(JSON)
+    # the binary mask inside bbox_px as PNG (0 / 255; other cracks of the frame that reach into
+    # the box show too), None for records stored before masks were kept
+    mask_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    physical_id: Mapped[int | None] = mapped_column(
+        ForeignKey("physical_cracks.id", ondelete="SET NULL", name="fk_cracks_physical_id"),
+        nullable=True, index=True)
 
     frame: Mapped[Frame] = relationship(back_populates="cracks")
+
+
+class PhysicalCrack(Base):
+    """One crack of the lining as merged from its per-frame detections (:mod:`management.merge`);
+    ``number`` counts a run's physical cracks 1.. in order of chainage. The detections point here
+    through ``Crack.physical_id``; re-merging a run replaces its physical cracks."""
+
+    __tablename__ = "physical_cracks"
+    __table_args__ = (UniqueConstraint("run_id", "number", name="uq_physical_run_number"),
+                      Index("ix_physical_run_chainage", "run_id", "chainage_start_m"),
+                      Index("ix_physical_chainage", "chainage_start_m"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    chainage_m: Mapped[float] = mapped_column(Float)
+    chainage_start_m: Mapped[float] = mapped_column(Float)
+    chainage_end_m: Mapped[float] = mapped_column(Float)
+    arc_mm: Mapped[float] = mapped_column(Float)
+    arc_start_mm: Mapped[float] = mapped_column(Float)
+    arc_end_mm: Mapped[float] = mapped_column(Float)
+    length_mm: Mapped[float] = mapped_column(Float)
+    width_mean_mm: Mapped[float] = mapped_column(Float)
+    width_max_mm: Mapped[float] = mapped_column(Float)
+    width_p95_mm: Mapped[float] = mapped_column(Float)
+    orientation_deg: Mapped[float] = mapped_column(Float)
+    type: Mapped[str] = mapped_column(String)
+    severity: Mapped[str] = mapped_column(String)
+    detections: Mapped[int] = mapped_column(Integer)
+    frames: Mapped[int] = mapped_column(Integer)
+    cameras: Mapped[list[str]] = mapped_column(JSON)
+    seq_first: Mapped[int] = mapped_column(BigInteger)
+    seq_last: Mapped[int] = mapped_column(BigInteger)
+    polyline: Mapped[list[list[float]]] = mapped_column(JSON)

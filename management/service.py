@@ -323,11 +323,24 @@ class _Manager:
         self.finished.append(run_id)
         log.info("run %s finished: %s, %d frames stored of %s expected, %d duplicates skipped",
                  run_id, status, progress["stored"], progress["expected"], progress["duplicates"])
+        self._merge(run_id)
         if self.on_run_finished is not None:
             try:
                 self.on_run_finished(run_id, status)
             except Exception:  # the caller's hook must not take the store down
                 log.exception("on_run_finished(%r, %r) failed", run_id, status)
+
+    def _merge(self, run_id: str) -> None:
+        """Merge the finished run's detections into physical cracks. A failure leaves the run
+        unmerged (queries merge it in memory; ``crackscan db merge`` stores it later): it must
+        not keep the run from finishing."""
+        try:
+            with self.sessions.begin() as session:
+                count = store.merge_run(session, run_id, self.config.merge_link_mm)
+        except Exception:
+            log.exception("run %s: merging its detections into physical cracks failed", run_id)
+            return
+        log.info("run %s: %d physical cracks", run_id, count)
 
     def stop_runs(self, now: float) -> None:
         """On stop: finish the runs whose ends all arrived (as "stopped" if results are still

@@ -6,8 +6,10 @@ idempotent: a run_start or end seen twice, or a result for an already stored (ru
 changes nothing the second time (a duplicate result is counted on its run, never an error).
 One management process writes a given run; concurrent writers of the same run are not supported.
 
-Readers (``run_progress``, ``list_runs``, ``query_cracks``) return plain dicts of JSON-ready values:
-times as ISO 8601 UTC strings, lengths in mm, chainage in m.
+``merge_run`` (re)builds a run's physical cracks from its detections (:mod:`management.merge`).
+
+Readers (``run_progress``, ``list_runs``, ``query_cracks``, ``query_physical``) return plain dicts
+of JSON-ready values: times as ISO 8601 UTC strings, lengths in mm, chainage in m.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import math
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import func, select, tuple_
+import cv2
+import numpy as np
+from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from crackscan.wire import EndOfStreamMessage, ResultMessage, RunStartMessage
-from management.models import RUN_STATUSES, Crack, Frame, Run
+from management.merge import LINK_MM, merge
+from management.models import RUN_STATUSES, Crack, Frame, PhysicalCrack, Run
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +107,23 @@ def store_results(session: Session, results: list[ResultMessage]) -> tuple[int, 
         for record in result.cracks:
             fields = record.to_dict()
             start_m, end_m = sorted((record.chainage_start_m, record.chainage_end_m))
-            fields.update(chainage_start_m=start_m, chainage_end_m=end_m)
+            fields.update(chainage_start_m=start_m, chainage_end_m=end_m,
+                          mask_png=_mask_crop_png(result.mask, record.bbox_px))
             frame.cracks.append(Crack(run_id=result.run_id, camera_id=result.camera_id,
                                       seq=result.seq, **fields))
         session.add(frame)
         stored += 1
     session.flush()
     return stored, duplicates
+
+
+def _mask_crop_png(mask: np.ndarray, bbox: tuple[int, int, int, int]) -> bytes | None:
+    x, y, w, h = bbox
+    crop = np.ascontiguousarray(mask[max(y, 0):y + h, max(x, 0):x + w])
+    if crop.size == 0:
+        return None
+    ok, png = cv2.imencode(".png", crop, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    return png.tobytes() if ok else None
 
 
 def end_stream(session: Session, msg: EndOfStreamMessage) -> bool:
@@ -153,6 +168,30 @@ def finish_run(session: Session, run_id: str, status: str,
     run.status = status
     run.ended_at = ended_at or datetime.now(timezone.utc)
     return run
+
+
+def merge_run(session: Session, run_id: str, link_mm: float = LINK_MM) -> int:
+    """Replace the run's physical cracks by a fresh merge of its detections (numbered 1.. in
+    order of chainage) and point each detection at its physical crack; returns their number."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise LookupError(f"no run {run_id!r} in the database")
+    found = session.execute(_crack_statement(run=run_id)).all()
+    detections = [_crack_dict(*row) for row in found]
+    session.execute(update(Crack).where(Crack.run_id == run_id).values(physical_id=None))
+    session.execute(delete(PhysicalCrack).where(PhysicalCrack.run_id == run_id))
+    merged = merge(detections, link_mm)
+    rows = [PhysicalCrack(run_id=run_id, number=number, **crack.to_dict())
+            for number, crack in enumerate(merged, start=1)]
+    session.add_all(rows)
+    session.flush()
+    for row, crack in zip(rows, merged, strict=True):
+        ids = [found[i][0].id for i in crack.members]
+        for start in range(0, len(ids), 500):
+            session.execute(update(Crack).where(Crack.id.in_(ids[start:start + 500]))
+                            .values(physical_id=row.id))
+    run.merged_at = datetime.now(timezone.utc)
+    return len(rows)
 
 
 # --- readers -----------------------------------------------------------------------------------
@@ -209,11 +248,14 @@ def list_runs(session: Session) -> list[dict[str, Any]]:
               .group_by(Frame.run_id).subquery())
     cracks = (select(Crack.run_id, func.count(Crack.id).label("cracks"))
               .group_by(Crack.run_id).subquery())
+    physical = (select(PhysicalCrack.run_id, func.count(PhysicalCrack.id).label("physical"))
+                .group_by(PhysicalCrack.run_id).subquery())
     rows = session.execute(
         select(Run, frames.c.frames, frames.c.chainage_start_m, frames.c.chainage_end_m,
-               cracks.c.cracks)
+               cracks.c.cracks, physical.c.physical)
         .outerjoin(frames, frames.c.run_id == Run.id)
         .outerjoin(cracks, cracks.c.run_id == Run.id)
+        .outerjoin(physical, physical.c.run_id == Run.id)
         .order_by(Run.started_at, Run.id)).all()
     summaries = [{
         "id": run.id,
@@ -230,13 +272,14 @@ def list_runs(session: Session) -> list[dict[str, Any]]:
         "frames_duplicate": run.frames_duplicate,
         "frames_malformed": run.frames_malformed,
         "cracks": crack_count or 0,
+        "physical_cracks": physical_count or 0,
         "started_at": _iso(run.started_at),
         "ended_at": _iso(run.ended_at),
         "chainage_start_m": chainage_start,
         "chainage_end_m": chainage_end,
         "frames_recorded": sum(end.get("frames_recorded", 0)
                                for end in run.cameras_ended.values()),
-    } for run, frame_count, chainage_start, chainage_end, crack_count in rows]
+    } for run, frame_count, chainage_start, chainage_end, crack_count, physical_count in rows]
     for summary in summaries:  # a live run's latency: what bounded queues are for
         if summary["mode"] == "live":
             summary.update(run_latency(session, summary["id"]))
@@ -265,21 +308,56 @@ def _check_minimum(name: str, value: float | None) -> None:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
 
-def query_cracks(session: Session, run: str | None = None, min_width_mm: float | None = None,
-                 min_length_mm: float | None = None,
-                 chainage: tuple[float, float] | None = None, crack_type: str | None = None,
-                 limit: int | None = None) -> list[dict[str, Any]]:
-    """Per-frame crack records ordered by run, chainage, camera, seq and index.
+SORT_FIELDS = ("chainage_m", "length_mm", "width_max_mm", "width_mean_mm", "arc_mm")
 
-    ``min_width_mm`` keeps cracks with ``width_max_mm >= min_width_mm``; ``min_length_mm``
-    those with ``length_mm >= min_length_mm``; ``chainage=(a, b)`` those whose extent
-    [chainage_start_m, chainage_end_m] overlaps [a, b] (a crack that crosses a bound counts);
-    ``crack_type`` matches ``type`` exactly; ``limit`` caps the number of records."""
+
+def _check_query(min_width_mm: float | None, min_length_mm: float | None, limit: int | None,
+                 chainage: tuple[float, float] | None, sort: str) -> tuple[str, bool]:
+    """Raise a ValueError naming a bad argument; returns (sort field, descending)."""
     _check_minimum("min_width_mm", min_width_mm)
     _check_minimum("min_length_mm", min_length_mm)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
-    statement = select(Crack, Frame.capture_time).join(Frame, Crack.frame_id == Frame.id)
+    if chainage is not None and chainage[0] > chainage[1]:
+        raise ValueError(f"chainage range start {chainage[0]:g} m is after its end "
+                         f"{chainage[1]:g} m")
+    field = sort.removeprefix("-")
+    if field not in SORT_FIELDS:
+        raise ValueError(f"cannot sort by {sort!r}; sort by one of {', '.join(SORT_FIELDS)} "
+                         "(a leading '-' sorts largest first)")
+    return field, sort.startswith("-")
+
+
+def query_cracks(session: Session, run: str | None = None, min_width_mm: float | None = None,
+                 min_length_mm: float | None = None,
+                 chainage: tuple[float, float] | None = None, crack_type: str | None = None,
+                 severity: str | None = None, sort: str = "chainage_m",
+                 limit: int | None = None) -> list[dict[str, Any]]:
+    """Per-frame crack records (detections), by default ordered by run, chainage, camera, seq
+    and index.
+
+    ``min_width_mm`` keeps cracks with ``width_max_mm >= min_width_mm``; ``min_length_mm``
+    those with ``length_mm >= min_length_mm``; ``chainage=(a, b)`` those whose extent
+    [chainage_start_m, chainage_end_m] overlaps [a, b] (a crack that crosses a bound counts);
+    ``crack_type`` and ``severity`` match exactly; ``sort`` is one of :data:`SORT_FIELDS`, with
+    a leading ``-`` for largest first (across runs); ``limit`` caps the number of records."""
+    field, descending = _check_query(min_width_mm, min_length_mm, limit, chainage, sort)
+    statement = _crack_statement(run, min_width_mm, min_length_mm, chainage, crack_type, severity,
+                                 field, descending)
+    if limit is not None:
+        statement = statement.limit(limit)
+    return [_crack_dict(*row) for row in session.execute(statement)]
+
+
+def _crack_statement(run: str | None = None, min_width_mm: float | None = None,
+                     min_length_mm: float | None = None,
+                     chainage: tuple[float, float] | None = None, crack_type: str | None = None,
+                     severity: str | None = None, field: str = "chainage_m",
+                     descending: bool = False) -> Any:
+    """Rows of (Crack, capture time, physical crack number or None) for :func:`query_cracks`."""
+    statement = (select(Crack, Frame.capture_time, PhysicalCrack.number)
+                 .join(Frame, Crack.frame_id == Frame.id)
+                 .outerjoin(PhysicalCrack, Crack.physical_id == PhysicalCrack.id))
     if run is not None:
         statement = statement.where(Crack.run_id == run)
     if min_width_mm is not None:
@@ -288,19 +366,89 @@ def query_cracks(session: Session, run: str | None = None, min_width_mm: float |
         statement = statement.where(Crack.length_mm >= min_length_mm)
     if chainage is not None:
         start, end = chainage
-        if start > end:
-            raise ValueError(f"chainage range start {start:g} m is after its end {end:g} m")
         statement = statement.where(Crack.chainage_start_m <= end, Crack.chainage_end_m >= start)
     if crack_type is not None:
         statement = statement.where(Crack.type == crack_type)
-    statement = statement.order_by(Crack.run_id, Crack.chainage_m, Crack.camera_id, Crack.seq,
-                                   Crack.index)
-    if limit is not None:
-        statement = statement.limit(limit)
-    return [_crack_dict(crack, capture_time) for crack, capture_time in session.execute(statement)]
+    if severity is not None:
+        statement = statement.where(Crack.severity == severity)
+    order = [Crack.run_id, Crack.chainage_m, Crack.camera_id, Crack.seq, Crack.index]
+    if field != "chainage_m" or descending:
+        column = getattr(Crack, field)
+        order = [column.desc() if descending else column.asc(), *order]
+    return statement.order_by(*order)
 
 
-def _crack_dict(crack: Crack, capture_time: datetime) -> dict[str, Any]:
+def query_physical(session: Session, run: str | None = None,
+                   min_width_mm: float | None = None, min_length_mm: float | None = None,
+                   chainage: tuple[float, float] | None = None, crack_type: str | None = None,
+                   severity: str | None = None, sort: str = "chainage_m",
+                   limit: int | None = None) -> list[dict[str, Any]]:
+    """Physical cracks, with the filters, sorting and limit of :func:`query_cracks` (a physical
+    crack's ``width_max_mm`` and ``length_mm`` are its merged ones; its extent is over all its
+    detections). Stored ones for runs that were merged; a run not merged yet (still running, or
+    stored before merging existed) is merged in memory, so the answer is always complete; its
+    records say ``"merged": false``."""
+    field, descending = _check_query(min_width_mm, min_length_mm, limit, chainage, sort)
+    statement = select(Run.id, Run.merged_at).order_by(Run.started_at, Run.id)
+    if run is not None:
+        statement = statement.where(Run.id == run)
+    runs = session.execute(statement).all()
+    records: list[dict[str, Any]] = []
+    for run_id, merged_at in runs:
+        if merged_at is not None:
+            statement = select(PhysicalCrack).where(PhysicalCrack.run_id == run_id)
+            if chainage is not None:
+                statement = statement.where(PhysicalCrack.chainage_start_m <= chainage[1],
+                                            PhysicalCrack.chainage_end_m >= chainage[0])
+            records += [_physical_dict(row, True) for row in session.scalars(statement)]
+        else:
+            cracks = merge(query_cracks(session, run=run_id))
+            records += [{"run": run_id, "number": number, **crack.to_dict(), "merged": False}
+                        for number, crack in enumerate(cracks, start=1)]
+
+    def keep(record: dict[str, Any]) -> bool:
+        return ((min_width_mm is None or record["width_max_mm"] >= min_width_mm)
+                and (min_length_mm is None or record["length_mm"] >= min_length_mm)
+                and (chainage is None or (record["chainage_start_m"] <= chainage[1]
+                                          and record["chainage_end_m"] >= chainage[0]))
+                and (crack_type is None or record["type"] == crack_type)
+                and (severity is None or record["severity"] == severity))
+
+    records = [record for record in records if keep(record)]
+    records.sort(key=lambda r: (r["run"], r["chainage_m"], r["number"]))  # runs stay in order
+    if field != "chainage_m" or descending:
+        records.sort(key=lambda r: r[field], reverse=descending)  # stable: ties keep that order
+    return records if limit is None else records[:limit]
+
+
+def _physical_dict(row: PhysicalCrack, merged: bool) -> dict[str, Any]:
+    return {
+        "run": row.run_id, "number": row.number,
+        "chainage_m": row.chainage_m, "chainage_start_m": row.chainage_start_m,
+        "chainage_end_m": row.chainage_end_m, "arc_mm": row.arc_mm,
+        "arc_start_mm": row.arc_start_mm, "arc_end_mm": row.arc_end_mm,
+        "length_mm": row.length_mm, "width_mean_mm": row.width_mean_mm,
+        "width_max_mm": row.width_max_mm, "width_p95_mm": row.width_p95_mm,
+        "orientation_deg": row.orientation_deg, "type": row.type, "severity": row.severity,
+        "detections": row.detections, "frames": row.frames, "cameras": list(row.cameras),
+        "seq_first": row.seq_first, "seq_last": row.seq_last,
+        "polyline": [list(point) for point in row.polyline], "merged": merged,
+    }
+
+
+def crack_mask(session: Session, run_id: str, camera_id: str, seq: int, index: int
+               ) -> np.ndarray | None:
+    """The stored mask crop (uint8 0 / 255, the detection's bounding box) of one detection; None
+    when the record has none (stored before crops were kept)."""
+    png = session.scalar(select(Crack.mask_png).where(
+        Crack.run_id == run_id, Crack.camera_id == camera_id, Crack.seq == seq,
+        Crack.index == index))
+    if png is None:
+        return None
+    return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def _crack_dict(crack: Crack, capture_time: datetime, physical: int | None) -> dict[str, Any]:
     return {
         "run": crack.run_id,
         "camera": crack.camera_id,
@@ -326,5 +474,6 @@ def _crack_dict(crack: Crack, capture_time: datetime) -> dict[str, Any]:
         "polyline": [list(point) for point in crack.polyline],
         "polyline_px": [list(point) for point in crack.polyline_px],
         "capture_time": _iso(capture_time),
+        "physical": physical,  # the number of its physical crack in the run; None until merged
     }
 

@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
+from management.truth import score_against_truth
+
 
 def crackscan(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "crackscan", *args], capture_output=True,
@@ -39,8 +41,10 @@ def replay(drive, tmp_path_factory) -> dict:
     summary = json.loads(crackscan("run", "--source", str(video), "--db", db, "--workers", "2",
                                    "--format", "json").stdout)
     runs = json.loads(crackscan("runs", "--db", db, "--format", "json").stdout)
-    cracks = json.loads(crackscan("query", "--db", db, "--format", "json").stdout)
-    return {"db": db, "summary": summary, "runs": runs, "cracks": cracks, "truth": truth}
+    cracks = json.loads(crackscan("query", "--db", db, "--detections", "--format", "json").stdout)
+    physical = json.loads(crackscan("query", "--db", db, "--format", "json").stdout)
+    return {"db": db, "summary": summary, "runs": runs, "cracks": cracks, "physical": physical,
+            "truth": truth}
 
 
 def test_every_frame_of_the_drive_is_stored_exactly_once(replay):
@@ -63,6 +67,34 @@ def test_true_cracks_are_found_near_their_chainage(replay):
     assert len(found) >= 0.6 * len(truth["cracks"]), (len(found), len(truth["cracks"]))
 
 
+def test_every_true_crack_is_one_physical_crack_measured_within_the_bars(replay):
+    """Issue 6's acceptance on the test drive (3 true cracks, one cut by the first frame): each
+    found as one physical crack, merged lengths within 15 % and mean widths within 30 %."""
+    score = score_against_truth(replay["truth"]["cracks"], replay["physical"])
+    assert score["found"] == score["true_cracks"] == 3, score["cracks"]
+    assert score["physical_per_found_crack"] <= 1.2, score["cracks"]
+    assert score["median_abs_length_error"] <= 0.15, score["cracks"]
+    assert score["median_abs_width_error"] <= 0.30, score["cracks"]
+
+
+def test_physical_cracks_account_for_every_detection(replay):
+    physical, cracks = replay["physical"], replay["cracks"]
+    assert replay["runs"][0]["physical_cracks"] == len(physical) < len(cracks)
+    assert [p["number"] for p in physical] == list(range(1, len(physical) + 1))
+    assert all(p["merged"] for p in physical)  # stored when the run finished
+    assert sum(p["detections"] for p in physical) == len(cracks)
+    members = {}
+    for crack in cracks:
+        members.setdefault(crack["physical"], []).append(crack)
+    for crack in physical:
+        group = members[crack["number"]]
+        assert len(group) == crack["detections"]
+        assert crack["width_max_mm"] == max(c["width_max_mm"] for c in group)
+        assert crack["length_mm"] >= max(c["length_mm"] for c in group)
+        assert crack["chainage_start_m"] == min(c["chainage_start_m"] for c in group)
+        assert crack["chainage_end_m"] == max(c["chainage_end_m"] for c in group)
+
+
 def test_query_json_carries_geometry_in_mm(replay):
     record = replay["cracks"][0]
     for key in ("run", "seq", "chainage_m", "length_mm", "width_mean_mm", "width_max_mm",
@@ -74,19 +106,21 @@ def test_query_json_carries_geometry_in_mm(replay):
 
 def test_query_filters_and_formats(replay):
     db, cracks = replay["db"], replay["cracks"]
-    wide = json.loads(crackscan("query", "--db", db, "--min-width-mm", "2", "--format",
-                                "json").stdout)
+    wide = json.loads(crackscan("query", "--db", db, "--detections", "--min-width-mm", "2",
+                                "--format", "json").stdout)
     assert len(wide) == sum(c["width_max_mm"] >= 2 for c in cracks)
-    window = json.loads(crackscan("query", "--db", db, "--chainage", "0.5:1.5", "--format",
-                                  "json").stdout)
+    window = json.loads(crackscan("query", "--db", db, "--detections", "--chainage", "0.5:1.5",
+                                  "--format", "json").stdout)
     # a crack is in the window when its extent overlaps it (one crossing a bound counts)
     assert window and all(c["chainage_start_m"] <= 1.5 and c["chainage_end_m"] >= 0.5
                           for c in window)
     assert len(window) == sum(c["chainage_start_m"] <= 1.5 and c["chainage_end_m"] >= 0.5
                               for c in cracks)
     geojson = json.loads(crackscan("query", "--db", db, "--format", "geojson").stdout)
-    assert geojson["type"] == "FeatureCollection" and len(geojson["features"]) == len(cracks)
-    csv_lines = crackscan("query", "--db", db, "--format", "csv").stdout.strip().splitlines()
+    assert geojson["type"] == "FeatureCollection"
+    assert len(geojson["features"]) == len(replay["physical"])
+    csv_lines = crackscan("query", "--db", db, "--detections", "--format",
+                          "csv").stdout.strip().splitlines()
     assert len(csv_lines) == len(cracks) + 1
 
 

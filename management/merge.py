@@ -1,0 +1,223 @@
+"""Physical cracks: the per-frame detections of one crack merged in tunnel coordinates.
+
+A crack longer than a frame, or crossed by a frame edge, or seen by two adjacent cameras, is
+detected once per frame that shows it. Merging works on the detections' tunnel polylines
+(``polyline``: [[chainage_m, arc_mm], ...], plain dicts as :func:`management.store.query_cracks`
+returns them), so it needs no camera model and is the same for every rig.
+
+Linking. Each polyline is resampled every ``LINK_STEP_MM``; two detections of *different* frames
+are linked when a point of one lies within ``link_mm`` of a point of the other. A physical crack is
+a connected group of links (a crack seen by frames 1, 2 and 3 is one even when frames 1 and 3 do
+not overlap). Two detections of one frame are never linked directly: inference split them on
+purpose; they join only through a detection of another frame that touches both.
+
+Measures of a group of several detections:
+- the polylines are drawn ``stroke_mm`` thick on a ``grid_mm`` raster in (chainage, arc) mm and
+  the union is thinned, so overlapping views of one stretch count once; length is the skeleton's
+  (diagonal steps counted right, spurs pruned), plus what the longest detection measured beyond
+  its own polyline (its tips, which thinning stops short of, and the corners that simplifying the
+  polyline cut), and never less than the longest detection alone;
+- widths: the largest ``width_max_mm`` and ``width_p95_mm`` of the detections, and the mean
+  width weighted by detection length; severity is that of the widest detection (severity grows
+  with the maximum width, so that is the severity of the merged crack);
+- orientation, type (with junctions of the merged skeleton) and the simplified polyline (the
+  skeleton's longest path) come from the merged skeleton, by the functions inference uses.
+A group of one detection keeps that detection's measures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+from skimage.morphology import skeletonize
+
+from inference.geometry import (
+    SkeletonGraph,
+    classify_type,
+    count_junctions,
+    longest_path,
+    principal_axis,
+    prune_spurs,
+)
+
+LINK_MM = 10.0  # two detections closer than this (in different frames) are one crack
+LINK_STEP_MM = 2.0  # polylines resampled this finely for linking
+GRID_MM = 1.0  # raster of the union
+STROKE_MM = 5.0  # polylines drawn this thick: views of one crack a few mm apart fuse
+MAX_CELLS = 40_000_000  # a larger union is rasterized on a coarser grid
+POLYLINE_EPSILON_MM = 1.0
+
+
+@dataclass
+class PhysicalCrack:
+    """One physical crack: ``members`` are indices into the detections given to :func:`merge`."""
+
+    members: list[int]
+    chainage_m: float
+    chainage_start_m: float
+    chainage_end_m: float
+    arc_mm: float
+    arc_start_mm: float
+    arc_end_mm: float
+    length_mm: float
+    width_mean_mm: float
+    width_max_mm: float
+    width_p95_mm: float
+    orientation_deg: float
+    type: str
+    severity: str
+    detections: int
+    frames: int
+    cameras: list[str]
+    seq_first: int
+    seq_last: int
+    polyline: list[list[float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        del out["members"]
+        return out
+
+
+def points_mm(detection: dict[str, Any]) -> np.ndarray:
+    """The detection's polyline as Nx2 (chainage mm, arc mm); its centre when it has none."""
+    line = detection.get("polyline") or [[detection["chainage_m"], detection["arc_mm"]]]
+    points = np.asarray(line, np.float64).reshape(-1, 2)
+    return np.stack([points[:, 0] * 1000.0, points[:, 1]], axis=1)
+
+
+def resample(points: np.ndarray, step: float) -> np.ndarray:
+    """Points along the polyline at most ``step`` apart, vertices included."""
+    out = [points[:1]]
+    for a, b in zip(points[:-1], points[1:], strict=True):
+        n = max(1, math.ceil(float(np.hypot(*(b - a))) / step))
+        t = np.arange(1, n + 1)[:, None] / n
+        out.append(a + (b - a) * t)
+    return np.concatenate(out)
+
+
+def _polyline_length(points: np.ndarray) -> float:
+    return float(np.hypot(*np.diff(points, axis=0).T).sum()) if len(points) > 1 else 0.0
+
+
+def link_groups(detections: list[dict[str, Any]], link_mm: float = LINK_MM) -> list[list[int]]:
+    """Indices of ``detections`` grouped into physical cracks, each group sorted, groups in order
+    of their first member."""
+    if not detections:
+        return []
+    frame_of = {}
+    owners, points = [], []
+    for i, detection in enumerate(detections):
+        frame_of[i] = frame_of.setdefault((detection["camera"], detection["seq"]), len(frame_of))
+        sampled = resample(points_mm(detection), LINK_STEP_MM)
+        points.append(sampled)
+        owners.append(np.full(len(sampled), i))
+    owner = np.concatenate(owners)
+    frame = np.array([frame_of[i] for i in range(len(detections))])[owner]
+    pairs = cKDTree(np.concatenate(points)).query_pairs(link_mm, output_type="ndarray")
+    pairs = pairs[frame[pairs[:, 0]] != frame[pairs[:, 1]]]
+    n = len(detections)
+    graph = coo_matrix((np.ones(len(pairs)), (owner[pairs[:, 0]], owner[pairs[:, 1]])),
+                       shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    groups: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault(int(label), []).append(i)
+    return sorted(groups.values(), key=lambda members: members[0])
+
+
+def _union_skeleton(lines: list[np.ndarray], grid_mm: float, stroke_mm: float
+                    ) -> tuple[SkeletonGraph, np.ndarray, float]:
+    """The thinned union of the polylines (mm) drawn ``stroke_mm`` thick: (graph, origin mm,
+    grid mm actually used)."""
+    allpts = np.concatenate(lines)
+    lo, hi = allpts.min(axis=0), allpts.max(axis=0)
+    grid = grid_mm
+    while np.prod((hi - lo) / grid + 1) > MAX_CELLS:
+        grid *= 2
+    thickness = max(1, round(stroke_mm / grid)) | 1  # odd: centred on the line
+    pad = thickness + 2
+    origin = lo - pad * grid
+    size = np.ceil((hi - origin) / grid).astype(int) + pad + 1
+    canvas = np.zeros((int(size[1]), int(size[0])), np.uint8)
+    shift = 4  # sub-cell vertex positions
+    for line in lines:
+        pts = np.round((line - origin) / grid * (1 << shift)).astype(np.int32)
+        cv2.polylines(canvas, [pts.reshape(-1, 1, 2)], False, 1, thickness, cv2.LINE_8, shift)
+        if len(line) == 1:
+            cv2.circle(canvas, tuple(int(v) for v in pts[0]), (thickness // 2) << shift, 1, -1,
+                       cv2.LINE_8, shift)
+    skeleton = skeletonize(canvas.astype(bool))
+    graph = SkeletonGraph.from_skeleton(skeleton)
+    graph = prune_spurs(graph, np.full(len(graph), float(thickness)))
+    return graph, origin, grid
+
+
+def measure_group(detections: list[dict[str, Any]], members: list[int],
+                  grid_mm: float = GRID_MM, stroke_mm: float = STROKE_MM) -> PhysicalCrack:
+    group = [detections[i] for i in members]
+    frames = {(d["camera"], d["seq"]) for d in group}
+    longest = max(group, key=lambda d: d["length_mm"])
+    widest = max(group, key=lambda d: d["width_max_mm"])
+    total_length = sum(d["length_mm"] for d in group)
+    common = dict(
+        members=list(members),
+        chainage_start_m=min(d["chainage_start_m"] for d in group),
+        chainage_end_m=max(d["chainage_end_m"] for d in group),
+        width_mean_mm=round(sum(d["width_mean_mm"] * d["length_mm"] for d in group)
+                            / total_length if total_length > 0 else
+                            float(np.mean([d["width_mean_mm"] for d in group])), 4),
+        width_max_mm=widest["width_max_mm"],
+        width_p95_mm=max(d["width_p95_mm"] for d in group),
+        severity=widest["severity"],
+        detections=len(group), frames=len(frames),
+        cameras=sorted({d["camera"] for d in group}),
+        seq_first=min(d["seq"] for d in group), seq_last=max(d["seq"] for d in group),
+    )
+    lines = [points_mm(d) for d in group]
+    if len(group) == 1:
+        only, line = group[0], lines[0]
+        return PhysicalCrack(
+            chainage_m=only["chainage_m"], arc_mm=only["arc_mm"],
+            arc_start_mm=round(float(line[:, 1].min()), 2),
+            arc_end_mm=round(float(line[:, 1].max()), 2),
+            length_mm=only["length_mm"], orientation_deg=only["orientation_deg"],
+            type=only["type"], polyline=[list(p) for p in only.get("polyline") or []],
+            **common)
+
+    graph, origin, grid = _union_skeleton(lines, grid_mm, stroke_mm)
+    skeleton_mm = np.stack([graph.x, graph.y], axis=1) * grid + origin
+    union_length = float(graph.edge_lengths(grid, grid).sum())
+    beyond = max(0.0, longest["length_mm"] - _polyline_length(points_mm(longest)))
+    length = max(union_length + beyond, longest["length_mm"])
+    orientation, eigen_ratio = principal_axis(skeleton_mm)
+    orientation = round(orientation, 2) % 180.0
+    path = longest_path(graph).astype(np.int32).reshape(-1, 1, 2)
+    path = cv2.approxPolyDP(path, POLYLINE_EPSILON_MM / grid, False).reshape(-1, 2)
+    path_mm = path * grid + origin
+    centre = skeleton_mm.mean(axis=0)
+    return PhysicalCrack(
+        chainage_m=round(float(centre[0]) / 1000.0, 4), arc_mm=round(float(centre[1]), 2),
+        arc_start_mm=round(float(min(line[:, 1].min() for line in lines)), 2),
+        arc_end_mm=round(float(max(line[:, 1].max() for line in lines)), 2),
+        length_mm=round(length, 3), orientation_deg=orientation,
+        type=classify_type(orientation, count_junctions(graph), eigen_ratio),
+        polyline=[[round(float(c) / 1000.0, 4), round(float(a), 2)] for c, a in path_mm],
+        **common)
+
+
+def merge(detections: list[dict[str, Any]], link_mm: float = LINK_MM, grid_mm: float = GRID_MM,
+          stroke_mm: float = STROKE_MM) -> list[PhysicalCrack]:
+    """The physical cracks of one run's detections, ordered by chainage, then arc."""
+    if link_mm <= 0 or grid_mm <= 0 or stroke_mm <= 0:
+        raise ValueError("link_mm, grid_mm and stroke_mm must be > 0")
+    cracks = [measure_group(detections, members, grid_mm, stroke_mm)
+              for members in link_groups(detections, link_mm)]
+    return sorted(cracks, key=lambda c: (c.chainage_start_m, c.arc_start_mm, c.members[0]))
