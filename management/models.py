@@ -65,6 +65,7 @@ class Run(Base):
     ``cameras_ended`` maps each camera whose end message arrived to that message's counts and
     reason; the ``frames_*`` counters are the sums over those ends, each camera counted once.
     ``frames_duplicate`` counts results skipped because their (camera, seq) was already stored.
+    ``database_retries`` counts the retries its messages needed while the database was down.
     ``frames_malformed`` counts results that failed the wire checks but whose header still named
     this run; malformed messages that name no known run are only counted by the service.
     """
@@ -87,6 +88,9 @@ class Run(Base):
     frames_bad: Mapped[int] = mapped_column(BigInteger, default=0)
     frames_duplicate: Mapped[int] = mapped_column(BigInteger, default=0)
     frames_malformed: Mapped[int] = mapped_column(BigInteger, default=0)
+    # times a batch holding this run's messages waited for the database (outage, lock) and was
+    # stored on a retry: nothing was lost, but the run saw the database fail
+    database_retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # when the run's physical cracks were last merged from its detections (None: not yet; a
     # query merges such a run in memory)
     merged_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

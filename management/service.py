@@ -118,6 +118,8 @@ class _Manager:
         self.pending_control = False  # a run_start or end waits: flush without delay
         self.first_pending_at = 0.0
         self.retry_at = 0.0
+        self.retries = 0  # failed attempts at writing what is pending now
+        self.retries_noted: set[str] = set()  # runs already given those retries
         self.watches: dict[str, _RunWatch] = {}
         self.finished: list[str] = []
 
@@ -230,12 +232,14 @@ class _Manager:
         try:
             with self.sessions.begin() as session:
                 counts = self._apply(session, ops)
+                noted = self._note_retries(session, ops)
         except Exception as exc:  # the data was refused (any driver error): bisect below
             if _is_transient(exc):
                 return self._defer(exc, now)
             log.warning("a batch of %d messages was refused (%s); storing them one by one",
                         len(ops), describe_error(exc))
             return self._flush_one_by_one(now)
+        self.retries_noted |= noted
         self._committed(ops, counts)
         self._clear_pending()
         return True
@@ -246,6 +250,7 @@ class _Manager:
             try:
                 with self.sessions.begin() as session:
                     counts = self._apply(session, [op])
+                    noted = self._note_retries(session, [op])
             except Exception as exc:
                 if _is_transient(exc):
                     return self._defer(exc, now)
@@ -258,13 +263,25 @@ class _Manager:
                           describe_error(exc),
                           exc_info=not isinstance(exc, (sa_exc.SQLAlchemyError, ArithmeticError)))
             else:
+                self.retries_noted |= noted
                 self._committed([op], counts)
             self.pending.pop(0)
         self._clear_pending()
         return True
 
+    def _note_retries(self, session: Session, ops: list[tuple[str, Any]]) -> set[str]:
+        """On the runs of ``ops``, in the transaction that finally stores them: how many retries
+        the database's failure cost (their status shows the outage, and that nothing was lost).
+        Returns the runs noted, for the caller to remember once the transaction committed."""
+        if not self.retries:
+            return set()
+        runs = {item if kind == "malformed" else item.run_id for kind, item in ops}
+        store.count_database_retries(session, runs - self.retries_noted, self.retries)
+        return runs
+
     def _defer(self, exc: BaseException, now: float) -> bool:
         self.stats.database_errors += 1
+        self.retries += 1
         self.retry_at = now + RETRY_S
         log.error("cannot write to the database, %d messages kept for a retry in %.0f s: %s",
                   len(self.pending), RETRY_S, describe_error(exc))
@@ -275,6 +292,8 @@ class _Manager:
         self.pending_results = 0
         self.pending_control = False
         self.retry_at = 0.0
+        self.retries = 0
+        self.retries_noted = set()
 
     # --- finishing runs ----------------------------------------------------------------------
 

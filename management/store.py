@@ -47,7 +47,7 @@ def _get_or_create_run(session: Session, run_id: str, started_at: float) -> Run:
         run = Run(id=run_id, source=UNKNOWN, mode=UNKNOWN, started_at=_utc(started_at),
                   status="running", config={}, cameras=[], cameras_ended={}, frames_read=0,
                   frames_sent=0, frames_dropped=0, frames_bad=0, frames_duplicate=0,
-                  frames_malformed=0)
+                  frames_malformed=0, database_retries=0)
         session.add(run)
         session.flush()
     return run
@@ -146,6 +146,14 @@ def end_stream(session: Session, msg: EndOfStreamMessage) -> bool:
         "frames_dropped": msg.frames_dropped, "frames_bad": msg.frames_bad,
         "frames_recorded": msg.frames_recorded}}
     return True
+
+
+def count_database_retries(session: Session, run_ids: set[str], retries: int) -> None:
+    """Add ``retries`` to each run's ``database_retries`` (runs not in the database are skipped)."""
+    for run_id in sorted(run_ids):
+        run = session.get(Run, run_id)
+        if run is not None:
+            run.database_retries += retries
 
 
 def count_malformed(session: Session, run_id: str) -> bool:
@@ -271,6 +279,7 @@ def list_runs(session: Session) -> list[dict[str, Any]]:
         "frames_bad": run.frames_bad,
         "frames_duplicate": run.frames_duplicate,
         "frames_malformed": run.frames_malformed,
+        "database_retries": run.database_retries,
         "cracks": crack_count or 0,
         "physical_cracks": physical_count or 0,
         "started_at": _iso(run.started_at),

@@ -535,3 +535,140 @@ def test_stop_stores_every_buffered_result_and_leaves_a_streaming_run_running(en
     assert service.join() == []
     run = runs_by_id(engine)[RUN_A]
     assert (run["status"], run["frames"], run["cracks"]) == ("running", 5, 5)
+
+
+# --- faults: the database going away, management restarted ------------------------------------
+
+def test_a_database_outage_mid_run_loses_nothing_and_the_run_says_so(db_url, engine, tmp_path):
+    """The database is taken away mid-run for real: on SQLite another process holds an exclusive
+    lock, on Postgres the network to the server is cut (a TCP proxy drops every connection and
+    refuses new ones). Results keep arriving; management buffers and retries them, and when the
+    database is back every frame is stored once and the run counts the retries."""
+    from netfault import TcpProxy
+    from sqlalchemy import make_url
+
+    url = make_url(db_url)
+    proxy = None
+    if url.get_backend_name() == "sqlite":
+        service_url = url.update_query_dict({"timeout": "0.1"})  # fail fast on the lock
+
+        def outage() -> Callable[[], None]:
+            import sqlite3
+
+            holder = sqlite3.connect(url.database, isolation_level=None)
+            holder.execute("BEGIN EXCLUSIVE")
+            return lambda: (holder.execute("ROLLBACK"), holder.close())
+    else:
+        proxy = TcpProxy((url.host, url.port or 5432))
+        service_url = url.set(host="127.0.0.1", port=proxy.port)
+
+        def outage() -> Callable[[], None]:
+            proxy.cut()
+            return proxy.restore
+
+    service_engine = make_engine(service_url.render_as_string(hide_password=False))
+    service = Management(f"ipc://{tmp_path}/results", service_engine,
+                         ManagementConfig(batch_size=2, batch_seconds=0.05), exit_after_runs=1)
+    try:
+        push = service.pusher()
+        push.send_multipart(run_start(RUN_A).to_frames())
+        for seq in range(4):
+            push.send_multipart(result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),)).to_frames())
+        wait_for(lambda: runs_by_id(engine).get(RUN_A, {}).get("frames") == 4)
+
+        back = outage()
+        for seq in range(4, 10):
+            push.send_multipart(result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),)).to_frames())
+        push.send_multipart(end(RUN_A, frames_sent=10).to_frames())
+        wait_for(lambda: service.stats.database_errors >= 2, timeout=20)
+        assert service.thread.is_alive() and service.finished_calls == []
+        back()
+
+        assert service.join(timeout=30) == [RUN_A]
+    finally:
+        service.close()
+        service_engine.dispose()
+        if proxy is not None:
+            proxy.close()
+    run = runs_by_id(engine)[RUN_A]
+    assert (run["status"], run["frames"], run["cracks"], run["frames_duplicate"]) == (
+        "complete", 10, 10, 0)
+    assert run["database_retries"] >= 2 and service.stats.rejected == 0
+    assert run["physical_cracks"] >= 1  # merged once the database was back
+
+
+def test_a_restarted_management_resumes_the_run(engine, management):
+    """Management stopped mid-run and started again: the run carries on (not a new run), results
+    sent twice around the restart are stored once, and it completes."""
+    config = ManagementConfig(batch_size=2, batch_seconds=0.05)
+    first = management(config, exit_after_runs=None)
+    push = first.pusher()
+    push.send_multipart(run_start(RUN_A).to_frames())
+    for seq in range(5):
+        push.send_multipart(result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),)).to_frames())
+    wait_for(lambda: first.stats.stored == 5)
+    first.close()
+    assert runs_by_id(engine)[RUN_A]["status"] == "running"
+
+    second = management(config, exit_after_runs=1)
+    push = second.pusher()
+    for seq in range(3, 8):  # 3 and 4 again: a worker re-sending what it was not sure of
+        push.send_multipart(result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),)).to_frames())
+    push.send_multipart(end(RUN_A, frames_sent=8).to_frames())
+    assert second.join() == [RUN_A]
+    run = runs_by_id(engine)[RUN_A]
+    assert (run["status"], run["frames"], run["frames_duplicate"]) == ("complete", 8, 2)
+
+
+def test_a_killed_management_process_is_restarted_and_the_run_completes(tmp_path):
+    """``crackscan manage`` killed with SIGKILL mid-run and started again on the same endpoint:
+    what it had committed stays; a sender blocks while nobody listens (back-pressure, nothing
+    dropped) and its results reach the new process."""
+    import signal
+    import subprocess
+    import sys
+
+    db = f"sqlite:///{tmp_path / 'cracks.db'}"
+    endpoint = f"ipc://{tmp_path}/results"
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "crackscan", "manage", "--results",
+                                 f"pull+bind:{endpoint}", "--db", db, "--exit-after-runs", "1"],
+                                stderr=subprocess.PIPE, text=True)
+
+    reader = make_engine(db)
+    context = zmq.Context()
+    push = SocketSpec.parse(f"push+connect:{endpoint}").open(context)
+    push.setsockopt(zmq.SNDTIMEO, 30_000)
+    process = start()
+    try:
+        push.send_multipart(run_start(RUN_A).to_frames())
+        for seq in range(5):
+            push.send_multipart(result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),)).to_frames())
+        wait_for(lambda: runs_by_id(reader).get(RUN_A, {}).get("frames") == 5, timeout=30)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+        def send_the_rest() -> None:
+            for seq in range(5, 9):
+                push.send_multipart(
+                    result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),)).to_frames())
+            push.send_multipart(end(RUN_A, frames_sent=9).to_frames())
+
+        sender = threading.Thread(target=send_the_rest)
+        sender.start()
+        sender.join(1.0)
+        assert sender.is_alive(), "a send to a dead management process should block"
+        process = start()
+        sender.join(30)
+        assert not sender.is_alive()
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        push.close(linger=0)
+        context.term()
+    run = runs_by_id(reader)[RUN_A]
+    assert (run["status"], run["frames"], run["frames_duplicate"]) == ("complete", 9, 0)
+    reader.dispose()

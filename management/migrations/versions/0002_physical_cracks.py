@@ -1,4 +1,4 @@
-"""Physical cracks, detection mask crops, run merge time.
+"""Physical cracks, detection mask crops, run merge time and database retries.
 
 Physical cracks are the detections of one crack merged across frames and cameras
 (management.merge); each detection gains its mask crop (PNG) and its physical crack.
@@ -59,11 +59,14 @@ def upgrade() -> None:
 
     with op.batch_alter_table('runs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('merged_at', sa.DateTime(), nullable=True))
+        batch_op.add_column(sa.Column('database_retries', sa.Integer(), nullable=False,
+                                      server_default='0'))
 
 
 
 def downgrade() -> None:
     with op.batch_alter_table('runs', schema=None) as batch_op:
+        batch_op.drop_column('database_retries')
         batch_op.drop_column('merged_at')
 
     with op.batch_alter_table('cracks', schema=None) as batch_op:
