@@ -340,6 +340,61 @@ def cmd_query(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from management.compare import CHANGE_COLUMNS, change_rows, compare_runs
+    from management.db import make_engine, resolve_url, session_factory
+    from management.formats import render
+    from management.store import list_runs, query_physical
+
+    engine = make_engine(resolve_url(args.db))
+    with session_factory(engine)() as session:
+        known = {run["id"] for run in list_runs(session)}
+        for run_id in (args.run_a, args.run_b):
+            if run_id not in known:
+                raise UserError(f"no run {run_id!r} in the database (`crackscan runs` lists "
+                                "them)")
+        before = query_physical(session, run=args.run_a)
+        after = query_physical(session, run=args.run_b)
+    try:
+        report = compare_runs(before, after, tolerance_mm=args.tolerance_mm,
+                              offset_m=args.offset_m)
+    except ValueError as exc:
+        raise UserError(str(exc).replace("tolerance_mm", "--tolerance-mm")
+                        .replace("offset_m", "--offset-m")) from None
+    if args.format == "json":
+        print_json({"before_run": args.run_a, "after_run": args.run_b, **report})
+        return 0
+    rows = change_rows(report)
+    if args.format == "table":
+        s = report["summary"]
+        print(f"{args.run_a} -> {args.run_b}: {s['before']} cracks before, {s['after']} after; "
+              f"{s['matched']} matched ({s['grown']} grown), {s['new']} new, {s['gone']} gone "
+              f"(tolerance {args.tolerance_mm:g} mm, offset {args.offset_m:g} m)")
+        if not rows:
+            return 0
+    print(render(rows, args.format, columns=CHANGE_COLUMNS), end="")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from management.db import make_engine, resolve_url, session_factory
+    from management.report import build_report
+
+    engine = make_engine(resolve_url(args.db))
+    with session_factory(engine)() as session:
+        try:
+            report = build_report(session, args.run, Path(args.out), section_m=args.section_m,
+                                  largest=args.largest)
+        except LookupError:
+            raise UserError(f"no run {args.run!r} in the database; list the runs with "
+                            "`crackscan runs`") from None
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    print(f"report of run {report['run']}: {report['cracks']} physical cracks (from "
+          f"{report['detections']} detections) -> {report['path']}")
+    return 0
+
+
 def cmd_db(args) -> int:
     from management import schema
     from management.db import make_engine, resolve_url
@@ -621,6 +676,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "a leading '-' sorts largest first, e.g. --sort=-width_max_mm")
     p.add_argument("--limit", type=int)
     p.add_argument("--format", choices=["table", "csv", "json", "geojson"], default="table")
+
+    p = add("compare", cmd_compare, "compare two inspections of one tunnel: new cracks, growth "
+                                    "in length and width, cracks no longer seen")
+    p.add_argument("run_a", metavar="RUN_A", help="the earlier inspection's run id")
+    p.add_argument("run_b", metavar="RUN_B", help="the later inspection's run id")
+    db_flag(p)
+    p.add_argument("--tolerance-mm", type=float, default=50.0,
+                   help="cracks of the two runs this close (over at least half of the shorter "
+                        "one) are one crack")
+    p.add_argument("--offset-m", type=float, default=0.0,
+                   help="added to RUN_B's chainages first (odometer offset between the drives)")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                   help="table: a summary line and the changes; csv: one row per change; json: "
+                        "the whole report")
+
+    p = add("report", cmd_report, "write one run's inspection report as one HTML file: crack "
+                                  "map, statistics per chainage section, the largest cracks")
+    p.add_argument("--run", required=True, help="the run's id (see `crackscan runs`)")
+    p.add_argument("--out", required=True, metavar="FILE.html", help="the HTML file to write")
+    db_flag(p)
+    p.add_argument("--section-m", type=float, default=10.0,
+                   help="length of the chainage sections of the statistics table (m)")
+    p.add_argument("--largest", type=int, default=10,
+                   help="how many of the largest cracks to list with their mask crops")
 
     p = add("db", cmd_db, "show or upgrade the database schema (back the database up before "
                           "an upgrade)")

@@ -15,9 +15,11 @@ along the later one). Then, deterministically:
 
 1. one to one: candidate pairs in order of overlap (largest first; ties: smaller mean distance,
    then crack numbers) are accepted when neither crack is taken yet;
-2. joins and splits: a crack still unmatched that has candidates joins its best candidate's match
-   (two earlier cracks that grew together into one later crack are both matched to it; a crack
-   the later run saw as two pieces is matched to both).
+2. joins and splits: a crack still unmatched joins the match of its best candidate that covers
+   at least ``min_share`` of it (two earlier cracks that grew together into one later crack are
+   both matched to it; a crack the later run saw as two pieces is matched to both). A crack that
+   only a small neighbour lies along stays unmatched: a repaired crack next to a hairline one is
+   gone, not joined to it.
 
 Each connected group of accepted pairs is one ``matched`` item; its lengths are the sums over
 each side's cracks, its widths the largest maximum widths. The group has ``grown`` when the
@@ -63,9 +65,13 @@ def _points(crack: dict[str, Any], offset_mm: float, step: float) -> np.ndarray:
     return resample(points, step)
 
 
+Pair = tuple[float, float, int, int, float, float]
+
+
 def _candidates(before: list[np.ndarray], after: list[np.ndarray], tolerance_mm: float,
-                min_share: float) -> list[tuple[float, float, int, int]]:
-    """(overlap, mean distance, i, j) of every candidate pair before[i] / after[j]."""
+                min_share: float) -> list[Pair]:
+    """(overlap, mean distance, i, j, coverage of before[i], coverage of after[j]) of every
+    candidate pair before[i] / after[j], best first."""
     if not before or not after:
         return []
     owner = np.concatenate([np.full(len(p), j) for j, p in enumerate(after)])
@@ -80,27 +86,30 @@ def _candidates(before: list[np.ndarray], after: list[np.ndarray], tolerance_mm:
             tree_after = trees_after.setdefault(j, cKDTree(after[j]))
             to_after, _ = tree_after.query(points)
             to_before, _ = trees_before[i].query(after[j])
-            coverage = [(float((d <= tolerance_mm).mean()), d) for d in (to_after, to_before)]
-            overlap, distances = max(coverage, key=lambda c: c[0])
+            cover_before = float((to_after <= tolerance_mm).mean())
+            cover_after = float((to_before <= tolerance_mm).mean())
+            distances = to_after if cover_before >= cover_after else to_before
+            overlap = max(cover_before, cover_after)
             if overlap >= min_share:
                 mean = float(distances[distances <= tolerance_mm].mean())
-                found.append((overlap, mean, i, j))
+                found.append((overlap, mean, i, j, cover_before, cover_after))
     return sorted(found, key=lambda c: (-c[0], c[1], c[2], c[3]))
 
 
-def _groups(pairs: list[tuple[float, float, int, int]], n_before: int, n_after: int
+def _groups(pairs: list[Pair], n_before: int, n_after: int, min_share: float
             ) -> list[tuple[list[int], list[int]]]:
     """Matched groups (before indices, after indices) by the two rules of the module doc."""
     accepted: list[tuple[int, int]] = []
     taken_before: set[int] = set()
     taken_after: set[int] = set()
-    for _, _, i, j in pairs:  # 1. one to one, best overlap first
+    for _, _, i, j, _, _ in pairs:  # 1. one to one, best overlap first
         if i not in taken_before and j not in taken_after:
             accepted.append((i, j))
             taken_before.add(i)
             taken_after.add(j)
-    for _, _, i, j in pairs:  # 2. the rest join their best candidate (pairs are best first)
-        if i not in taken_before or j not in taken_after:
+    for _, _, i, j, cover_i, cover_j in pairs:  # 2. joins and splits (pairs are best first)
+        if ((i not in taken_before and cover_i >= min_share)
+                or (j not in taken_after and cover_j >= min_share)):
             accepted.append((i, j))
             taken_before.add(i)
             taken_after.add(j)
@@ -130,7 +139,7 @@ def _crack_item(crack: dict[str, Any], offset_m: float) -> dict[str, Any]:
         "chainage_m": round(crack["chainage_m"] + offset_m, 4),
         "chainage_start_m": round(crack["chainage_start_m"] + offset_m, 4),
         "chainage_end_m": round(crack["chainage_end_m"] + offset_m, 4),
-        "arc_mm": crack["arc_mm"], "length_mm": crack["length_mm"],
+        "arc_mm": crack["arc_mm"], "length_mm": round(crack["length_mm"], 3),
         "width_max_mm": crack["width_max_mm"], "type": crack["type"],
         "severity": crack["severity"],
     }
@@ -201,7 +210,7 @@ def compare_runs(before: list[dict[str, Any]], after: list[dict[str, Any]],
     pairs = _candidates([_points(c, 0.0, step) for c in before],
                         [_points(c, offset_m * 1000.0, step) for c in after],
                         tolerance_mm, min_share)
-    groups = _groups(pairs, len(before), len(after))
+    groups = _groups(pairs, len(before), len(after), min_share)
     matched = [_matched_item([before[i] for i in olds], [after[j] for j in news], offset_m,
                              grow_length_mm, grow_length_share, grow_width_mm)
                for olds, news in groups]
