@@ -254,14 +254,23 @@ def list_runs(session: Session) -> list[dict[str, Any]]:
                      func.min(Frame.chainage_m).label("chainage_start_m"),
                      func.max(Frame.chainage_m).label("chainage_end_m"))
               .group_by(Frame.run_id).subquery())
+    # per camera: sequence numbers between its first and last stored frame that are not stored
+    # (frames dropped live, lost, or still on their way)
+    per_camera = (select(Frame.run_id,
+                         (func.max(Frame.seq) - func.min(Frame.seq) + 1
+                          - func.count(Frame.id)).label("gaps"))
+                  .group_by(Frame.run_id, Frame.camera_id).subquery())
+    gaps = (select(per_camera.c.run_id, func.sum(per_camera.c.gaps).label("gaps"))
+            .group_by(per_camera.c.run_id).subquery())
     cracks = (select(Crack.run_id, func.count(Crack.id).label("cracks"))
               .group_by(Crack.run_id).subquery())
     physical = (select(PhysicalCrack.run_id, func.count(PhysicalCrack.id).label("physical"))
                 .group_by(PhysicalCrack.run_id).subquery())
     rows = session.execute(
         select(Run, frames.c.frames, frames.c.chainage_start_m, frames.c.chainage_end_m,
-               cracks.c.cracks, physical.c.physical)
+               cracks.c.cracks, physical.c.physical, gaps.c.gaps)
         .outerjoin(frames, frames.c.run_id == Run.id)
+        .outerjoin(gaps, gaps.c.run_id == Run.id)
         .outerjoin(cracks, cracks.c.run_id == Run.id)
         .outerjoin(physical, physical.c.run_id == Run.id)
         .order_by(Run.started_at, Run.id)).all()
@@ -279,6 +288,7 @@ def list_runs(session: Session) -> list[dict[str, Any]]:
         "frames_bad": run.frames_bad,
         "frames_duplicate": run.frames_duplicate,
         "frames_malformed": run.frames_malformed,
+        "seq_gaps": int(seq_gaps or 0),
         "database_retries": run.database_retries,
         "cracks": crack_count or 0,
         "physical_cracks": physical_count or 0,
@@ -288,7 +298,8 @@ def list_runs(session: Session) -> list[dict[str, Any]]:
         "chainage_end_m": chainage_end,
         "frames_recorded": sum(end.get("frames_recorded", 0)
                                for end in run.cameras_ended.values()),
-    } for run, frame_count, chainage_start, chainage_end, crack_count, physical_count in rows]
+    } for run, frame_count, chainage_start, chainage_end, crack_count, physical_count, seq_gaps
+        in rows]
     for summary in summaries:  # a live run's latency: what bounded queues are for
         if summary["mode"] == "live":
             summary.update(run_latency(session, summary["id"]))

@@ -672,3 +672,12 @@ def test_a_killed_management_process_is_restarted_and_the_run_completes(tmp_path
     run = runs_by_id(reader)[RUN_A]
     assert (run["status"], run["frames"], run["frames_duplicate"]) == ("complete", 9, 0)
     reader.dispose()
+
+
+def test_list_runs_counts_sequence_gaps_per_camera(session):
+    store.start_run(session, run_start(RUN_A, cameras=("cam0", "cam1")))
+    store.store_results(session, [result(RUN_A, seq) for seq in (0, 1, 3, 4, 7)]
+                        + [result(RUN_A, seq, camera="cam1") for seq in (5, 7)])
+    session.commit()
+    (run,) = store.list_runs(session)
+    assert run["seq_gaps"] == 3 + 1  # cam0 misses 2, 5, 6; cam1 misses 6
