@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import cv2
@@ -93,6 +94,32 @@ def test_physical_cracks_account_for_every_detection(replay):
         assert crack["length_mm"] >= max(c["length_mm"] for c in group)
         assert crack["chainage_start_m"] == min(c["chainage_start_m"] for c in group)
         assert crack["chainage_end_m"] == max(c["chainage_end_m"] for c in group)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_postgres_and_sqlite_store_identical_records(replay, drive, db_url):
+    """The same drive replayed into Postgres gives the records the SQLite replay gave: every
+    field of every detection and physical crack but the run id and the wall-clock capture time
+    (the same relative to the run's first frame)."""
+    video, _ = drive
+    crackscan("run", "--source", str(video), "--db", db_url, "--workers", "2", "--format", "json")
+
+    def comparable(records: list[dict]) -> list[dict]:
+        first = min((r["capture_time"] for r in records if "capture_time" in r), default=None)
+        out = []
+        for record in records:
+            record = {k: v for k, v in record.items() if k != "run"}
+            if "capture_time" in record:
+                record["capture_time"] = (datetime.fromisoformat(record["capture_time"])
+                                          - datetime.fromisoformat(first)).total_seconds()
+            out.append(record)
+        return out
+
+    for flag, sqlite_records in (("--detections", replay["cracks"]), (None, replay["physical"])):
+        postgres = json.loads(crackscan("query", "--db", db_url, *([flag] if flag else []),
+                                        "--format", "json").stdout)
+        assert comparable(postgres) == comparable(sqlite_records)
 
 
 def test_query_json_carries_geometry_in_mm(replay):
