@@ -483,6 +483,15 @@ def cmd_train_compare(args) -> int:
     from pydantic import ValidationError
 
     compare = _torch_module("training.compare")
+    if args.retime:
+        try:
+            rows = compare.retime(Path(args.out), threads=args.threads)
+        except FileNotFoundError as exc:
+            raise UserError(f"train-compare --retime: {exc}") from None
+        print_json({"out": args.out, "rows": rows})
+        return 0
+    if not (args.config and args.data and args.epochs):
+        raise UserError("train-compare needs --config (one or more), --data and --epochs")
     for path in args.config:
         if not Path(path).is_file():
             raise UserError(f"recipe {path} does not exist")
@@ -735,10 +744,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train-compare", cmd_train_compare,
             "train several recipes with the same budget and tabulate their scores and speed")
-    p.add_argument("--config", action="append", required=True,
+    p.add_argument("--config", action="append",
                    help="recipe YAML (repeatable; a distillation recipe after its teacher's)")
-    p.add_argument("--data", action="append", required=True, help="dataset folder (repeatable)")
-    p.add_argument("--epochs", type=int, required=True, help="the budget: epochs for every recipe")
+    p.add_argument("--data", action="append", help="dataset folder (repeatable)")
+    p.add_argument("--epochs", type=int, help="the budget: epochs for every recipe")
+    p.add_argument("--retime", action="store_true",
+                   help="only measure the speed of the models in --out again (on an idle "
+                        "machine) and rewrite its tables")
     p.add_argument("--crop", type=int, help="one crop size for every recipe (default: each "
                    "recipe's own, progressive resizing included)")
     p.add_argument("--batch-size", type=int, help="one batch size for every recipe")

@@ -608,6 +608,15 @@ def test_train_compare_trains_scores_and_tabulates_teacher_then_student(dataset,
     assert len(table) == 4 and "`resnet18_aspp`" in table[2]
     assert json.loads((out / "compare.json").read_text())["rows"] == rows
 
+    retimed = run_crackscan("train-compare", "--retime", "--threads", 1, "--out", out)
+    assert retimed.returncode == 0, retimed.stderr
+    again = json.loads(retimed.stdout)["rows"]
+    assert [r["cpu_ms_512"] > 0 for r in again] == [True, True]
+    assert [{k: v for k, v in r.items() if k != "cpu_ms_512"} for r in again] == [
+        {k: v for k, v in r.items() if k != "cpu_ms_512"} for r in rows]
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["rows"] == again and saved["epochs"] == 1
+
 
 def test_train_compare_refuses_a_student_without_its_teacher(dataset, tmp_path):
     recipe = yaml.safe_load((RECIPES[0].parent / "song2019_mobilenet_aspp_kd.yaml").read_text())
@@ -618,3 +627,7 @@ def test_train_compare_refuses_a_student_without_its_teacher(dataset, tmp_path):
                          "--epochs", 1, "--out", tmp_path / "c")
     assert done.returncode == 2 and "list its recipe before this one" in done.stderr
     assert "Traceback" not in done.stderr
+    nothing = run_crackscan("train-compare", "--retime", "--out", tmp_path / "none")
+    assert nothing.returncode == 2 and "run the comparison first" in nothing.stderr
+    missing = run_crackscan("train-compare", "--data", dataset, "--out", tmp_path / "c")
+    assert missing.returncode == 2 and "needs --config" in missing.stderr
