@@ -197,6 +197,9 @@ def source_config(args) -> PipelineConfig:
             acquisition = acquisition.model_copy(update={"position": position})
     if args.encoding:
         acquisition = acquisition.model_copy(update={"encoding": args.encoding})
+    for flag in ("tunnel", "vehicle"):
+        if getattr(args, flag):
+            acquisition = acquisition.model_copy(update={flag: getattr(args, flag)})
     if args.metadata:
         camera = camera.model_copy(update={"metadata": Path(args.metadata)})
     return config.model_copy(update={"acquisition": acquisition, "camera": camera})
@@ -205,7 +208,8 @@ def source_config(args) -> PipelineConfig:
 def source_args(args) -> list[str]:
     """The source flags of ``args`` as ``acquire`` takes them (for the pipeline's stage)."""
     out = []
-    for flag in ("record", "metadata", "odometer", "chainage_file", "encoding"):
+    for flag in ("record", "metadata", "odometer", "chainage_file", "encoding", "tunnel",
+                 "vehicle"):
         value = getattr(args, flag)
         if value:
             out += ["--" + flag.replace("_", "-"), str(value)]
@@ -333,7 +337,7 @@ def cmd_query(args) -> int:
             records = query(session, run=args.run, min_width_mm=args.min_width_mm,
                             min_length_mm=args.min_length_mm, chainage=chainage,
                             crack_type=args.type, severity=args.severity, sort=args.sort,
-                            limit=args.limit)
+                            limit=args.limit, tunnel=args.tunnel)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     print(render(records, args.format))
@@ -348,11 +352,15 @@ def cmd_compare(args) -> int:
 
     engine = make_engine(resolve_url(args.db))
     with session_factory(engine)() as session:
-        known = {run["id"] for run in list_runs(session)}
+        known = {run["id"]: run for run in list_runs(session)}
         for run_id in (args.run_a, args.run_b):
             if run_id not in known:
                 raise UserError(f"no run {run_id!r} in the database (`crackscan runs` lists "
                                 "them)")
+        tunnels = [known[args.run_a]["tunnel"], known[args.run_b]["tunnel"]]
+        if None not in tunnels and tunnels[0] != tunnels[1]:
+            log.warning("comparing runs of different tunnels: %s is of %s, %s of %s",
+                        args.run_a, tunnels[0], args.run_b, tunnels[1])
         before = query_physical(session, run=args.run_a)
         after = query_physical(session, run=args.run_b)
     try:
@@ -595,6 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="chainage log (time_s, chainage_m): chainage from it")
         p.add_argument("--encoding", choices=["raw", "jpeg", "png"],
                        help="frames on the wire (default: config, raw)")
+        p.add_argument("--tunnel", help="the tunnel or route inspected (default: config "
+                       "acquisition.tunnel); query and compare runs by it")
+        p.add_argument("--vehicle", help="the inspection vehicle (default: config "
+                       "acquisition.vehicle)")
 
     def keys_flag(p):
         p.add_argument("--keys", metavar="DIR", help="CURVE keys from `crackscan keys`: "
@@ -680,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chainage", metavar="A:B", help="chainage range in metres")
     p.add_argument("--type", choices=["longitudinal", "circumferential", "diagonal", "network"])
     p.add_argument("--severity", help="a severity class name (config severity.names)")
+    p.add_argument("--tunnel", help="the runs of this tunnel (run --tunnel)")
     p.add_argument("--sort", default="chainage_m",
                    help="chainage_m (default), length_mm, width_max_mm, width_mean_mm or arc_mm; "
                         "a leading '-' sorts largest first, e.g. --sort=-width_max_mm")

@@ -74,6 +74,9 @@ class PositionConfig(_Strict):
 
 
 class AcquisitionConfig(_Strict):
+    # what is inspected and by what: kept with the run (crackscan query --tunnel, compare)
+    tunnel: str | None = Field(None, min_length=1)
+    vehicle: str | None = Field(None, min_length=1)
     speed_kmh: float = Field(10.0, ge=0)  # chainage = start + speed x time, without an odometer
     start_chainage_m: float = 0.0
     position: PositionConfig = PositionConfig()

@@ -57,11 +57,22 @@ class Base(DeclarativeBase):
     pass
 
 
+class Tunnel(Base):
+    """A tunnel or route: what runs inspect, again and again over the years."""
+
+    __tablename__ = "tunnels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String, unique=True)
+
+
 class Run(Base):
     """One inspection run: a source read once by acquisition, in live or replay mode.
 
-    ``cameras`` comes from run_start; a run created lazily (a result arrived before its
-    run_start) has source and mode ``"unknown"`` and no cameras until run_start fills them in.
+    ``tunnel_id`` and ``vehicle`` come from the run_start's config (``acquisition.tunnel`` /
+    ``acquisition.vehicle``), None when it named none. ``cameras`` comes from run_start; a run
+    created lazily (a result arrived before its run_start) has source and mode ``"unknown"`` and
+    no cameras until run_start fills them in.
     ``cameras_ended`` maps each camera whose end message arrived to that message's counts and
     reason; the ``frames_*`` counters are the sums over those ends, each camera counted once.
     ``frames_duplicate`` counts results skipped because their (camera, seq) was already stored.
@@ -75,6 +86,9 @@ class Run(Base):
     id: Mapped[str] = mapped_column(String, primary_key=True)
     source: Mapped[str] = mapped_column(String, default="unknown")
     mode: Mapped[str] = mapped_column(String, default="unknown")
+    tunnel_id: Mapped[int | None] = mapped_column(
+        ForeignKey("tunnels.id", name="fk_runs_tunnel_id"), nullable=True, index=True)
+    vehicle: Mapped[str | None] = mapped_column(String, nullable=True)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     status: Mapped[str] = mapped_column(String, default="running")

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from crackscan.wire import EndOfStreamMessage, ResultMessage, RunStartMessage
 from management.merge import LINK_MM, merge
-from management.models import RUN_STATUSES, Crack, Frame, PhysicalCrack, Run
+from management.models import RUN_STATUSES, Crack, Frame, PhysicalCrack, Run, Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,26 @@ def _get_or_create_run(session: Session, run_id: str, started_at: float) -> Run:
 
 # --- writers -----------------------------------------------------------------------------------
 
+def _tunnel_id(session: Session, name: str) -> int:
+    tunnel = session.scalar(select(Tunnel).where(Tunnel.name == name))
+    if tunnel is None:
+        tunnel = Tunnel(name=name)
+        session.add(tunnel)
+        session.flush()
+    return tunnel.id
+
+
 def start_run(session: Session, msg: RunStartMessage) -> Run:
     """Create the run, or fill in one created lazily by an early result. Status and counters of
     an existing run are kept, so a repeated run_start is harmless."""
     run = _get_or_create_run(session, msg.run_id, msg.started_at)
     run.source = msg.source
     run.mode = msg.mode
+    acquisition = msg.config.get("acquisition") or {}
+    if isinstance(acquisition, dict):
+        tunnel, vehicle = acquisition.get("tunnel"), acquisition.get("vehicle")
+        run.tunnel_id = _tunnel_id(session, tunnel) if isinstance(tunnel, str) and tunnel else None
+        run.vehicle = vehicle if isinstance(vehicle, str) and vehicle else None
     run.started_at = _utc(msg.started_at)
     run.cameras = list(msg.cameras)
     run.config = dict(msg.config)
@@ -268,7 +282,8 @@ def list_runs(session: Session) -> list[dict[str, Any]]:
                 .group_by(PhysicalCrack.run_id).subquery())
     rows = session.execute(
         select(Run, frames.c.frames, frames.c.chainage_start_m, frames.c.chainage_end_m,
-               cracks.c.cracks, physical.c.physical, gaps.c.gaps)
+               cracks.c.cracks, physical.c.physical, gaps.c.gaps, Tunnel.name)
+        .outerjoin(Tunnel, Tunnel.id == Run.tunnel_id)
         .outerjoin(frames, frames.c.run_id == Run.id)
         .outerjoin(gaps, gaps.c.run_id == Run.id)
         .outerjoin(cracks, cracks.c.run_id == Run.id)
@@ -276,6 +291,8 @@ def list_runs(session: Session) -> list[dict[str, Any]]:
         .order_by(Run.started_at, Run.id)).all()
     summaries = [{
         "id": run.id,
+        "tunnel": tunnel,
+        "vehicle": run.vehicle,
         "source": run.source,
         "mode": run.mode,
         "status": run.status,
@@ -298,8 +315,8 @@ def list_runs(session: Session) -> list[dict[str, Any]]:
         "chainage_end_m": chainage_end,
         "frames_recorded": sum(end.get("frames_recorded", 0)
                                for end in run.cameras_ended.values()),
-    } for run, frame_count, chainage_start, chainage_end, crack_count, physical_count, seq_gaps
-        in rows]
+    } for run, frame_count, chainage_start, chainage_end, crack_count, physical_count, seq_gaps,
+        tunnel in rows]
     for summary in summaries:  # a live run's latency: what bounded queues are for
         if summary["mode"] == "live":
             summary.update(run_latency(session, summary["id"]))
@@ -352,21 +369,28 @@ def query_cracks(session: Session, run: str | None = None, min_width_mm: float |
                  min_length_mm: float | None = None,
                  chainage: tuple[float, float] | None = None, crack_type: str | None = None,
                  severity: str | None = None, sort: str = "chainage_m",
-                 limit: int | None = None) -> list[dict[str, Any]]:
+                 limit: int | None = None, tunnel: str | None = None) -> list[dict[str, Any]]:
     """Per-frame crack records (detections), by default ordered by run, chainage, camera, seq
     and index.
 
     ``min_width_mm`` keeps cracks with ``width_max_mm >= min_width_mm``; ``min_length_mm``
     those with ``length_mm >= min_length_mm``; ``chainage=(a, b)`` those whose extent
     [chainage_start_m, chainage_end_m] overlaps [a, b] (a crack that crosses a bound counts);
-    ``crack_type`` and ``severity`` match exactly; ``sort`` is one of :data:`SORT_FIELDS`, with
-    a leading ``-`` for largest first (across runs); ``limit`` caps the number of records."""
+    ``crack_type`` and ``severity`` match exactly; ``tunnel`` keeps the runs of that tunnel;
+    ``sort`` is one of :data:`SORT_FIELDS`, with a leading ``-`` for largest first (across
+    runs); ``limit`` caps the number of records."""
     field, descending = _check_query(min_width_mm, min_length_mm, limit, chainage, sort)
     statement = _crack_statement(run, min_width_mm, min_length_mm, chainage, crack_type, severity,
                                  field, descending)
+    if tunnel is not None:
+        statement = statement.where(Crack.run_id.in_(_runs_of_tunnel(tunnel)))
     if limit is not None:
         statement = statement.limit(limit)
     return [_crack_dict(*row) for row in session.execute(statement)]
+
+
+def _runs_of_tunnel(tunnel: str) -> Any:
+    return select(Run.id).join(Tunnel, Tunnel.id == Run.tunnel_id).where(Tunnel.name == tunnel)
 
 
 def _crack_statement(run: str | None = None, min_width_mm: float | None = None,
@@ -402,7 +426,7 @@ def query_physical(session: Session, run: str | None = None,
                    min_width_mm: float | None = None, min_length_mm: float | None = None,
                    chainage: tuple[float, float] | None = None, crack_type: str | None = None,
                    severity: str | None = None, sort: str = "chainage_m",
-                   limit: int | None = None) -> list[dict[str, Any]]:
+                   limit: int | None = None, tunnel: str | None = None) -> list[dict[str, Any]]:
     """Physical cracks, with the filters, sorting and limit of :func:`query_cracks` (a physical
     crack's ``width_max_mm`` and ``length_mm`` are its merged ones; its extent is over all its
     detections). Stored ones for runs that were merged; a run not merged yet (still running, or
@@ -412,6 +436,8 @@ def query_physical(session: Session, run: str | None = None,
     statement = select(Run.id, Run.merged_at).order_by(Run.started_at, Run.id)
     if run is not None:
         statement = statement.where(Run.id == run)
+    if tunnel is not None:
+        statement = statement.where(Run.id.in_(_runs_of_tunnel(tunnel)))
     runs = session.execute(statement).all()
     records: list[dict[str, Any]] = []
     for run_id, merged_at in runs:

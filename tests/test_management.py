@@ -24,7 +24,7 @@ from crackscan.wire import CrackRecord, EndOfStreamMessage, ResultMessage, RunSt
 from management import store
 from management.db import DEFAULT_URL, DatabaseError, make_engine, resolve_url, session_factory
 from management.formats import render
-from management.models import Crack, Frame
+from management.models import Crack, Frame, Tunnel
 from management.service import ManagementStats, run_management
 
 T0 = 1_795_000_000.0  # unix seconds, 2026-11-18
@@ -681,3 +681,23 @@ def test_list_runs_counts_sequence_gaps_per_camera(session):
     session.commit()
     (run,) = store.list_runs(session)
     assert run["seq_gaps"] == 3 + 1  # cam0 misses 2, 5, 6; cam1 misses 6
+
+
+def test_runs_name_their_tunnel_and_vehicle_and_queries_filter_by_tunnel(session):
+    north = RunStartMessage(run_id=RUN_A, source="a.mp4", mode="replay", started_at=T0,
+                            config={"acquisition": {"tunnel": "North", "vehicle": "V1"}})
+    south = RunStartMessage(run_id=RUN_B, source="b.mp4", mode="replay", started_at=T0 + 1,
+                            config={"acquisition": {"tunnel": "South", "vehicle": None}})
+    store.start_run(session, north)
+    store.start_run(session, south)
+    store.start_run(session, north)  # again: still one tunnel of that name
+    store.store_results(session, [result(RUN_A, 0, (crack(0, 100.0, 0.3, 80.0),)),
+                                  result(RUN_B, 0, (crack(0, 100.0, 0.3, 80.0),))])
+    session.commit()
+    runs = {run["id"]: run for run in store.list_runs(session)}
+    assert (runs[RUN_A]["tunnel"], runs[RUN_A]["vehicle"]) == ("North", "V1")
+    assert (runs[RUN_B]["tunnel"], runs[RUN_B]["vehicle"]) == ("South", None)
+    assert {c["run"] for c in store.query_cracks(session, tunnel="North")} == {RUN_A}
+    assert {c["run"] for c in store.query_physical(session, tunnel="South")} == {RUN_B}
+    assert store.query_physical(session, tunnel="East") == []
+    assert session.scalar(select(func.count()).select_from(Tunnel)) == 2

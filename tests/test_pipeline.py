@@ -40,6 +40,7 @@ def replay(drive, tmp_path_factory) -> dict:
     video, truth = drive
     db = f"sqlite:///{tmp_path_factory.mktemp('db') / 'cracks.db'}"
     summary = json.loads(crackscan("run", "--source", str(video), "--db", db, "--workers", "2",
+                                   "--tunnel", "Gotthard north", "--vehicle", "V7",
                                    "--format", "json").stdout)
     runs = json.loads(crackscan("runs", "--db", db, "--format", "json").stdout)
     cracks = json.loads(crackscan("query", "--db", db, "--detections", "--format", "json").stdout)
@@ -55,6 +56,7 @@ def test_every_frame_of_the_drive_is_stored_exactly_once(replay):
     assert run["frames"] == truth["frames"] == replay["summary"]["frames"]
     assert run["frames_dropped"] == 0 and run["status"] == "complete"
     assert run["id"] == replay["summary"]["id"]
+    assert (run["tunnel"], run["vehicle"]) == ("Gotthard north", "V7")
     for key in ("id", "source", "frames", "frames_dropped", "cracks", "started_at", "ended_at"):
         assert key in run
 
@@ -144,6 +146,11 @@ def test_query_filters_and_formats(replay):
                           for c in window)
     assert len(window) == sum(c["chainage_start_m"] <= 1.5 and c["chainage_end_m"] >= 0.5
                               for c in cracks)
+    tunnel = json.loads(crackscan("query", "--db", db, "--tunnel", "Gotthard north", "--format",
+                                  "json").stdout)
+    assert tunnel == replay["physical"]
+    assert json.loads(crackscan("query", "--db", db, "--tunnel", "Gotthard south", "--format",
+                                "json").stdout) == []
     geojson = json.loads(crackscan("query", "--db", db, "--format", "geojson").stdout)
     assert geojson["type"] == "FeatureCollection"
     assert len(geojson["features"]) == len(replay["physical"])

@@ -1,7 +1,9 @@
-"""Physical cracks, detection mask crops, run merge time and database retries.
+"""Tunnels, physical cracks, detection mask crops, and the runs' new fields.
 
 Physical cracks are the detections of one crack merged across frames and cameras
-(management.merge); each detection gains its mask crop (PNG) and its physical crack.
+(management.merge); each detection gains its mask crop (PNG) and its physical crack. A run names
+its tunnel (a row of ``tunnels``) and vehicle when its config did, when its physical cracks
+were merged, and how many database retries its results needed.
 
 Revision 0002, after 0001; drafted 2026-11-22 01:31:54.791623.
 """
@@ -18,6 +20,12 @@ depends_on = None
 
 
 def upgrade() -> None:
+    op.create_table('tunnels',
+    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
+    sa.Column('name', sa.String(), nullable=False),
+    sa.PrimaryKeyConstraint('id'),
+    sa.UniqueConstraint('name')
+    )
     op.create_table('physical_cracks',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
     sa.Column('run_id', sa.String(), nullable=False),
@@ -61,11 +69,19 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('merged_at', sa.DateTime(), nullable=True))
         batch_op.add_column(sa.Column('database_retries', sa.Integer(), nullable=False,
                                       server_default='0'))
+        batch_op.add_column(sa.Column('tunnel_id', sa.Integer(), nullable=True))
+        batch_op.add_column(sa.Column('vehicle', sa.String(), nullable=True))
+        batch_op.create_index(batch_op.f('ix_runs_tunnel_id'), ['tunnel_id'], unique=False)
+        batch_op.create_foreign_key('fk_runs_tunnel_id', 'tunnels', ['tunnel_id'], ['id'])
 
 
 
 def downgrade() -> None:
     with op.batch_alter_table('runs', schema=None) as batch_op:
+        batch_op.drop_constraint('fk_runs_tunnel_id', type_='foreignkey')
+        batch_op.drop_index(batch_op.f('ix_runs_tunnel_id'))
+        batch_op.drop_column('vehicle')
+        batch_op.drop_column('tunnel_id')
         batch_op.drop_column('database_retries')
         batch_op.drop_column('merged_at')
 
@@ -80,3 +96,4 @@ def downgrade() -> None:
         batch_op.drop_index('ix_physical_chainage')
 
     op.drop_table('physical_cracks')
+    op.drop_table('tunnels')
