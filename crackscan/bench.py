@@ -60,7 +60,8 @@ def bench_model(model: Path | None, backend: str, frames: list[np.ndarray], thre
     workers tile (``config.inference``)."""
     inference = (config or PipelineConfig()).inference
     segmenter = open_segmenter(model, backend, threads, tile=inference.tile,
-                               tile_overlap=inference.tile_overlap, max_batch=inference.max_batch)
+                               tile_overlap=inference.tile_overlap, max_batch=inference.max_batch,
+                               spin=inference.spin)
     for frame in frames[:warmup]:
         segmenter.segment([frame])
     times = []

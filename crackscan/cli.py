@@ -285,7 +285,7 @@ def cmd_infer(args) -> int:
     segmenter = open_segmenter(args.model, args.backend, args.threads or inference.threads,
                                tile=inference.tile, tile_overlap=inference.tile_overlap,
                                max_batch=inference.max_batch,
-                               batch_frames=inference.batch_frames)
+                               batch_frames=inference.batch_frames, spin=inference.spin)
     stop = stop_on_signals()
     stats = run_worker(args.frames, args.results, segmenter, config, stop,
                        keys=load_keys(args))

@@ -97,6 +97,9 @@ class InferenceConfig(_Strict):
     # length / mean width below which a component is a blob (bolt pocket, spall), not a crack
     min_crack_elongation: float = Field(4.0, ge=0)
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0: one per core
+    # ONNX Runtime threads busy-wait between runs (fastest alone); false: they sleep and leave the
+    # cores to acquisition, geometry and management
+    spin: bool = True
     # frames larger than ``tile`` px (either side: line-scan strips, 4K) are cut into tiles that
     # overlap by ``tile_overlap`` px, segmented ``max_batch`` at a time and stitched; 0: whole
     tile: int = Field(0, ge=0)

@@ -134,7 +134,8 @@ class OnnxRuntimeSegmenter:
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int = 0, providers: list[str] | None = None) -> None:
+    def __init__(self, path: Path, threads: int = 0, providers: list[str] | None = None,
+                 spin: bool = True) -> None:
         import onnxruntime as ort
 
         path = Path(path)
@@ -143,6 +144,8 @@ class OnnxRuntimeSegmenter:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
         options.log_severity_level = 3
+        if not spin:  # idle threads sleep instead of busy-waiting for the next run
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         chosen = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"])
                   if p in available]
@@ -172,7 +175,8 @@ ENGINE_CACHE = Path.home() / ".cache" / "crackscan" / "engines"
 
 def open_segmenter(model: Path | None = None, backend: str = "auto", threads: int = 0, *,
                    tile: int = 0, tile_overlap: int = 64, max_batch: int = 8,
-                   batch_frames: int = 1, engine_cache: Path | None = None) -> Segmenter:
+                   batch_frames: int = 1, engine_cache: Path | None = None,
+                   spin: bool = True) -> Segmenter:
     """The segmenter for ``model`` on ``backend``; logs which one was picked.
 
     ``model``: an ONNX file (default: the bundled model), a TensorRT plan (``.plan``, from
@@ -183,6 +187,8 @@ def open_segmenter(model: Path | None = None, backend: str = "auto", threads: in
     ``tile``: frames larger than this are cut into overlapping tiles (``inference.tiling``); a
     TensorRT engine always works on its own tile size. ``batch_frames`` > 1: the worker hands
     over several frames per call, which ONNX Runtime then runs as one batch per frame size.
+    ``spin``: ONNX Runtime's threads busy-wait between runs (its default); False lets them sleep,
+    leaving the cores to the stages beside them.
     """
     from inference import tensorrt_backend as trt_backend
     from inference.tiling import BatchingSegmenter, TiledSegmenter
@@ -208,7 +214,7 @@ def open_segmenter(model: Path | None = None, backend: str = "auto", threads: in
         segmenter = TiledSegmenter(engine, tile=engine.tile, overlap=tile_overlap,
                                    max_batch=engine.max_batch)
     else:
-        onnx_runtime = OnnxRuntimeSegmenter(path, threads=threads)
+        onnx_runtime = OnnxRuntimeSegmenter(path, threads=threads, spin=spin)
         segmenter = onnx_runtime
         if tile:
             segmenter = TiledSegmenter(BatchingSegmenter(onnx_runtime, max_batch), tile=tile,

@@ -209,6 +209,14 @@ def test_auto_without_a_gpu_is_onnx_runtime_and_tiles_when_asked(exported):
         open_segmenter(exported.model, backend="cuda")
 
 
+def test_sleeping_threads_give_the_same_probabilities(exported):
+    """``inference.spin: false`` only changes how ONNX Runtime's idle threads wait."""
+    image = np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    (spinning,) = open_segmenter(exported.model, threads=2).segment([image])
+    (sleeping,) = open_segmenter(exported.model, threads=2, spin=False).segment([image])
+    np.testing.assert_array_equal(spinning, sleeping)
+
+
 def test_bundled_model_ships_and_loads():
     path = bundled_model_path()
     assert path.is_file(), f"{path} is missing from the package"
