@@ -608,6 +608,21 @@ def test_train_compare_trains_scores_and_tabulates_teacher_then_student(dataset,
     assert len(table) == 4 and "`resnet18_aspp`" in table[2]
     assert json.loads((out / "compare.json").read_text())["rows"] == rows
 
+    # Started again with the same arguments: the rows are kept, nothing is trained again; with
+    # the table lost, the finished trainings are scored again without training.
+    again = run_crackscan("train-compare", "--config", teacher, "--config", student,
+                          "--data", dataset, "--epochs", 1, "--crop", 64, "--batch-size", 2,
+                          "--threads", 1, "--out", out, timeout=300)
+    assert again.returncode == 0 and json.loads(again.stdout)["rows"] == rows
+    assert again.stderr.count("compare.json already") == 2
+    (out / "compare.json").unlink()
+    rescored = run_crackscan("train-compare", "--config", teacher, "--config", student,
+                             "--data", dataset, "--epochs", 1, "--crop", 64, "--batch-size", 2,
+                             "--threads", 1, "--out", out, timeout=300)
+    assert rescored.returncode == 0 and rescored.stderr.count("already trained to epoch 1") == 2
+    assert [r["f1_2px"] for r in json.loads(rescored.stdout)["rows"]] == [
+        r["f1_2px"] for r in rows]
+
     retimed = run_crackscan("train-compare", "--retime", "--threads", 1, "--out", out)
     assert retimed.returncode == 0, retimed.stderr
     again = json.loads(retimed.stdout)["rows"]

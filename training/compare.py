@@ -94,11 +94,30 @@ def recipe_config(recipe: Path, data: list[Path], epochs: int, out: Path, crop: 
     return TrainConfig(**{**cfg.model_dump(), **changes})
 
 
+def finished_training(cfg: TrainConfig) -> list[dict] | None:
+    """The history of a training of exactly ``cfg`` that already ran to its last epoch in
+    ``cfg.out`` (a comparison that stopped after it, at export or scoring), else None."""
+    history, config = cfg.out / "history.json", cfg.out / "config.json"
+    if not (history.is_file() and config.is_file() and (cfg.out / "best.pt").is_file()):
+        return None
+    if json.loads(config.read_text()) != json.loads(cfg.model_dump_json()):
+        return None
+    epochs = json.loads(history.read_text())
+    return epochs if epochs and epochs[-1]["epoch"] == cfg.epochs else None
+
+
 def score_recipe(recipe: Path, cfg: TrainConfig, threads: int) -> dict:
-    """Train ``cfg``, export its best checkpoint and score it; one row of the table."""
-    started = time.monotonic()
-    result = train.main(cfg)
-    minutes = (time.monotonic() - started) / 60
+    """Train ``cfg`` (unless a finished training of it is there), export its best checkpoint
+    and score it; one row of the table."""
+    history = finished_training(cfg)
+    if history is not None:
+        log.info("train-compare: %s already trained to epoch %d in %s; scoring it", recipe.stem,
+                 cfg.epochs, cfg.out)
+        result, minutes = {"epochs": cfg.epochs}, history[-1]["minutes"]
+    else:
+        started = time.monotonic()
+        result = train.main(cfg)
+        minutes = (time.monotonic() - started) / 60
     best = cfg.out / "best.pt"
     onnx_path = cfg.out / "model.onnx"
     export_checkpoint(best, onnx_path)  # the threshold the run calibrated on its validation ids
@@ -158,14 +177,26 @@ def retime(out: Path, threads: int = 0, repeats: int = 9) -> list[dict]:
 def compare(recipes: list[Path], data: list[Path], epochs: int, out: Path, *,
             crop: int | None = None, batch_size: int | None = None, threads: int = 0
             ) -> list[dict]:
+    """Run the comparison. Started again with the same arguments after a failure, it keeps the
+    rows already in ``OUT/compare.json`` and the trainings already finished."""
     out.mkdir(parents=True, exist_ok=True)
+    meta = {"epochs": epochs, "crop": crop, "batch_size": batch_size,
+            "data": [str(d) for d in data]}
+    previous: dict[str, dict] = {}
+    if (out / "compare.json").is_file():
+        saved = json.loads((out / "compare.json").read_text())
+        if {key: saved.get(key) for key in meta} == meta:
+            previous = {row["recipe"]: row for row in saved["rows"]}
     rows: list[dict] = []
     done: dict[str, Path] = {}
     for recipe in recipes:
         cfg = recipe_config(recipe, data, epochs, out, crop, batch_size, done)
-        log.info("train-compare: %s (%s), %d epochs", recipe.stem, cfg.model, epochs)
-        rows.append(score_recipe(recipe, cfg, threads))
+        if recipe.stem in previous and Path(previous[recipe.stem]["onnx"]).is_file():
+            log.info("train-compare: %s is in %s already", recipe.stem, out / "compare.json")
+            rows.append(previous[recipe.stem])
+        else:
+            log.info("train-compare: %s (%s), %d epochs", recipe.stem, cfg.model, epochs)
+            rows.append(score_recipe(recipe, cfg, threads))
         done[recipe.stem] = cfg.out / "best.pt"
-        _write(out, {"epochs": epochs, "crop": crop, "batch_size": batch_size,
-                     "data": [str(d) for d in data]}, rows)
+        _write(out, meta, rows)
     return rows
