@@ -157,7 +157,9 @@ def cmd_demo(args) -> int:
     print(render(longest, "table"))
     command = sys.argv[0] if sys.argv[0].endswith("crackscan") else "crackscan"
     print(f"\ndatabase: {db_url}\nnext: {command} runs --db {db_url}\n"
-          f"      {command} query --db {db_url} --min-length-mm 100 --format json")
+          f"      {command} query --db {db_url} --min-length-mm 100 --format json\n"
+          f"      {command} report --db {db_url} --run {summary['id']} --out "
+          f"{out / 'report.html'}")
     return 0 if summary["frames"] > 0 else 1
 
 
