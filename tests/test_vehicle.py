@@ -42,7 +42,8 @@ def sqlite_rows(db: str, sql: str) -> list[tuple]:
 
 
 def crack_records(db: str) -> list[tuple]:
-    records = json.loads(crackscan("query", "--db", db, "--format", "json").stdout)
+    records = json.loads(crackscan("query", "--db", db, "--detections", "--format",
+                                   "json").stdout)
     return sorted(tuple(record[f] for f in CRACK_FIELDS) for record in records)
 
 
