@@ -125,6 +125,24 @@ def test_postgres_and_sqlite_store_identical_records(replay, drive, db_url):
         assert comparable(postgres) == comparable(sqlite_records)
 
 
+def test_db_merge_rebuilds_physical_cracks_with_another_link_distance(replay, tmp_path):
+    db = f"sqlite:///{tmp_path / 'copy.db'}"
+    with sqlite3.connect(replay["db"].removeprefix("sqlite:///")) as source, \
+            sqlite3.connect(db.removeprefix("sqlite:///")) as copy:
+        source.backup(copy)
+    run = replay["runs"][0]["id"]
+    wide = crackscan("db", "merge", "--db", db, "--run", run, "--link-mm", "200").stdout
+    merged = json.loads(crackscan("query", "--db", db, "--format", "json").stdout)
+    assert wide.strip() == f"run {run}: {len(merged)} physical cracks"
+    assert len(merged) < len(replay["physical"])  # a wider link joins more
+    assert sum(c["detections"] for c in merged) == len(replay["cracks"])
+    again = crackscan("db", "merge", "--db", db).stdout  # every run, the default distance
+    assert again.strip() == f"run {run}: {len(replay['physical'])} physical cracks"
+    missing = crackscan("db", "merge", "--db", db, "--run", "nope", check=False)
+    assert missing.returncode != 0 and "no run 'nope'" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
 def test_query_json_carries_geometry_in_mm(replay):
     record = replay["cracks"][0]
     for key in ("run", "seq", "chainage_m", "length_mm", "width_mean_mm", "width_max_mm",
