@@ -139,7 +139,9 @@ def link_groups(detections: list[dict[str, Any]], link_mm: float = LINK_MM) -> l
 
 def union_length(lines: list[np.ndarray], cover_mm: float) -> float:
     """Length (mm) of the union of polylines (mm): longest first, each segment counted unless
-    its midpoint lies within ``cover_mm`` of a polyline counted before."""
+    its midpoint lies within ``cover_mm`` of a polyline counted before. Where a line leaves (or
+    enters) what was counted, the ``cover_mm`` it ran inside that band is counted back: the
+    stretch beyond a counted line's end, or a branch's root, is crack length too."""
     order = sorted(lines, key=_polyline_length, reverse=True)
     counted: list[np.ndarray] = []
     total = 0.0
@@ -150,8 +152,12 @@ def union_length(lines: list[np.ndarray], cover_mm: float) -> float:
         segment = np.hypot(*np.diff(points, axis=0).T)
         if counted:
             mids = (points[1:] + points[:-1]) / 2
-            segment = segment[cKDTree(np.concatenate(counted)).query(mids)[0] > cover_mm]
-        total += float(segment.sum())
+            new = cKDTree(np.concatenate(counted)).query(mids)[0] > cover_mm
+            if new.any():
+                total += float(segment[new].sum()) + cover_mm * int(np.count_nonzero(
+                    new[1:] != new[:-1]))
+        else:
+            total += float(segment.sum())
         counted.append(points)
     return total
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Before Alembic is imported: it logs a line per built-in plugin on import and two about itself
@@ -154,17 +156,42 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
     database has transactional DDL (Postgres); a database from before migrations is adopted
     first. Returns the revision it is at afterwards. Back the database up before calling this."""
     shown = _shown(engine)
-    with engine.begin() as connection:
-        current = _revision(connection)
-        if current is None:
-            _adopt_legacy(connection, shown)
-        else:
-            _refuse_unknown(current, shown)
-        try:
-            command.upgrade(alembic_config(connection), revision)
-        except CommandError as exc:
-            raise DatabaseError(f"cannot upgrade database {shown} to {revision}: {exc}") from None
+    with engine.connect() as connection, _foreign_keys_off_on_sqlite(connection, shown):
+        with connection.begin():
+            current = _revision(connection)
+            if current is None:
+                _adopt_legacy(connection, shown)
+            else:
+                _refuse_unknown(current, shown)
+            try:
+                command.upgrade(alembic_config(connection), revision)
+            except CommandError as exc:
+                raise DatabaseError(f"cannot upgrade database {shown} to {revision}: {exc}"
+                                    ) from None
     return current_revision(engine)
+
+
+@contextmanager
+def _foreign_keys_off_on_sqlite(connection: Connection, shown: str) -> Iterator[None]:
+    """SQLite alters a table by copying it, dropping the old one and renaming the copy; with
+    foreign keys on, dropping ``runs`` would cascade into every frame and crack. So they are off
+    while migrating (SQLite ignores the pragma inside a transaction: set before it begins),
+    checked afterwards, and on again."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    connection.commit()
+    try:
+        yield
+        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        connection.commit()
+        if broken:
+            raise DatabaseError(f"database {shown}: the upgrade left {len(broken)} rows whose "
+                                "foreign keys point nowhere; restore the backup")
+    finally:
+        connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+        connection.commit()
 
 
 def new_revision(message: str) -> Path:

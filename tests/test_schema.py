@@ -224,3 +224,52 @@ def test_crackscan_db_command_upgrades_and_reports(db_url, raw_engine):
     assert upgraded.stdout.endswith(f": schema {schema.HEAD} (was none)\n")
     current = crackscan("db", "current", "--db", db_url)
     assert (current.returncode, current.stdout) == (0, f"{schema.HEAD}\n")
+
+
+def test_detections_stored_at_0001_survive_the_upgrade_and_merge(db_url, raw_engine):
+    """A 0001 database with frames and per-frame cracks (written as crackscan 0001 wrote them),
+    upgraded to HEAD: every record is kept, new columns take their defaults, and the run's
+    detections merge into physical cracks."""
+    with raw_engine.begin() as connection:
+        command.upgrade(schema.alembic_config(connection), "0001")
+        tables = MetaData()
+        tables.reflect(connection)
+        connection.execute(tables.tables["runs"].insert(), {
+            "id": LEGACY_RUN, "source": "old.mp4", "mode": "replay", "status": "complete",
+            "started_at": datetime(2025, 1, 1, 12), "config": {}, "cameras": ["cam0"],
+            "cameras_ended": {}, "frames_read": 2, "frames_sent": 2, "frames_dropped": 0,
+            "frames_bad": 0, "frames_duplicate": 0, "frames_malformed": 0})
+        for seq in (0, 1):  # one crack seen by two overlapping frames
+            frame_id = connection.execute(tables.tables["frames"].insert().values(
+                run_id=LEGACY_RUN, camera_id="cam0", seq=seq, capture_time=datetime(2025, 1, 1),
+                chainage_m=10.0 + 0.1 * seq, width=640, height=360, inference_ms=50.0,
+                worker="w", crack_count=1, stored_at=datetime(2025, 1, 1))).inserted_primary_key[0]
+            start = 10.0 + 0.1 * seq
+            connection.execute(tables.tables["cracks"].insert(), {
+                "frame_id": frame_id, "run_id": LEGACY_RUN, "camera_id": "cam0", "seq": seq,
+                "index": 0, "length_px": 300.0, "length_mm": 150.0, "width_mean_mm": 1.0,
+                "width_max_mm": 1.5 + seq, "width_p95_mm": 1.4, "width_max_px": 3.0,
+                "orientation_deg": 0.0, "type": "longitudinal", "severity": "medium",
+                "area_px": 600, "area_mm2": 150.0, "bbox_px": [0, 0, 300, 4],
+                "chainage_m": start + 0.075, "chainage_start_m": start,
+                "chainage_end_m": start + 0.15, "arc_mm": 500.0, "score_mean": 0.9,
+                "polyline_px": [[0, 2], [300, 2]],
+                "polyline": [[start, 500.0], [start + 0.15, 500.0]]})
+    schema.upgrade(raw_engine)
+    assert schema.current_revision(raw_engine) == schema.HEAD
+    engine = make_engine(db_url)
+    try:
+        with session_factory(engine)() as session:
+            (run,) = store.list_runs(session)
+            assert (run["cracks"], run["physical_cracks"], run["database_retries"],
+                    run["tunnel"]) == (2, 0, 0, None)
+            detections = store.query_cracks(session, run=LEGACY_RUN)
+            assert [d["physical"] for d in detections] == [None, None]
+            assert store.crack_mask(session, LEGACY_RUN, "cam0", 0, 0) is None  # no crop then
+            assert store.merge_run(session, LEGACY_RUN) == 1
+            session.commit()
+            (crack,) = store.query_physical(session, run=LEGACY_RUN)
+            assert crack["merged"] and crack["detections"] == 2 and crack["width_max_mm"] == 2.5
+            assert crack["length_mm"] == pytest.approx(250.0, abs=1.0)
+    finally:
+        engine.dispose()
