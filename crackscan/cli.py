@@ -479,7 +479,8 @@ def cmd_train(args) -> int:
     train = _torch_module("training.train")
     try:
         cfg = load_config(Path(args.config), data=args.data, epochs=args.epochs, out=args.out,
-                          teacher=args.teacher, max_minutes=args.max_minutes)
+                          teacher=args.teacher, max_minutes=args.max_minutes,
+                          init_from=args.init_from)
     except (ValidationError, ValueError, OSError) as exc:
         first = str(exc).splitlines()
         raise UserError(f"training config {args.config}: {' '.join(first[:3])}") from None
@@ -754,6 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out")
     p.add_argument("--resume", help="checkpoint to resume from (last.pt)")
     p.add_argument("--teacher", help="knowledge distillation: the teacher's checkpoint (best.pt)")
+    p.add_argument("--init-from", help="fine-tune from this model: a checkpoint (.pt) or an "
+                   "exported crackscan ONNX model (.onnx, with freeze_bn: true)")
     p.add_argument("--max-minutes", type=float,
                    help="stop after the epoch that passes this wall-clock budget")
 

@@ -20,6 +20,11 @@ class TrainConfig(BaseModel):
     model: str = "mobilenet_aspp"
     model_params: dict = Field(default_factory=dict)
     encoder_weights: Path | None = None  # a local torchvision-style checkpoint; never downloaded
+    # fine-tune from a whole model: a crackscan checkpoint (.pt) or an exported crackscan ONNX
+    # model (.onnx, batch norm folded: needs freeze_bn) of the same architecture
+    init_from: Path | None = None
+    # batch norm in eval mode while training: statistics fixed, scale and shift still learn
+    freeze_bn: bool = False
     # names of the output channels. One name: binary (one sigmoid channel, masks 0/255). More:
     # multi-class (one softmax channel per name, masks hold the class index, see training.data);
     # validation then scores the channel named "crack"
@@ -105,6 +110,10 @@ class TrainConfig(BaseModel):
         if self.scale_range is not None and not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"scale_range must be [low, high] with 0 < low <= high: "
                              f"{self.scale_range}")
+        if self.init_from is not None and self.init_from.suffix == ".onnx" and not self.freeze_bn:
+            raise ValueError(f"init_from {self.init_from}: an ONNX model has its batch norms "
+                             "folded into the convolutions, so fine-tuning it needs "
+                             "freeze_bn: true")
         if any(r <= 0 for r in self.lr_groups or ()):
             raise ValueError(f"lr_groups ratios must be positive: {self.lr_groups}")
         return self

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.distributed as dist
 from matplotlib.figure import Figure
@@ -38,6 +39,7 @@ from training.config import TrainConfig
 from training.losses import distillation_loss, get_loss, median_frequency_weights
 from training.metrics import Evaluator
 from training.models import ModelSpec, build_model, get_spec, load_encoder_weights, param_groups
+from training.onnx_weights import freeze_batch_norm, load_onnx_weights
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +218,31 @@ class Teacher(nn.Module):
         return self.model(x * self.scale + self.shift)
 
 
+def init_weights(model: nn.Module, cfg: TrainConfig, spec: ModelSpec) -> str:
+    """Load ``cfg.init_from`` (a crackscan checkpoint, or an exported crackscan ONNX model) into
+    ``model`` to fine-tune it; returns what was loaded, for the log."""
+    path = Path(cfg.init_from)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from {path} does not exist")
+    if path.suffix == ".onnx":
+        metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False
+                                                      ).metadata_props}
+        if metadata.get("crackscan.model") != cfg.model:
+            raise ValueError(f"init_from {path} is a {metadata.get('crackscan.model')!r} "
+                             f"model, the recipe trains {cfg.model!r}")
+        convolutions = load_onnx_weights(model, path, spec.size_multiple)
+        return (f"{convolutions} convolutions from {path} (epoch "
+                f"{metadata.get('crackscan.epoch')}), batch norm frozen")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"init_from {path} is not a crackscan training checkpoint")
+    if state["config"].get("model") != cfg.model:
+        raise ValueError(f"init_from {path} is a {state['config'].get('model')!r} checkpoint, "
+                         f"the recipe trains {cfg.model!r}")
+    model.load_state_dict(state["model"])
+    return f"{path} (epoch {state.get('epoch')})"
+
+
 def load_teacher(path: Path, cfg: TrainConfig, device: torch.device) -> Teacher:
     """The teacher of a distillation run, built from its checkpoint's own config."""
     if not Path(path).is_file():
@@ -241,12 +268,16 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, epoch: int, *,
                     device: torch.device = CPU, amp: bool = False,
                     scaler: torch.amp.GradScaler | None = None, teacher: Teacher | None = None,
                     alpha: float = 0.0, temperature: float = 1.0,
-                    frozen: list[nn.Parameter] = (), progress: bool = True) -> dict[str, float]:
+                    frozen: list[nn.Parameter] = (), freeze_bn: bool = False,
+                    progress: bool = True) -> dict[str, float]:
     """Mean losses of the epoch (over every process): ``loss`` (what was optimised) and, with a
     teacher, ``loss_supervised`` and ``loss_distill``. ``frozen`` parameters are left untouched:
     their gradients are dropped before the optimizer step (the backward pass still runs through
-    them, so a DDP run keeps the same gradient buckets throughout)."""
+    them, so a DDP run keeps the same gradient buckets throughout). ``freeze_bn`` keeps batch
+    norm statistics fixed."""
     model.train()
+    if freeze_bn:
+        freeze_batch_norm(model)
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     sums = torch.zeros(4, dtype=torch.float64)  # loss, supervised, distill, images
     for images, masks in tqdm(loader, desc=f"epoch {epoch}", leave=False,
@@ -464,6 +495,8 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
         loaded = load_encoder_weights(model, cfg.encoder_weights)
         log.info("encoder weights: %d of %d encoder tensors from %s", loaded,
                  len(model.encoder.state_dict()), cfg.encoder_weights)
+    if cfg.init_from:
+        log.info("initial weights: %s", init_weights(model, cfg, spec))
     model.to(device)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, cfg.epochs * max(len(loader), 1))
@@ -491,7 +524,7 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
         losses = train_one_epoch(trained, loader, optimizer, scheduler, loss_fn, epoch,
                                  device=device, amp=cfg.amp, scaler=scaler, teacher=teacher,
                                  alpha=cfg.distill_alpha, temperature=cfg.distill_temperature,
-                                 frozen=frozen, progress=writer)
+                                 frozen=frozen, freeze_bn=cfg.freeze_bn, progress=writer)
         stop = bool(cfg.max_minutes and (time.monotonic() - started) / 60 >= cfg.max_minutes)
         if writer:
             val = evaluate(model, val_pairs, spec.mean, spec.std, spec.size_multiple,

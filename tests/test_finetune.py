@@ -1,0 +1,131 @@
+"""Fine-tuning a deployed model: an exported ONNX model's folded weights back in PyTorch, batch
+norm frozen while training, and ``init_from`` in recipes and on the command line.
+
+Every model here is trained for one epoch on 64-px synthetic images and exported for real, so
+the ONNX files are what ``crackscan export`` writes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from pydantic import ValidationError
+from test_training import run_crackscan, tiny_config, torch_threads, write_crack_dataset
+
+from training.config import TrainConfig
+from training.export import export_checkpoint
+from training.models import build_model
+from training.onnx_weights import freeze_batch_norm, load_onnx_weights
+from training.train import main as train_main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict:
+    """A mobilenet_aspp trained one epoch (batch norm statistics moved away from their start)
+    and exported: its dataset, checkpoint and ONNX file."""
+    root = tmp_path_factory.mktemp("exported")
+    data = root / "cracks"
+    write_crack_dataset(data)
+    train_main(tiny_config(data, root / "run", epochs=1))
+    export_checkpoint(root / "run" / "best.pt", root / "model.onnx")
+    return {"data": data, "checkpoint": root / "run" / "best.pt", "onnx": root / "model.onnx"}
+
+
+def onnx_logits(path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"image": x})[0]
+
+
+def test_onnx_weights_reproduce_the_exported_model(exported):
+    state = torch.load(exported["checkpoint"], map_location="cpu", weights_only=False)
+    norm = state["model"]["encoder.features.0.1.running_var"]
+    assert not torch.allclose(norm, torch.ones_like(norm))  # real statistics were folded
+
+    model = build_model("mobilenet_aspp")  # fresh: random weights, default statistics
+    assert load_onnx_weights(model, exported["onnx"], 32) == 66
+    x = np.random.default_rng(3).normal(size=(1, 3, 96, 64)).astype(np.float32)
+    with torch.no_grad():
+        got = model.eval()(torch.from_numpy(x)).numpy()
+    expected = onnx_logits(exported["onnx"], x)
+    assert np.abs(got - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
+    # the batch norms are the identity plus the folded shift
+    first_norm = model.encoder.features[0][1]
+    assert torch.all(first_norm.running_mean == 0) and torch.all(first_norm.weight == 1)
+
+
+def test_onnx_weights_of_another_architecture_are_refused(exported):
+    with pytest.raises(ValueError, match="convolutions"):
+        load_onnx_weights(build_model("resnet18_aspp"), exported["onnx"], 32)
+    with pytest.raises(ValueError, match="shape"):  # same layers, other width
+        load_onnx_weights(build_model("mobilenet_aspp", width_mult=0.5), exported["onnx"], 32)
+
+
+def test_frozen_batch_norm_keeps_its_statistics_while_the_rest_learns(exported, tmp_path):
+    out = tmp_path / "ft"
+    cfg = tiny_config(exported["data"], out, epochs=1).model_copy(
+        update={"init_from": exported["onnx"], "freeze_bn": True})
+    train_main(cfg)
+    tuned = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["model"]
+    start = build_model("mobilenet_aspp")
+    load_onnx_weights(start, exported["onnx"], 32)
+    before = start.state_dict()
+    for name, value in tuned.items():
+        if name.endswith(("running_mean", "running_var")):
+            assert torch.equal(value, before[name]), name  # frozen: never updated
+    assert not torch.equal(tuned["head.weight"], before["head.weight"])  # but it trained
+    assert not torch.equal(tuned["encoder.features.0.0.weight"],
+                           before["encoder.features.0.0.weight"])
+
+
+def test_freeze_batch_norm_leaves_the_other_layers_in_training_mode():
+    model = build_model("mobilenet_aspp").train()
+    freeze_batch_norm(model)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)
+    assert model.training and model.decoder.aspp.project[3].training  # dropout still active
+
+
+def test_an_onnx_init_needs_frozen_batch_norm():
+    with pytest.raises(ValidationError, match="freeze_bn"):
+        TrainConfig(init_from="model.onnx")
+    TrainConfig(init_from="best.pt")  # a checkpoint has its statistics: no need
+
+
+def test_init_from_a_checkpoint_starts_where_it_ended(exported, tmp_path):
+    out = tmp_path / "from_pt"
+    cfg = tiny_config(exported["data"], out, epochs=1).model_copy(
+        update={"init_from": exported["checkpoint"], "lr": 1e-9})  # a step too small to move
+    train_main(cfg)
+    start = torch.load(exported["checkpoint"], map_location="cpu", weights_only=False)["model"]
+    tuned = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["model"]
+    weight = "decoder.fuse.1.3.weight"
+    assert torch.allclose(tuned[weight], start[weight], atol=1e-6)
+
+
+def test_crackscan_train_init_from_the_command_line(exported, tmp_path):
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text(yaml.safe_dump({"model": "mobilenet_aspp", "crop": 64, "batch_size": 2,
+                                      "epochs": 1, "num_threads": 1, "freeze_bn": True}))
+    done = run_crackscan("train", "--config", recipe, "--data", exported["data"],
+                         "--init-from", exported["onnx"], "--out", tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+    assert "66 convolutions from" in done.stderr and "batch norm frozen" in done.stderr
+    assert json.loads(done.stdout)["epochs"] == 1
+
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"model": "resnet18_aspp", "freeze_bn": True, "epochs": 1}))
+    done = run_crackscan("train", "--config", other, "--data", exported["data"],
+                         "--init-from", exported["onnx"], "--out", tmp_path / "bad")
+    assert done.returncode != 0
+    assert "is a 'mobilenet_aspp' model, the recipe trains 'resnet18_aspp'" in done.stderr
