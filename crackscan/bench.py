@@ -135,11 +135,24 @@ def as_video(source: str, config: PipelineConfig, folder: Path) -> str:
 
 def run_bench(source: str, model: Path | None, backend: str, workers: int, frames: int,
               config: PipelineConfig, config_path: str | None, overlap: float = 0.1,
-              threads: int = 0) -> dict:
-    """Everything ``crackscan bench --format json`` prints."""
+              threads: int = 0, repeat: int = 1) -> dict:
+    """Everything ``crackscan bench --format json`` prints. With ``repeat`` > 1 the whole
+    measurement (model, pipeline, model) runs that many times: the result is the repeat of
+    median efficiency (its numbers belong together), with every repeat's rates under
+    ``repeats``, for hosts whose speed drifts within a run."""
     with tempfile.TemporaryDirectory(prefix="crackscan-bench-video-") as folder:
-        return _run_bench(source, as_video(source, config, Path(folder)), model, backend,
-                          workers, frames, config, config_path, overlap, threads)
+        video = as_video(source, config, Path(folder))
+        results = [_run_bench(source, video, model, backend, workers, frames, config,
+                              config_path, overlap, threads) for _ in range(repeat)]
+    if repeat == 1:
+        return results[0]
+    ordered = sorted(results, key=lambda r: r["pipeline_efficiency"])
+    keys = ("model_fps_before", "pipeline_fps", "model_fps_after", "model_fps",
+            "pipeline_efficiency")
+    return {**ordered[(repeat - 1) // 2],
+            "repeats": [{key: result[key] for key in keys} for result in results],
+            "pipeline_efficiency_min": ordered[0]["pipeline_efficiency"],
+            "pipeline_efficiency_max": ordered[-1]["pipeline_efficiency"]}
 
 
 def _run_bench(label: str, source: str, model: Path | None, backend: str, workers: int,

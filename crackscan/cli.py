@@ -168,20 +168,27 @@ def cmd_bench(args) -> int:
 
     if not 0 <= args.overlap < 1:
         raise UserError(f"--overlap must be in 0..1 (a share of the frame), got {args.overlap}")
-    if args.frames < 1 or args.workers < 1:
-        raise UserError("--frames and --workers must be at least 1")
+    if args.frames < 1 or args.workers < 1 or args.repeat < 1:
+        raise UserError("--frames, --workers and --repeat must be at least 1")
     config = load_pipeline_config(args.config)
     try:
         result = run_bench(args.source, Path(args.model) if args.model else None, args.backend,
                            args.workers, args.frames, config, args.config, args.overlap,
-                           args.threads)
+                           args.threads, args.repeat)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args.format == "json":
         print_json(result)
     else:
         for key, value in result.items():
-            print(f"{key:22s} {value:.3f}" if isinstance(value, float) else f"{key:22s} {value}")
+            if key == "repeats":
+                for number, rates in enumerate(value, 1):
+                    print(f"{'repeat ' + str(number):22s} model {rates['model_fps']:.2f} fps, "
+                          f"pipeline {rates['pipeline_fps']:.2f} fps, efficiency "
+                          f"{rates['pipeline_efficiency']:.3f}")
+            else:
+                print(f"{key:22s} {value:.3f}" if isinstance(value, float)
+                      else f"{key:22s} {value}")
     return 0
 
 
@@ -677,6 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="bare model's CPU threads")
     p.add_argument("--overlap", type=float, default=0.1,
                    help="share of a frame that must overlap the next one, for the speed")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="measure N times and report the repeat of median efficiency")
     p.add_argument("--config", help="pipeline YAML: camera scale (or rig) for the speed")
     p.add_argument("--format", choices=["table", "json"], default="table")
 

@@ -55,3 +55,18 @@ def test_build_engine_without_tensorrt_says_where_it_comes_from():
     assert "pypi.nvidia.com" in result.stderr and "Traceback" not in result.stderr
     result = crackscan("build-engine", "--out", "never.plan", "--int8", check=False)
     assert result.returncode == 2 and "--calib" in result.stderr
+
+
+def test_bench_repeats_and_reports_the_median_repeat():
+    result = json.loads(crackscan("bench", "--source", "synthetic:0.6", "--frames", "2",
+                                  "--repeat", "3", "--format", "json").stdout)
+    repeats = result["repeats"]
+    assert len(repeats) == 3
+    efficiencies = sorted(r["pipeline_efficiency"] for r in repeats)
+    # the reported numbers are one repeat's, the middle one, and belong together
+    assert result["pipeline_efficiency"] == efficiencies[1]
+    chosen = next(r for r in repeats if r["pipeline_efficiency"] == efficiencies[1])
+    assert (result["model_fps"], result["pipeline_fps"]) == (chosen["model_fps"],
+                                                             chosen["pipeline_fps"])
+    assert (result["pipeline_efficiency_min"], result["pipeline_efficiency_max"]) == (
+        efficiencies[0], efficiencies[2])
