@@ -218,13 +218,24 @@ class Teacher(nn.Module):
         return self.model(x * self.scale + self.shift)
 
 
+def read_checkpoint(path: Path, role: str) -> dict:
+    """A crackscan training checkpoint (model weights and the config that made them) that a run
+    uses as its ``role`` ("teacher", "init_from"); FileNotFoundError / ValueError otherwise."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{role} checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{role} {path} is not a crackscan training checkpoint")
+    return state
+
+
 def init_weights(model: nn.Module, cfg: TrainConfig, spec: ModelSpec) -> str:
     """Load ``cfg.init_from`` (a crackscan checkpoint, or an exported crackscan ONNX model) into
     ``model`` to fine-tune it; returns what was loaded, for the log."""
     path = Path(cfg.init_from)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from {path} does not exist")
     if path.suffix == ".onnx":
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from model {path} does not exist")
         metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False
                                                       ).metadata_props}
         if metadata.get("crackscan.model") != cfg.model:
@@ -233,9 +244,7 @@ def init_weights(model: nn.Module, cfg: TrainConfig, spec: ModelSpec) -> str:
         convolutions = load_onnx_weights(model, path, spec.size_multiple)
         return (f"{convolutions} convolutions from {path} (epoch "
                 f"{metadata.get('crackscan.epoch')}), batch norm frozen")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"init_from {path} is not a crackscan training checkpoint")
+    state = read_checkpoint(path, "init_from")
     if state["config"].get("model") != cfg.model:
         raise ValueError(f"init_from {path} is a {state['config'].get('model')!r} checkpoint, "
                          f"the recipe trains {cfg.model!r}")
@@ -245,11 +254,7 @@ def init_weights(model: nn.Module, cfg: TrainConfig, spec: ModelSpec) -> str:
 
 def load_teacher(path: Path, cfg: TrainConfig, device: torch.device) -> Teacher:
     """The teacher of a distillation run, built from its checkpoint's own config."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"teacher {path} is not a crackscan training checkpoint")
+    state = read_checkpoint(path, "teacher")
     teacher_cfg = TrainConfig(**state["config"])
     if teacher_cfg.num_classes != cfg.num_classes:
         raise ValueError(f"teacher {path} has {teacher_cfg.num_classes} output classes, the "
