@@ -13,14 +13,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from pydantic import ValidationError
 from test_training import run_crackscan, tiny_config, torch_threads, write_crack_dataset
 
 from training.config import TrainConfig
 from training.export import export_checkpoint
-from training.models import build_model
-from training.onnx_weights import freeze_batch_norm, load_onnx_weights
+from training.models import build_model, get_spec
+from training.onnx_weights import freeze_batch_norm, grow, load_onnx_weights
+from training.train import init_weights
 from training.train import main as train_main
 
 
@@ -129,3 +131,47 @@ def test_crackscan_train_init_from_the_command_line(exported, tmp_path):
                          "--init-from", exported["onnx"], "--out", tmp_path / "bad")
     assert done.returncode != 0
     assert "is a 'mobilenet_aspp' model, the recipe trains 'resnet18_aspp'" in done.stderr
+
+
+def test_a_stride_2_refinement_grown_on_an_onnx_model_starts_as_that_model(exported):
+    cfg = TrainConfig(model="mobilenet_aspp", model_params={"fine_skip": True},
+                      init_from=exported["onnx"], freeze_bn=True)
+    model = build_model("mobilenet_aspp", fine_skip=True)
+    assert "new stride-2 refinement (12 tensors)" in init_weights(model, cfg,
+                                                                   get_spec("mobilenet_aspp"))
+    x = np.random.default_rng(5).normal(size=(1, 3, 64, 96)).astype(np.float32)
+    image = torch.from_numpy(x)
+    with torch.no_grad():
+        got = model.eval()(image)
+        # the refinement adds nothing yet: the stride-4 logits, upsampled x2 and then x2 again
+        stride4 = model.head(model.decoder(model.encoder(image)))
+        twice = F.interpolate(F.interpolate(stride4, scale_factor=2.0, mode="bilinear"),
+                              scale_factor=2.0, mode="bilinear")
+        once = F.interpolate(stride4, size=image.shape[-2:], mode="bilinear")
+    assert torch.allclose(got, twice, atol=1e-6)
+    # and those stride-4 logits are the ONNX model's (which upsamples x4 in one step)
+    expected = onnx_logits(exported["onnx"], x)
+    assert np.abs(once.numpy() - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def test_a_refined_model_trains_its_refinement_and_round_trips_through_onnx(exported, tmp_path):
+    out = tmp_path / "fine"
+    cfg = tiny_config(exported["data"], out, epochs=1).model_copy(
+        update={"model_params": {"fine_skip": True}, "init_from": exported["onnx"],
+                "freeze_bn": True})
+    train_main(cfg)
+    tuned = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["model"]
+    assert tuned["refine.correct.weight"].abs().max() > 0  # it left zero: it learns
+
+    export_checkpoint(out / "last.pt", tmp_path / "fine.onnx")  # verified against PyTorch
+    model = build_model("mobilenet_aspp", fine_skip=True)  # loads directly: same convolutions
+    assert load_onnx_weights(model, tmp_path / "fine.onnx", 32) == 66 + 6
+
+
+def test_grow_refuses_a_model_that_differs_beyond_its_new_part():
+    with pytest.raises(ValueError, match="refine"):
+        grow(build_model("mobilenet_aspp", fine_skip=True, aspp_channels=64),
+             build_model("mobilenet_aspp"), "refine.")
+    with pytest.raises(ValueError, match="lacks"):  # the other way round: refine.* is extra
+        grow(build_model("mobilenet_aspp"), build_model("mobilenet_aspp", fine_skip=True),
+             "refine.")

@@ -7,6 +7,9 @@ counts, never the encoder itself. Each exposes ``out_channels`` for the model's 
   (Ronneberger et al.; Lau et al.); output at the resolution of the finest map, or finer.
 - ``SegNetDecoder``: unpools with the encoder's max-pooling indices (Badrinarayanan et al.); it
   also takes those indices, the one thing it needs beyond the maps.
+
+``FineSkipRefiner`` is not a decoder: it runs after the head and refines its stride-4 logits at
+stride 2 (``mobilenet_aspp``'s ``fine_skip``).
 """
 
 from __future__ import annotations
@@ -95,6 +98,46 @@ class ASPPSkipDecoder(nn.Module):
         deep = F.interpolate(self.aspp(features[-1]), size=skip.shape[-2:], mode="bilinear",
                              align_corners=False)
         return self.fuse(torch.cat([deep, skip], dim=1))
+
+
+class FineSkipRefiner(nn.Module):
+    """A stride-2 refinement of a stride-4 model's logits, for crack edges that a stride-4 map
+    places only to within 2 px (the strict-pixel scores).
+
+    The decoder's map, reduced to ``channels`` and upsampled x2, is concatenated with the
+    encoder's stride-2 map (``features[skip_index]``); two depthwise-separable 3x3 convs and a
+    1x1 conv make a correction that is added to the logits upsampled x2. That last conv starts at
+    zero, so a refiner added to a trained model starts out computing what the model computed (up
+    to two x2 bilinear steps in place of one x4), and fine-tuning only has to learn the
+    correction. No batch norm: it would stay at its initial statistics in a fine-tune with
+    ``freeze_bn``. It works in logit space, so it costs a few narrow convs at stride 2 rather
+    than the decoder's width there.
+    """
+
+    def __init__(self, decoder_channels: int, skip_channels: int, num_classes: int,
+                 channels: int = 32, skip_index: int = 0) -> None:
+        super().__init__()
+        self.skip_index = skip_index
+        self.reduce = nn.Sequential(nn.Conv2d(decoder_channels, channels, 1),
+                                    nn.ReLU(inplace=True))
+        fused = channels + skip_channels
+        self.fuse = nn.Sequential(
+            nn.Conv2d(fused, fused, 3, padding=1, groups=fused), nn.Conv2d(fused, channels, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels),
+            nn.Conv2d(channels, channels, 1), nn.ReLU(inplace=True))
+        self.correct = nn.Conv2d(channels, num_classes, 1)
+        nn.init.zeros_(self.correct.weight)
+        nn.init.zeros_(self.correct.bias)
+
+    def forward(self, logits: torch.Tensor, decoded: torch.Tensor,
+                features: list[torch.Tensor]) -> torch.Tensor:
+        skip = features[self.skip_index]
+        size = skip.shape[-2:]
+        reduced = F.interpolate(self.reduce(decoded), size=size, mode="bilinear",
+                                align_corners=False)
+        correction = self.correct(self.fuse(torch.cat([reduced, skip], dim=1)))
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False) + correction
 
 
 class SCSE(nn.Module):

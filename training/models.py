@@ -9,7 +9,8 @@ Song et al.'s crack, structural seam, water stain, scratch, background); the mod
 head's width. The architectures of the research behind crackscan (see docs/DESIGN.md):
 
     mobilenet_aspp       Song et al.'s deploy model: MobileNetV2 (or ``encoder="mobilenet_v1"``)
-                         + separable ASPP + stride-4 skip
+                         + separable ASPP + stride-4 skip (``fine_skip``: and a stride-2
+                         refinement of the logits)
     resnet18_aspp        Song et al.'s training model: ResNet-18 + the same decoder
     unet_resnet34_scse   Lau et al.: U-Net decoder with scSE blocks over ResNet-34
     unet                 Ronneberger et al.: the classic U-Net
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.decoders import ASPPSkipDecoder, SegNetDecoder, UNetDecoder
+from training.decoders import ASPPSkipDecoder, FineSkipRefiner, SegNetDecoder, UNetDecoder
 from training.encoders import (
     MobileNetV1Encoder,
     MobileNetV2Encoder,
@@ -44,14 +45,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SegmentationModel(nn.Module):
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, num_classes: int) -> None:
+    """encoder -> decoder -> 1x1 head, then optionally ``refine(logits, decoded, features)``
+    (a ``FineSkipRefiner``), then bilinear up to the input's size."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, num_classes: int,
+                 refine: nn.Module | None = None) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.head = nn.Conv2d(decoder.out_channels, num_classes, 1)
+        self.refine = refine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.decoder(self.encoder(x)))
+        features = self.encoder(x)
+        decoded = self.decoder(features)
+        logits = self.head(decoded)
+        if self.refine is not None:
+            logits = self.refine(logits, decoded, features)
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
@@ -69,13 +79,16 @@ MOBILENET_ENCODERS = {"mobilenet_v2": MobileNetV2Encoder, "mobilenet_v1": Mobile
 
 def _mobilenet_aspp(num_classes: int, width_mult: float = 1.0, output_stride: int = 16,
                     aspp_channels: int = 128, aspp_rates: tuple[int, ...] = (6, 12, 18),
-                    encoder: str = "mobilenet_v2") -> SegmentationModel:
+                    encoder: str = "mobilenet_v2", fine_skip: bool = False,
+                    fine_channels: int = 32) -> SegmentationModel:
     if encoder not in MOBILENET_ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; known: {', '.join(MOBILENET_ENCODERS)}")
     backbone = MOBILENET_ENCODERS[encoder](width_mult=width_mult, output_stride=output_stride)
     decoder = ASPPSkipDecoder(backbone.out_channels, channels=aspp_channels,
                               rates=tuple(aspp_rates))
-    return SegmentationModel(backbone, decoder, num_classes)
+    refine = (FineSkipRefiner(decoder.out_channels, backbone.out_channels[0], num_classes,
+                              channels=fine_channels) if fine_skip else None)
+    return SegmentationModel(backbone, decoder, num_classes, refine)
 
 
 def _resnet18_aspp(num_classes: int, output_stride: int = 16, aspp_channels: int = 128,

@@ -110,6 +110,25 @@ def load_onnx_weights(model: nn.Module, path: Path, multiple: int) -> int:
     return len(own)
 
 
+def count_convolutions(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def grow(model: nn.Module, base: nn.Module, new_prefix: str) -> int:
+    """Copy every tensor of ``base`` into ``model``, which is ``base`` plus new modules under
+    ``new_prefix`` (e.g. ``"refine."``); returns how many of ``model``'s tensors are new. Raises
+    ValueError when anything else differs."""
+    try:
+        result = model.load_state_dict(base.state_dict(), strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        raise ValueError(f"the model is not the loaded one plus {new_prefix}*: {exc}") from None
+    other = [k for k in result.missing_keys if not k.startswith(new_prefix)]
+    if other or result.unexpected_keys:
+        raise ValueError(f"the model is not the loaded one plus {new_prefix}*: it lacks "
+                         f"{result.unexpected_keys[:3]} and has {other[:3]} besides")
+    return len(result.missing_keys)
+
+
 def freeze_batch_norm(model: nn.Module) -> None:
     """Put every batch norm of ``model`` in eval mode (statistics fixed, scale and shift still
     trained); call after each ``model.train()``."""

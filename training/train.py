@@ -39,7 +39,13 @@ from training.config import TrainConfig
 from training.losses import distillation_loss, get_loss, median_frequency_weights
 from training.metrics import Evaluator
 from training.models import ModelSpec, build_model, get_spec, load_encoder_weights, param_groups
-from training.onnx_weights import freeze_batch_norm, load_onnx_weights
+from training.onnx_weights import (
+    count_convolutions,
+    freeze_batch_norm,
+    grow,
+    load_onnx_weights,
+    onnx_convolutions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +247,20 @@ def init_weights(model: nn.Module, cfg: TrainConfig, spec: ModelSpec) -> str:
         if metadata.get("crackscan.model") != cfg.model:
             raise ValueError(f"init_from {path} is a {metadata.get('crackscan.model')!r} "
                              f"model, the recipe trains {cfg.model!r}")
-        convolutions = load_onnx_weights(model, path, spec.size_multiple)
+        refine = getattr(model, "refine", None)
+        grown = ""
+        if refine is not None and (len(onnx_convolutions(path))
+                                   == count_convolutions(model) - count_convolutions(refine)):
+            # a model without the stride-2 refinement: load it as it is, add the refinement
+            base = build_model(cfg.model, num_classes=cfg.num_classes,
+                               **{**cfg.model_params, "fine_skip": False})
+            convolutions = load_onnx_weights(base, path, spec.size_multiple)
+            grown = (f", and a new stride-2 refinement ({grow(model, base, 'refine.')} tensors) "
+                     "that starts at zero")
+        else:
+            convolutions = load_onnx_weights(model, path, spec.size_multiple)
         return (f"{convolutions} convolutions from {path} (epoch "
-                f"{metadata.get('crackscan.epoch')}), batch norm frozen")
+                f"{metadata.get('crackscan.epoch')}), batch norm frozen{grown}")
     state = read_checkpoint(path, "init_from")
     if state["config"].get("model") != cfg.model:
         raise ValueError(f"init_from {path} is a {state['config'].get('model')!r} checkpoint, "
