@@ -166,6 +166,8 @@ def test_a_refined_model_trains_its_refinement_and_round_trips_through_onnx(expo
     export_checkpoint(out / "last.pt", tmp_path / "fine.onnx")  # verified against PyTorch
     model = build_model("mobilenet_aspp", fine_skip=True)  # loads directly: same convolutions
     assert load_onnx_weights(model, tmp_path / "fine.onnx", 32) == 66 + 6
+    with pytest.raises(ValueError, match="fine_skip"):  # a model without it: the hint says so
+        load_onnx_weights(build_model("mobilenet_aspp"), tmp_path / "fine.onnx", 32)
 
 
 def test_grow_refuses_a_model_that_differs_beyond_its_new_part():

@@ -81,7 +81,8 @@ def load_onnx_weights(model: nn.Module, path: Path, multiple: int) -> int:
     if len(stored) != len(own):
         raise ValueError(f"{path} has {len(stored)} convolutions, this "
                          f"{type(model).__name__} {len(own)}: is it another architecture or "
-                         "width?")
+                         "width, or a model with (or without) mobilenet_aspp's stride-2 "
+                         "refinement (fine_skip: true in model_params)?")
     for number, ((weight, _), (conv, _)) in enumerate(zip(stored, own, strict=True)):
         if tuple(weight.shape) != tuple(conv.weight.shape):
             raise ValueError(f"{path}: convolution {number} has shape {tuple(weight.shape)}, "
