@@ -7,7 +7,15 @@ Probabilities used here (0.25, 0.5, 0.75, 1.0) are exact in float32 and float64,
 import numpy as np
 import pytest
 
-from training.metrics import SWEEP, Evaluator, f1_from_counts, match_counts
+from training.metrics import (
+    SWEEP,
+    Evaluator,
+    SetEvaluator,
+    disk,
+    f1_from_counts,
+    match_counts,
+    sweep_match_counts,
+)
 
 
 def line_mask(row: int, shape=(11, 20), cols=(2, 18)) -> np.ndarray:
@@ -168,3 +176,73 @@ def test_default_threshold_is_the_best_interior_one_never_the_sweep_ends():
     assert evaluator.summary()["ods_threshold"] == 0.0
     assert evaluator.best_threshold() == 0.05
     assert evaluator.best_threshold(low=0.4, high=0.9) == 0.4
+
+
+def test_disk_holds_the_offsets_within_the_tolerance():
+    assert disk(1).tolist() == [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    assert disk(1.5).tolist() == [[1, 1, 1], [1, 1, 1], [1, 1, 1]]
+    # radius 2: (2, 0) at distance 2 is in, (2, 1) at sqrt(5) is out
+    assert disk(2)[0].tolist() == [0, 0, 1, 0, 0] and disk(2)[1].tolist() == [0, 1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("tolerance", [0, 1, 1.5, 2, 2.5, 3])
+def test_one_pass_sweep_equals_thresholding_and_matching_at_every_threshold(tolerance):
+    # thin random "cracks" and speckle, probabilities at arbitrary float32 values (many exactly
+    # on a threshold), at the image border too; the reference thresholds and matches per t
+    rng = np.random.default_rng(int(tolerance * 10))
+    for _ in range(5):
+        truth = np.zeros((37, 53), bool)
+        for _ in range(3):
+            row = rng.integers(0, 37)
+            truth[row, rng.integers(0, 20):rng.integers(25, 53)] = True
+        truth |= rng.random(truth.shape) < 0.01
+        prob = np.clip(rng.normal(0.2, 0.25, truth.shape) + 0.5 * truth, 0, 1)
+        prob = np.where(rng.random(truth.shape) < 0.1, rng.choice(SWEEP, truth.shape), prob)
+        prob = prob.astype(np.float32)
+        thresholds = np.append(SWEEP, [0.33, 0.505])
+        expected = np.stack([match_counts(prob >= t, truth, tolerance) for t in thresholds])
+        assert sweep_match_counts(prob, truth, tolerance, thresholds).tolist() == expected.tolist()
+
+
+def test_one_pass_sweep_of_an_image_without_cracks():
+    prob = np.array([[0.0, 0.6], [0.2, 1.0]], np.float32)
+    counts = sweep_match_counts(prob, np.zeros((2, 2), bool), 2, np.array([0.0, 0.5, 1.0]))
+    assert counts.tolist() == [[0, 4, 0, 0], [0, 2, 0, 0], [0, 1, 0, 0]]
+
+
+def test_balanced_ods_lets_a_small_set_count_as_much_as_a_large_one():
+    # strict matching. Set "wide": 200 crack pixels at 0.75 and 200 background pixels at 0.25.
+    # Set "hairline": 10 crack pixels at 0.25. Per threshold t:
+    #   t in (0, 0.25]:    wide P 200/400, R 1, F1 2/3; hairline F1 1
+    #   t in (0.25, 0.75]: wide F1 1; hairline predicts nothing, F1 0
+    # Pooled, (0.25, 0.75] wins: P 1, R 200/210, F1 400/410 (vs 420/620 below 0.25).
+    # Balanced, (0, 0.25] wins: (2/3 + 1) / 2 = 5/6 (vs (1 + 0) / 2 above 0.25).
+    wide_truth = np.zeros((40, 20), bool)
+    wide_truth[:10] = True
+    wide_prob = np.where(wide_truth, 0.75, 0.0).astype(np.float32)
+    wide_prob[20:30] = 0.25
+    hairline_truth = np.zeros((40, 20), bool)
+    hairline_truth[5, :10] = True
+    hairline_prob = np.where(hairline_truth, 0.25, 0.0).astype(np.float32)
+
+    evaluator = SetEvaluator(tolerance=0, threshold=0.5)
+    evaluator.add("wide", wide_prob, wide_truth)
+    evaluator.add("hairline", hairline_prob, hairline_truth)
+    summary = evaluator.summary()
+
+    assert summary["images"] == 2
+    assert summary["ods"] == pytest.approx(400 / 410) and summary["ods_threshold"] == 0.26
+    assert summary["balanced_ods"] == pytest.approx(5 / 6)
+    assert summary["balanced_ods_threshold"] == 0.01
+    assert evaluator.best_balanced_threshold() == 0.05  # the lowest allowed in (0, 0.25]
+    assert evaluator.pooled().best_threshold() == 0.26
+    assert summary["sets"]["wide"]["f1_at_balanced"] == pytest.approx(2 / 3)
+    assert summary["sets"]["hairline"]["f1_at_balanced"] == 1.0
+    # at the fixed threshold 0.5 each set scores as it would alone
+    assert summary["sets"]["wide"]["f1"] == 1.0 and summary["sets"]["hairline"]["f1"] == 0.0
+    assert summary["f1"] == pytest.approx(400 / 410)
+
+
+def test_a_set_evaluator_without_images_says_so():
+    with pytest.raises(ValueError, match="no images"):
+        SetEvaluator().summary()
