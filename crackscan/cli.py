@@ -528,13 +528,22 @@ def cmd_eval(args) -> int:
     from training.evaluate import evaluate_model
 
     segmenter = open_segmenter(args.model, "auto")
+    if args.gamma <= 0:
+        raise UserError(f"--gamma must be positive, got {args.gamma}")
     summary = evaluate_model(segmenter, [Path(d) for d in args.data], args.split, args.tolerance,
-                             args.threshold, args.val_fraction, args.seed)
+                             args.threshold, args.val_fraction, args.seed, args.gamma)
     if args.format == "json":
         print_json(summary)
-    else:
-        for key, value in summary.items():
-            print(f"{key:14s} {value:.4f}" if isinstance(value, float) else f"{key:14s} {value}")
+        return 0
+    sets = summary.pop("sets")
+    for key, value in summary.items():
+        print(f"{key:22s} {value:.4f}" if isinstance(value, float) else f"{key:22s} {value}")
+    if len(sets) > 1:
+        print(f"\n{'set':16s} {'images':>6s} {'P':>6s} {'R':>6s} {'F1':>6s} {'ODS':>6s} "
+              f"{'OIS':>6s} {'IoU':>6s}  (each at the threshold above; ODS, OIS swept)")
+        for name, s in sets.items():
+            print(f"{name:16s} {s['images']:6d} {s['precision']:6.3f} {s['recall']:6.3f} "
+                  f"{s['f1']:6.3f} {s['ods']:6.3f} {s['ois']:6.3f} {s['iou']:6.3f}")
     return 0
 
 
@@ -795,6 +804,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --split carved: the training run's seed (default 0)")
     p.add_argument("--tolerance", type=float, default=2.0, help="pixels; 0 = strict")
     p.add_argument("--threshold", type=float, help="default: the model's own")
+    p.add_argument("--gamma", type=float, default=1.0,
+                   help="score the images as another exposure gives them: each pixel value "
+                        "v becomes 255 * (v / 255) ** GAMMA (above 1 darker, as laser-lit "
+                        "line-scan images; below 1 brighter; default 1: as they are)")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
     p = add("build-engine", cmd_build_engine,

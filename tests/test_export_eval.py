@@ -31,7 +31,7 @@ from inference.segmenter import (
     preprocess,
 )
 from training.config import TrainConfig
-from training.evaluate import evaluate_model
+from training.evaluate import evaluate_model, exposure
 from training.export import ExportError, export_checkpoint
 from training.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from training.train import main as train_main
@@ -269,14 +269,14 @@ def test_eval_on_the_carved_validation_split_scores_the_ids_training_held_out(ex
         assert summary[key] == pytest.approx(direct[key]), key
 
 
-def test_eval_against_the_models_own_predictions(exported, segmenter, tmp_path):
-    """Masks made from the model's own thresholded output must score F1 = IoU = 1 at strict
-    matching, and their inverse 0: any mismatch of colour order, padding, cropping or mask
-    orientation between segmenter, data loader and metrics breaks the first equality."""
+def own_and_inverse_masks(exported, segmenter, root: Path) -> tuple[Path, Path, float]:
+    """Two folders of the exported model's images: one whose masks are the model's own output
+    thresholded at the median probability, one whose masks are their inverse; and that
+    threshold."""
     images = sorted((exported.data / "images").iterdir())
     probs = [segmenter.segment([cv2.imread(str(p), cv2.IMREAD_COLOR)])[0] for p in images]
     threshold = float(np.median(np.concatenate([p.ravel() for p in probs])))
-    own, inverse = tmp_path / "own", tmp_path / "inverse"
+    own, inverse = root / "own", root / "inverse"
     for folder in (own, inverse):
         (folder / "masks").mkdir(parents=True)
         (folder / "images").symlink_to(exported.data / "images")
@@ -286,13 +286,86 @@ def test_eval_against_the_models_own_predictions(exported, segmenter, tmp_path):
         cv2.imwrite(str(inverse / "masks" / f"{path.stem}.png"), 255 - predicted)
     crack_fraction = np.mean([(p >= threshold).mean() for p in probs])
     assert 0.2 < crack_fraction < 0.8  # a real mix of crack and background pixels
+    return own, inverse, threshold
 
+
+def test_eval_against_the_models_own_predictions(exported, segmenter, tmp_path):
+    """Masks made from the model's own thresholded output must score F1 = IoU = 1 at strict
+    matching, and their inverse 0: any mismatch of colour order, padding, cropping or mask
+    orientation between segmenter, data loader and metrics breaks the first equality."""
+    own, inverse, threshold = own_and_inverse_masks(exported, segmenter, tmp_path)
     summary = evaluate_model(segmenter, [own], tolerance=0, threshold=threshold)
-    assert summary["images"] == len(images)
+    assert summary["images"] == len(list((own / "masks").iterdir()))
     assert (summary["precision"], summary["recall"], summary["f1"]) == (1.0, 1.0, 1.0)
     assert summary["iou"] == 1.0
     inverted = evaluate_model(segmenter, [inverse], tolerance=0, threshold=threshold)
     assert inverted["f1"] == 0.0 and inverted["iou"] == 0.0  # no pixel in common
+
+
+def test_eval_of_several_folders_scores_each_pools_them_and_balances_them(exported, segmenter,
+                                                                         tmp_path):
+    own, inverse, threshold = own_and_inverse_masks(exported, segmenter, tmp_path)
+    done = run_crackscan("eval", "--model", exported.model, "--data", own, "--data", inverse,
+                         "--tolerance", 0, "--threshold", threshold, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    both = json.loads(done.stdout)
+    assert set(both["sets"]) == {"own", "inverse"}
+    assert both["sets"]["own"]["f1"] == 1.0 and both["sets"]["inverse"]["f1"] == 0.0
+    for name, folder in (("own", own), ("inverse", inverse)):
+        alone = evaluate_model(segmenter, [folder], tolerance=0, threshold=threshold)
+        for key in EVAL_KEYS - {"model"}:
+            assert both["sets"][name][key] == pytest.approx(alone[key]), (name, key)
+    # pooled: every predicted pixel is a crack of "own" and background of "inverse", and the
+    # two truths split the pixels, so precision is 1/2 and recall is own's share of the truth
+    assert both["images"] == 2 * both["sets"]["own"]["images"]
+    assert both["precision"] == pytest.approx(0.5)
+    assert 0 < both["f1"] < 1
+    # balanced: the best mean of the two folders' F1 at one threshold; never above the better
+    # folder's own best, and no lower than predicting every pixel (threshold 0) scores, where
+    # a folder whose truth covers a share c of the pixels has F1 = 2c / (1 + c)
+    masks = [cv2.imread(str(m), cv2.IMREAD_GRAYSCALE) > 127 for m in (own / "masks").iterdir()]
+    c = sum(m.sum() for m in masks) / sum(m.size for m in masks)
+    everything = (2 * c / (1 + c) + 2 * (1 - c) / (2 - c)) / 2
+    assert everything - 1e-9 <= both["balanced_ods"] <= max(both["sets"]["own"]["ods"],
+                                                             both["sets"]["inverse"]["ods"])
+    table = run_crackscan("eval", "--model", exported.model, "--data", own, "--data", inverse,
+                          "--tolerance", 0, "--threshold", threshold)
+    assert table.returncode == 0, table.stderr
+    lines = {line.split()[0]: line.split() for line in table.stdout.splitlines() if line.strip()}
+    assert lines["own"][1:5] == [str(both["sets"]["own"]["images"]), "1.000", "1.000", "1.000"]
+    assert lines["inverse"][4] == "0.000"
+
+
+def test_exposure_maps_values_by_the_gamma_curve():
+    values = np.array([[0, 64, 128, 255]], np.uint8)
+    assert exposure(values, 1.0) is values
+    assert exposure(values, 2.0).tolist() == [[0, 16, 64, 255]]  # 255 * (v / 255) ** 2
+    assert exposure(values, 0.5).tolist() == [[0, 128, 181, 255]]
+
+
+def test_eval_with_a_gamma_scores_the_re_exposed_images(exported, tmp_path):
+    from inference.segmenter import open_segmenter
+
+    bundled = open_segmenter(None, "onnxruntime")  # a trained model: it reacts to exposure
+    dark = tmp_path / "dark"
+    (dark / "images").mkdir(parents=True)
+    (dark / "masks").symlink_to(exported.data / "masks")
+    for path in (exported.data / "images").iterdir():
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        cv2.imwrite(str(dark / "images" / f"{path.stem}.png"), exposure(image, 2.0))
+    done = run_crackscan("eval", "--data", exported.data, "--gamma", 2, "--tolerance", 0,
+                         "--format", "json")
+    assert done.returncode == 0, done.stderr
+    via_flag = json.loads(done.stdout)
+    assert via_flag["gamma"] == 2.0 and via_flag["model"] == bundled.info.label
+    darkened = evaluate_model(bundled, [dark], tolerance=0)
+    for key in EVAL_KEYS - {"model"}:
+        assert via_flag[key] == pytest.approx(darkened[key]), key
+    as_they_are = evaluate_model(bundled, [exported.data], tolerance=0)
+    assert via_flag["ods"] != pytest.approx(as_they_are["ods"])  # the gamma changed the input
+    refused = run_crackscan("eval", "--data", exported.data, "--gamma", 0)
+    assert refused.returncode != 0 and "--gamma must be positive" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def test_crack_probability_of_binary_and_multi_class_logits():

@@ -9,22 +9,37 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import cv2
+import numpy as np
 from tqdm import tqdm
 
 from inference.segmenter import Segmenter
 from training import data as ds
-from training.metrics import Evaluator
+from training.metrics import SetEvaluator
 
 log = logging.getLogger(__name__)
 
 
+def exposure(image: np.ndarray, gamma: float) -> np.ndarray:
+    """A uint8 image with each value v mapped to 255 * (v / 255) ** gamma (rounded); gamma 1
+    returns the image itself."""
+    if gamma == 1.0:
+        return image
+    table = np.round(255.0 * (np.arange(256) / 255.0) ** gamma).astype(np.uint8)
+    return cv2.LUT(np.ascontiguousarray(image), table)
+
+
 def evaluate_model(segmenter: Segmenter, folders: list[Path], split: str | None = None,
                    tolerance: float = 2.0, threshold: float | None = None,
-                   val_fraction: float = 0.1, seed: int = 0) -> dict:
+                   val_fraction: float = 0.1, seed: int = 0, gamma: float = 1.0) -> dict:
     """Score ``segmenter`` on the ``split`` ids of ``folders`` (``"carved"``: the validation ids
-    training carves with ``val_fraction`` and ``seed``) at its default or the given threshold."""
+    training carves with ``val_fraction`` and ``seed``) at its default or the given threshold:
+    pooled over every image, and under ``sets`` each folder on its own (keyed by folder name),
+    with the balanced ODS of the folders (``training.metrics.SetEvaluator``). ``gamma`` other
+    than 1 re-exposes every image first (``exposure``), to measure how the model holds up under
+    a darker or brighter camera than its data came from."""
     threshold = segmenter.info.threshold if threshold is None else threshold
-    evaluator = Evaluator(tolerance=tolerance, threshold=threshold)
+    evaluator = SetEvaluator(tolerance=tolerance, threshold=threshold)
     for folder in folders:
         folder = Path(folder)
         if not folder.is_dir():
@@ -34,9 +49,9 @@ def evaluate_model(segmenter: Segmenter, folders: list[Path], split: str | None 
             raise ds.DatasetError(f"{folder}: no images in split {split or '(all)'}")
         for sample in tqdm(samples, desc=folder.name, leave=False, disable=None):
             image_rgb, mask = ds.load_pair(sample)
-            bgr = image_rgb[:, :, ::-1]
-            evaluator.add(segmenter.segment([bgr])[0], mask)
+            bgr = exposure(image_rgb[:, :, ::-1], gamma)
+            evaluator.add(folder.name, segmenter.segment([bgr])[0], mask)
     summary = evaluator.summary()
     summary.update(model=segmenter.info.label, split=split or "all",
-                   data=[str(f) for f in folders])
+                   data=[str(f) for f in folders], gamma=gamma)
     return summary
