@@ -149,6 +149,9 @@ def test_recipe_trains_one_tiny_epoch(recipe, dataset, tmp_path, teacher_checkpo
     ({"scale_range": [1.5, 0.7]}, "0 < low <= high"),
     ({"scale_range": [0, 1.0]}, "0 < low <= high"),
     ({"sampling": "uniform"}, "balanced"),
+    ({"gamma_range": [2.0, 0.5]}, "gamma_range must be"),
+    ({"contrast_range": [0.0, 1.5]}, "contrast_range must be"),
+    ({"select_by": "iou"}, "balanced_ods"),
 ])
 def test_bad_recipe_values_are_refused_with_a_reason(bad, match):
     with pytest.raises(ValueError, match=match):

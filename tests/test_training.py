@@ -164,6 +164,42 @@ def test_augment_keeps_image_and_mask_aligned(size, crop):
         assert np.array_equal(dark, aug_mask.astype(bool)), f"misaligned with seed {seed}"
 
 
+@pytest.mark.parametrize("gamma,expected_mean", [
+    # half the crops keep 128; the other half get 255 * (128 / 255) ** gamma
+    (2.0, (128 + 255 * (128 / 255) ** 2) / 2),   # ~96: darker on average
+    (0.5, (128 + 255 * (128 / 255) ** 0.5) / 2),  # ~154: brighter
+])
+def test_gamma_re_exposes_half_the_crops(gamma, expected_mean):
+    grey = np.full((16, 16, 3), 128, np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[8] = 1
+    rng = np.random.default_rng(0)
+    means = []
+    for _ in range(400):
+        image, kept = ds.lighting(grey, mask, rng, contrast_range=(1.0, 1.0),
+                                  gamma_range=(gamma, gamma))
+        assert kept is mask
+        means.append(image.mean())
+    # brightness (+-30) and noise are zero-mean: the average exposure is the gamma's
+    assert np.mean(means) == pytest.approx(expected_mean, abs=4)
+    re_exposed = np.mean(np.abs(np.array(means) - 128) > 25)  # beyond +-30 * most draws
+    assert 0.25 < re_exposed < 0.75
+
+
+def test_without_a_gamma_range_lighting_draws_as_before():
+    """Recipes without gamma_range reproduce their crops: the gamma draw is not even made."""
+    image = np.random.default_rng(3).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    for seed in range(8):  # with and without the grey and noise branches
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        ds.lighting(image, mask, a)
+        # grey, contrast, brightness, noise (and its level and values): the draws before gamma
+        b.random(), b.uniform(0.7, 1.3), b.uniform(-30, 30)
+        if b.random() < 0.3:
+            b.normal(0, b.uniform(2, 8), image.shape)
+        assert a.random() == b.random()
+
+
 def write_class_dataset(root: Path, count: int = 6, size: int = 64) -> None:
     """Like ``write_crack_dataset`` with class masks: 0 background, 1 crack (a dark line),
     2 seam (a mid-grey straight band)."""
@@ -311,6 +347,39 @@ def test_train_writes_checkpoints_and_resumes_with_more_epochs(dataset, tmp_path
     assert result["epochs"] == 3 and len(history) == 3
     assert history[:2] == first_two and history[2]["epoch"] == 3
     assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 3
+
+
+@pytest.mark.parametrize("select_by", ["ods", "balanced_ods"])
+def test_best_checkpoint_is_the_epoch_with_the_best_swept_score(tmp_path, select_by):
+    """Selected by ODS or balanced ODS, every epoch is scored over the threshold sweep, per
+    validation folder too; best.pt is the first epoch with the highest score, and with
+    balanced_ods the default threshold is the balanced one."""
+    folders = [tmp_path / "lines", tmp_path / "other_lines"]
+    for seed, folder in enumerate(folders):
+        write_crack_dataset(folder, count=8, seed=seed)
+    out = tmp_path / "run"
+    cfg = TrainConfig(data=folders, out=out, epochs=3, crop=64, batch_size=2,
+                      val_fraction=0.25, seed=0, select_by=select_by)
+    result = train_main(cfg)
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 3 and result["select_by"] == select_by
+    key = {"ods": "val_ods", "balanced_ods": "val_balanced_ods"}[select_by]
+    for h in history:
+        assert h["val_score"] == h[key]
+        assert set(h["val_sets_f1"]) == {"lines", "other_lines"}
+        # at one threshold the mean of the folders' F1 is the balanced F1 there
+        if select_by == "balanced_ods":
+            assert np.mean(list(h["val_sets_f1"].values())) == pytest.approx(h["val_score"])
+    scores = [h["val_score"] for h in history]
+    best_epoch = history[scores.index(max(scores))]["epoch"]
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    assert best["epoch"] == result["best_epoch"] == best_epoch
+    assert result["best_val_score"] == max(scores)
+    report = json.loads((out / "val_report.json").read_text())
+    assert report["epoch"] == best_epoch and set(report["sets"]) == {"lines", "other_lines"}
+    assert report[select_by] == pytest.approx(max(scores))  # the same model scored again
+    assert 0.05 <= report["default_threshold"] <= 0.95
+    assert result["default_threshold"] == report["default_threshold"]
 
 
 def test_the_default_threshold_is_chosen_on_validation_and_exported(dataset, tmp_path):

@@ -73,12 +73,24 @@ class TrainConfig(BaseModel):
     # zoom factor range, drawn log-uniformly per crop ([0.6, 1.5]: cracks 0.6-1.5x as wide in
     # pixels, as seen by cameras of other resolutions); None: no zoom
     scale_range: tuple[float, float] | None = None
+    # photometric: contrast factor range, and a gamma range drawn log-uniformly for half the
+    # crops ([0.5, 2.0]: exposures from washed-out to dark, as laser-lit line-scan images are);
+    # None: no gamma
+    contrast_range: tuple[float, float] = (0.7, 1.3)
+    gamma_range: tuple[float, float] | None = None
     # how often each --data folder is drawn: "proportional" to its training images (plain
     # shuffling), "sqrt" (to the square root: small sets count more) or "balanced" (equally)
     sampling: Literal["proportional", "sqrt", "balanced"] = "proportional"
 
     tolerance: float = Field(2.0, ge=0)
     threshold: float = Field(0.5, gt=0, lt=1)
+    # the validation score that picks best.pt, all at ``tolerance``: "f1", pooled over the
+    # validation images at ``threshold``; "ods", pooled at the best swept threshold (a model whose
+    # calibration drifts between epochs is not judged at a threshold it has left); "balanced_ods",
+    # the mean of the validation folders' F1 at one swept threshold, the best one, each folder
+    # counting once (pooled counts are ruled by the sets with the most crack pixels). With
+    # "balanced_ods" the exported default threshold is that threshold too.
+    select_by: Literal["f1", "ods", "balanced_ods"] = "f1"
     seed: int = 0
     num_threads: int = Field(0, ge=0)  # 0: torch's default
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when there is one
@@ -110,6 +122,10 @@ class TrainConfig(BaseModel):
         if self.scale_range is not None and not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"scale_range must be [low, high] with 0 < low <= high: "
                              f"{self.scale_range}")
+        for name in ("contrast_range", "gamma_range"):
+            low_high = getattr(self, name)
+            if low_high is not None and not 0 < low_high[0] <= low_high[1]:
+                raise ValueError(f"{name} must be [low, high] with 0 < low <= high: {low_high}")
         if self.init_from is not None and self.init_from.suffix == ".onnx" and not self.freeze_bn:
             raise ValueError(f"init_from {self.init_from}: an ONNX model has its batch norms "
                              "folded into the convolutions, so fine-tuning it needs "

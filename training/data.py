@@ -212,13 +212,21 @@ def flip_and_turn(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
     return np.rot90(image, turns), np.rot90(mask, turns)
 
 
-def lighting(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Grey (30 %), contrast 0.7-1.3, brightness +-30, sensor noise (30 %); the mask is kept."""
+def lighting(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+             contrast_range: tuple[float, float] = (0.7, 1.3),
+             gamma_range: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Grey (30 %), then, when ``gamma_range`` is given, a gamma drawn log-uniformly from it
+    (half the time), then contrast from ``contrast_range``, brightness +-30 and sensor noise
+    (30 %); the mask is kept. A gamma above 1 darkens the mid-tones as a laser-lit line-scan or
+    an under-exposed camera does (and bright spots keep their contrast), below 1 it lightens
+    them: without it a model trained on well-exposed images reads a dark image as all crack."""
     image = image.astype(np.float32)
     if rng.random() < 0.3:  # tunnel linings are grey: don't let colour carry the decision
         image = np.repeat(image.mean(axis=2, keepdims=True), 3, axis=2)
-    contrast = rng.uniform(0.7, 1.3)
+    if gamma_range is not None and rng.random() < 0.5:
+        gamma = math.exp(rng.uniform(math.log(gamma_range[0]), math.log(gamma_range[1])))
+        image = 255.0 * (image / 255.0) ** gamma
+    contrast = rng.uniform(*contrast_range)
     brightness = rng.uniform(-30, 30)
     image = (image - image.mean()) * contrast + image.mean() + brightness
     if rng.random() < 0.3:
@@ -246,12 +254,14 @@ def rescale(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray,
 
 def augment(image: np.ndarray, mask: np.ndarray, crop: int, rng: np.random.Generator,
             max_rotation: float = 0.0, elastic_sigma: float = 0.0, elastic_grid: int = 3,
-            border: str = "reflect", scale_range: tuple[float, float] | None = None
-            ) -> tuple[np.ndarray, np.ndarray]:
+            border: str = "reflect", scale_range: tuple[float, float] | None = None,
+            contrast_range: tuple[float, float] = (0.7, 1.3),
+            gamma_range: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Random crop (crack-biased), then, when asked, a zoom by a factor drawn log-uniformly from
     ``scale_range`` (below 1 the scene shrinks, so cracks get thinner, as from a camera with more
     mm per pixel), a turn by any angle in +-``max_rotation`` degrees and an elastic warp, then
-    flips, 90-degree turns, grey and lighting. Takes and returns the (image, mask) pair.
+    flips, 90-degree turns, grey and lighting (``contrast_range``, ``gamma_range``: see
+    ``lighting``). Takes and returns the (image, mask) pair.
 
     Zooms, turns and warps work on a larger window that is centre-cropped afterwards, so the
     corners they uncover come from the image itself rather than from the border fill.
@@ -273,7 +283,7 @@ def augment(image: np.ndarray, mask: np.ndarray, crop: int, rng: np.random.Gener
     if geometric:
         image, mask = centre_crop(image, mask, crop)
     image, mask = flip_and_turn(image, mask, rng)
-    image, mask = lighting(image, mask, rng)
+    image, mask = lighting(image, mask, rng, contrast_range, gamma_range)
     return image, np.ascontiguousarray(mask)
 
 

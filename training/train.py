@@ -37,7 +37,7 @@ from inference.segmenter import pad_for_model
 from training import data as ds
 from training.config import TrainConfig
 from training.losses import distillation_loss, get_loss, median_frequency_weights
-from training.metrics import Evaluator
+from training.metrics import SetEvaluator
 from training.models import ModelSpec, build_model, get_spec, load_encoder_weights, param_groups
 from training.onnx_weights import (
     count_convolutions,
@@ -71,7 +71,8 @@ class CrackCrops(torch.utils.data.Dataset):
         image, mask = ds.augment(*self.pairs[index], self.crop, self.rng,
                                  max_rotation=cfg.max_rotation, elastic_sigma=cfg.elastic_sigma,
                                  elastic_grid=cfg.elastic_grid, border=cfg.border,
-                                 scale_range=cfg.scale_range)
+                                 scale_range=cfg.scale_range,
+                                 contrast_range=cfg.contrast_range, gamma_range=cfg.gamma_range)
         target = (torch.from_numpy(mask[None].astype(np.float32)) if cfg.num_classes == 1
                   else torch.from_numpy(mask.astype(np.int64)))
         return torch.from_numpy(ds.normalize(image, self.mean, self.std)), target
@@ -349,18 +350,6 @@ def predict(model, image: np.ndarray, mean, std, multiple: int, crack_channel: i
     return prob[0, channel, top:top + h, left:left + w].cpu().numpy()
 
 
-def evaluate(model, pairs, mean, std, multiple: int, tolerance: float, threshold: float,
-             sweep: bool = False, crack_class: int = 1,
-             device: torch.device | None = None, summary: bool = True) -> dict | Evaluator:
-    """Crack-class scores over (image, mask) pairs; ``crack_class`` is the crack label value of
-    the masks (1 in binary masks; its index in ``classes`` in class masks)."""
-    evaluator = Evaluator(tolerance=tolerance, threshold=threshold, sweep=sweep)
-    for image, mask in pairs:
-        evaluator.add(predict(model, image, mean, std, multiple, crack_class, device),
-                      mask == crack_class)
-    return evaluator.summary() if summary else evaluator
-
-
 def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, cfg: TrainConfig,
                     metrics: dict, scaler: torch.amp.GradScaler | None = None) -> None:
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -371,29 +360,61 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, cfg: Tr
     torch.save(state, path)
 
 
-def calibrate_threshold(model, best: Path, val_pairs, spec, cfg: TrainConfig, crack_class: int,
+def validate(model, val_pairs, val_sets: list[str], spec: ModelSpec, cfg: TrainConfig,
+             crack_class: int, device: torch.device | None = None, sweep: bool = False) -> dict:
+    """Scores of the model on the validation pairs (``val_sets``: each pair's folder name): the
+    pooled summary, per-folder summaries under ``sets``, the balanced ODS, and ``score``, the
+    value ``cfg.select_by`` names. The threshold is swept when ``sweep`` is set or the score
+    needs it."""
+    evaluator = SetEvaluator(cfg.tolerance, cfg.threshold, sweep=sweep or cfg.select_by != "f1")
+    for (image, mask), name in zip(val_pairs, val_sets, strict=True):
+        evaluator.add(name, predict(model, image, spec.mean, spec.std, spec.size_multiple,
+                                    crack_class, device), mask == crack_class)
+    val = evaluator.summary()
+    val["score"] = val[cfg.select_by]
+    val["default_threshold"] = (evaluator.best_balanced_threshold()
+                                if cfg.select_by == "balanced_ods"
+                                else evaluator.pooled().best_threshold())
+    return val
+
+
+def swept_scores(val: dict, cfg: TrainConfig) -> dict:
+    """What an epoch's history keeps of a swept validation: ODS, balanced ODS, and each
+    folder's F1 at the balanced threshold. Nothing when ``select_by`` needs no sweep."""
+    if cfg.select_by == "f1" or "sets" not in val:
+        return {}
+    return {"val_ods": val["ods"], "val_balanced_ods": val["balanced_ods"],
+            "val_balanced_threshold": val["balanced_ods_threshold"],
+            "val_sets_f1": {name: scores["f1_at_balanced"] for name, scores in val["sets"].items()}}
+
+
+def calibrate_threshold(model, best: Path, val_pairs, val_sets: list[str], spec,
+                        cfg: TrainConfig, crack_class: int,
                         device: torch.device | None = None) -> dict:
     """Score the best checkpoint on the validation split over the threshold sweep and keep the
-    result (with its ODS threshold) in the checkpoint: export makes that threshold the model's
+    result (with its default threshold: the best pooled one, or the best balanced one when
+    ``select_by`` is "balanced_ods") in the checkpoint: export makes that threshold the model's
     default. The threshold is chosen on validation images only, never on test images."""
     state = torch.load(best, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
-    evaluator = evaluate(model, val_pairs, spec.mean, spec.std, spec.size_multiple,
-                         cfg.tolerance, cfg.threshold, sweep=True, crack_class=crack_class,
-                         device=device, summary=False)
-    val = {**evaluator.summary(), "default_threshold": evaluator.best_threshold()}
+    val = validate(model, val_pairs, val_sets, spec, cfg, crack_class, device, sweep=True)
     state["metrics"]["val"] = val
     torch.save(state, best)
     (best.parent / "val_report.json").write_text(json.dumps(
         {"checkpoint": best.name, "epoch": state["epoch"], **val}, indent=2))
     log.info("best checkpoint (epoch %d) on validation: ODS F1@%gpx %.4f at threshold %.2f, "
-             "OIS %.4f; default threshold %.2f", state["epoch"], cfg.tolerance, val["ods"],
-             val["ods_threshold"], val["ois"], val["default_threshold"])
+             "OIS %.4f, balanced ODS %.4f at %.2f; default threshold %.2f", state["epoch"],
+             cfg.tolerance, val["ods"], val["ods_threshold"], val["ois"], val["balanced_ods"],
+             val["balanced_ods_threshold"], val["default_threshold"])
+    for name, scores in val["sets"].items():
+        log.info("  %s: %d images, F1@%gpx %.4f at the balanced threshold, ODS %.4f", name,
+                 scores["images"], cfg.tolerance, scores["f1_at_balanced"], scores["ods"])
     return val
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    """Training loss and validation F1 / IoU per epoch, as a PNG."""
+    """Training loss and validation F1 / IoU (and ODS, balanced ODS when swept) per epoch, as
+    a PNG."""
     epochs = [h["epoch"] for h in history]
     figure = Figure(figsize=(10, 4), layout="constrained")
     loss_axes, score_axes = figure.subplots(1, 2)
@@ -405,6 +426,9 @@ def plot_curves(history: list[dict], path: Path) -> None:
     loss_axes.legend()
     score_axes.plot(epochs, [h["val_f1"] for h in history], "o-", label="validation F1")
     score_axes.plot(epochs, [h["val_iou"] for h in history], "s--", label="validation IoU")
+    for key, label in (("val_ods", "validation ODS"), ("val_balanced_ods", "balanced ODS")):
+        if key in history[-1]:
+            score_axes.plot(epochs, [h.get(key, math.nan) for h in history], ".-", label=label)
     score_axes.set(xlabel="epoch", ylim=(0, 1), title="validation")
     score_axes.legend()
     for axes in (loss_axes, score_axes):
@@ -528,7 +552,9 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
     start_epoch, history = 1, []
     if resume:
         start_epoch, history = restore(resume, model, optimizer, scheduler, scaler, device)
-    best_f1 = max((h["val_f1"] for h in history), default=-1.0)
+    # older histories have no val_score: they were selected by val_f1
+    best_score = max((h.get("val_score", h["val_f1"]) for h in history), default=-1.0)
+    val_sets = [sample.dataset for sample in val_samples]
     trained = (DistributedDataParallel(model, device_ids=None if device.index is None
                                        else [device.index]) if world > 1 else model)
 
@@ -549,33 +575,40 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
                                  frozen=frozen, freeze_bn=cfg.freeze_bn, progress=writer)
         stop = bool(cfg.max_minutes and (time.monotonic() - started) / 60 >= cfg.max_minutes)
         if writer:
-            val = evaluate(model, val_pairs, spec.mean, spec.std, spec.size_multiple,
-                           cfg.tolerance, cfg.threshold, crack_class=crack_label(cfg),
-                           device=device) if val_pairs else {"f1": math.nan, "iou": math.nan}
+            val = (validate(model, val_pairs, val_sets, spec, cfg, crack_label(cfg), device)
+                   if val_pairs else {"f1": math.nan, "iou": math.nan, "score": math.nan})
             history.append({"epoch": epoch, **losses, "val_f1": val["f1"], "val_iou": val["iou"],
+                            "val_score": val["score"], **swept_scores(val, cfg),
                             "crop": crops.crop, "first_group_frozen": bool(frozen),
                             "minutes": (time.monotonic() - started) / 60})
-            log.info("epoch %d/%d  loss %.4f  val F1@%gpx %.4f  IoU %.4f  (%.1f min)", epoch,
+            log.info("epoch %d/%d  loss %.4f  val F1@%gpx %.4f  IoU %.4f%s  (%.1f min)", epoch,
                      cfg.epochs, losses["loss"], cfg.tolerance, val["f1"], val["iou"],
-                     history[-1]["minutes"])
+                     "".join(f"  {k.removeprefix('val_')} {v:.4f}" for k, v in history[-1].items()
+                             if k in ("val_ods", "val_balanced_ods")), history[-1]["minutes"])
             metrics = {"history": history, "val": val}
             save_checkpoint(cfg.out / "last.pt", model, optimizer, scheduler, epoch, cfg, metrics,
                             scaler)
-            if val["f1"] > best_f1:
-                best_f1 = val["f1"]
+            if val["score"] > best_score:
+                best_score = val["score"]
                 save_checkpoint(cfg.out / "best.pt", model, optimizer, scheduler, epoch, cfg,
                                 metrics, scaler)
             (cfg.out / "history.json").write_text(json.dumps(history, indent=2))
             plot_curves(history, cfg.out / "curves.png")
         # every process stops together, and returns rank 0's numbers
-        stop_flag, best_f1, epochs_done = from_rank0(float(stop), best_f1, len(history))
+        stop_flag, best_score, epochs_done = from_rank0(float(stop), best_score, len(history))
         if stop_flag:
             log.info("stopping after %.1f minutes (max_minutes)", cfg.max_minutes)
             break
-    result = {"best_val_f1": best_f1, "epochs": int(epochs_done), "out": str(cfg.out)}
+    result = {"select_by": cfg.select_by, "best_val_score": best_score,
+              "epochs": int(epochs_done), "out": str(cfg.out)}
+    if writer:
+        chosen = [h for h in history if h.get("val_score", h["val_f1"]) == best_score]
+        result.update(best_epoch=chosen[0]["epoch"] if chosen else None,
+                      best_val_f1=chosen[0]["val_f1"] if chosen else math.nan)
     if writer and val_pairs and (cfg.out / "best.pt").is_file():
-        val = calibrate_threshold(model, cfg.out / "best.pt", val_pairs, spec, cfg,
+        val = calibrate_threshold(model, cfg.out / "best.pt", val_pairs, val_sets, spec, cfg,
                                   crack_label(cfg), device)
         result.update(val_ods=val["ods"], val_ods_threshold=val["ods_threshold"],
+                      val_balanced_ods=val["balanced_ods"],
                       default_threshold=val["default_threshold"])
     return result
