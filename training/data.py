@@ -219,7 +219,7 @@ def lighting(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
     (half the time), then contrast from ``contrast_range``, brightness +-30 and sensor noise
     (30 %); the mask is kept. A gamma above 1 darkens the mid-tones as a laser-lit line-scan or
     an under-exposed camera does (and bright spots keep their contrast), below 1 it lightens
-    them: without it a model trained on well-exposed images reads a dark image as all crack."""
+    them: a model trained without it reads much of a dark image as crack (README, "Exposure")."""
     image = image.astype(np.float32)
     if rng.random() < 0.3:  # tunnel linings are grey: don't let colour carry the decision
         image = np.repeat(image.mean(axis=2, keepdims=True), 3, axis=2)
