@@ -66,7 +66,7 @@ def bench_model(model: Path | None, backend: str, frames: list[np.ndarray], thre
     inference = (config or PipelineConfig()).inference
     segmenter = open_segmenter(model, backend, threads, tile=inference.tile,
                                tile_overlap=inference.tile_overlap, max_batch=inference.max_batch,
-                               spin=inference.spin)
+                               spin=inference.spin, tta=inference.tta)
     for frame in frames[:warmup]:
         segmenter.segment([frame])
     times = []

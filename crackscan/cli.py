@@ -294,7 +294,8 @@ def cmd_infer(args) -> int:
     segmenter = open_segmenter(args.model, args.backend, args.threads or inference.threads,
                                tile=inference.tile, tile_overlap=inference.tile_overlap,
                                max_batch=inference.max_batch,
-                               batch_frames=inference.batch_frames, spin=inference.spin)
+                               batch_frames=inference.batch_frames, spin=inference.spin,
+                               tta=inference.tta)
     stop = stop_on_signals()
     stats = run_worker(args.frames, args.results, segmenter, config, stop,
                        keys=load_keys(args))
@@ -527,7 +528,7 @@ def cmd_eval(args) -> int:
     from inference.segmenter import open_segmenter
     from training.evaluate import evaluate_model
 
-    segmenter = open_segmenter(args.model, "auto")
+    segmenter = open_segmenter(args.model, "auto", tta=args.tta)
     if args.gamma <= 0:
         raise UserError(f"--gamma must be positive, got {args.gamma}")
     summary = evaluate_model(segmenter, [Path(d) for d in args.data], args.split, args.tolerance,
@@ -808,6 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score the images as another exposure gives them: each pixel value "
                         "v becomes 255 * (v / 255) ** GAMMA (above 1 darker, as laser-lit "
                         "line-scan images; below 1 brighter; default 1: as they are)")
+    p.add_argument("--tta", choices=["none", "hflip", "flips"], default="none",
+                   help="test-time augmentation: average each image's probabilities with its "
+                        "left-right mirror (hflip) or all three mirror images (flips)")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
     p = add("build-engine", cmd_build_engine,

@@ -108,6 +108,9 @@ class InferenceConfig(_Strict):
     # micro-batching of frames in a worker (GPUs): up to batch_frames, waiting batch_wait_ms
     batch_frames: int = Field(1, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0)
+    # test-time augmentation: "hflip" or "flips" average each frame's probabilities with its
+    # mirror images (2 or 4 model runs a frame: office replay, not a vehicle at speed)
+    tta: Literal["none", "hflip", "flips"] = "none"
 
     @model_validator(mode="after")
     def _check_tiles(self) -> InferenceConfig:

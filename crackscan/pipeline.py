@@ -104,7 +104,7 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
     open_source(source, config).close()
     position_model(config)
     model_path = Path(model) if model else bundled_model_path()
-    segmenter = open_segmenter(model_path, backend)
+    segmenter = open_segmenter(model_path, backend, tta=config.inference.tta)
     backend_name = segmenter.backend
     del segmenter
     make_engine(db_url).dispose()

@@ -176,7 +176,7 @@ ENGINE_CACHE = Path.home() / ".cache" / "crackscan" / "engines"
 def open_segmenter(model: Path | None = None, backend: str = "auto", threads: int = 0, *,
                    tile: int = 0, tile_overlap: int = 64, max_batch: int = 8,
                    batch_frames: int = 1, engine_cache: Path | None = None,
-                   spin: bool = True) -> Segmenter:
+                   spin: bool = True, tta: str = "none") -> Segmenter:
     """The segmenter for ``model`` on ``backend``; logs which one was picked.
 
     ``model``: an ONNX file (default: the bundled model), a TensorRT plan (``.plan``, from
@@ -188,14 +188,20 @@ def open_segmenter(model: Path | None = None, backend: str = "auto", threads: in
     TensorRT engine always works on its own tile size. ``batch_frames`` > 1: the worker hands
     over several frames per call, which ONNX Runtime then runs as one batch per frame size.
     ``spin``: ONNX Runtime's threads busy-wait between runs (its default); False lets them sleep,
-    leaving the cores to the stages beside them.
+    leaving the cores to the stages beside them. ``tta``: ``hflip`` or ``flips`` average each
+    frame's probabilities with its mirror images (``inference.tta``: 2 or 4 model runs a frame).
     """
     from inference import tensorrt_backend as trt_backend
     from inference.tiling import BatchingSegmenter, TiledSegmenter
+    from inference.tta import TTA_MODES, FlipAveragedSegmenter
 
     path = Path(model) if model else bundled_model_path()
     if backend not in BACKENDS:
         raise ModelError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if tta not in TTA_MODES:
+        raise ModelError(f"unknown test-time augmentation {tta!r}; expected one of "
+                         f"{', '.join(TTA_MODES)}")
+    providers: list[str] = []  # ONNX Runtime's execution providers, for the log line
     kind = {".plan": "tensorrt", ".engine": "tensorrt", ".pt": "torch"}.get(path.suffix.lower(),
                                                                           "onnx")
     if kind == "torch" or backend == "torch":
@@ -216,13 +222,14 @@ def open_segmenter(model: Path | None = None, backend: str = "auto", threads: in
     else:
         onnx_runtime = OnnxRuntimeSegmenter(path, threads=threads, spin=spin)
         segmenter = onnx_runtime
+        providers = onnx_runtime.providers
         if tile:
             segmenter = TiledSegmenter(BatchingSegmenter(onnx_runtime, max_batch), tile=tile,
                                        overlap=tile_overlap, max_batch=max_batch)
         elif batch_frames > 1:
             segmenter = BatchingSegmenter(onnx_runtime, batch_frames)
-        log.info("backend %s (%s), model %s", segmenter.backend,
-                 ", ".join(onnx_runtime.providers), segmenter.info.label)
-        return segmenter
-    log.info("backend %s, model %s", segmenter.backend, segmenter.info.label)
+    if tta != "none":
+        segmenter = FlipAveragedSegmenter(segmenter, tta)
+    log.info("backend %s%s, model %s", segmenter.backend,
+             f" ({', '.join(providers)})" if providers else "", segmenter.info.label)
     return segmenter

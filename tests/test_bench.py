@@ -70,3 +70,14 @@ def test_bench_repeats_and_reports_the_median_repeat():
                                                              chosen["pipeline_fps"])
     assert (result["pipeline_efficiency_min"], result["pipeline_efficiency_max"]) == (
         efficiencies[0], efficiencies[2])
+
+
+def test_bench_measures_the_model_as_the_config_runs_it(tmp_path):
+    """With test-time augmentation in the pipeline config, the bare-model rate is measured with
+    it too (the workers run it), so the efficiency still compares like with like."""
+    config = tmp_path / "tta.yaml"
+    config.write_text("inference:\n  tta: hflip\n")
+    result = json.loads(crackscan("bench", "--source", "synthetic:0.6", "--frames", "2",
+                                  "--config", config, "--format", "json").stdout)
+    assert result["backend"] == "onnxruntime+hflip"
+    assert result["pipeline_status"] == "complete" and result["pipeline_fps"] > 0

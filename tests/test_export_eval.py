@@ -227,6 +227,38 @@ def test_bundled_model_ships_and_loads():
     assert prob.shape == (32, 40)
 
 
+def crack_scene(height: int = 64, width: int = 96) -> np.ndarray:
+    """Grey noise with a dark diagonal line: a frame the bundled model answers unevenly."""
+    image = np.random.default_rng(3).integers(150, 220, (height, width, 3), dtype=np.uint8)
+    cv2.line(image, (5, 3), (width - 20, height - 4), (40, 40, 40), 2)
+    return image
+
+
+def test_flip_averaging_is_the_mean_of_the_mirrored_runs():
+    image = crack_scene()
+    plain = open_segmenter(None, threads=1)
+    averaged = open_segmenter(None, threads=1, tta="hflip")
+    assert averaged.backend == "onnxruntime+hflip"
+    (as_is,), (mirrored,) = plain.segment([image]), plain.segment([image[:, ::-1].copy()])
+    (prob,) = averaged.segment([image])
+    np.testing.assert_allclose(prob, (as_is + mirrored[:, ::-1]) / 2, atol=1e-6)
+
+
+def test_all_flips_make_the_answer_mirror_equivariant():
+    """Averaged over the four mirror images, a mirrored frame gets the mirrored answer; the
+    plain model's answers differ under mirroring (so the check can fail)."""
+    image = crack_scene()
+    frames = [image, image[:, ::-1].copy(), image[::-1].copy()]
+    plain = open_segmenter(None, threads=1).segment(frames)
+    assert np.abs(plain[0] - plain[1][:, ::-1]).max() > 1e-3
+    flips = open_segmenter(None, threads=1, tta="flips").segment(frames)  # three frames at once
+    np.testing.assert_allclose(flips[0], flips[1][:, ::-1], atol=1e-5)
+    np.testing.assert_allclose(flips[0], flips[2][::-1], atol=1e-5)
+    assert [p.shape for p in flips] == [image.shape[:2]] * 3
+    with pytest.raises(ModelError, match="unknown test-time augmentation"):
+        open_segmenter(None, tta="rotate")
+
+
 # --- eval -----------------------------------------------------------------------------------
 
 def test_crackscan_eval_json_matches_evaluate_model(exported, segmenter):
@@ -363,6 +395,12 @@ def test_eval_with_a_gamma_scores_the_re_exposed_images(exported, tmp_path):
         assert via_flag[key] == pytest.approx(darkened[key]), key
     as_they_are = evaluate_model(bundled, [exported.data], tolerance=0)
     assert via_flag["ods"] != pytest.approx(as_they_are["ods"])  # the gamma changed the input
+    mirrored = run_crackscan("eval", "--data", exported.data, "--gamma", 2, "--tolerance", 0,
+                             "--tta", "hflip", "--format", "json")
+    assert mirrored.returncode == 0, mirrored.stderr
+    with_tta = json.loads(mirrored.stdout)
+    assert with_tta["backend"] == "onnxruntime+hflip" and via_flag["backend"] == "onnxruntime"
+    assert with_tta["ods"] != pytest.approx(via_flag["ods"])
     refused = run_crackscan("eval", "--data", exported.data, "--gamma", 0)
     assert refused.returncode != 0 and "--gamma must be positive" in refused.stderr
     assert "Traceback" not in refused.stderr

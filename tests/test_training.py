@@ -349,6 +349,37 @@ def test_train_writes_checkpoints_and_resumes_with_more_epochs(dataset, tmp_path
     assert torch.load(out / "last.pt", map_location="cpu", weights_only=False)["epoch"] == 3
 
 
+def test_moving_average_of_the_weights_is_validated_kept_as_best_and_resumed(tmp_path):
+    """With ema_decay, best.pt holds the averaged weights (what was validated), last.pt the
+    trained weights and the average, and --resume carries the average on step by step."""
+    write_crack_dataset(tmp_path / "cracks", count=12)  # 7 training images: 3 steps an epoch
+    out = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "cracks", out, epochs=1).model_copy(update={"ema_decay": 0.9})
+    assert train_main(cfg)["ema"] is True
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    steps = int(last["ema"]["n_averaged"])
+    assert steps >= 2  # one update per optimizer step
+    averaged = {k.removeprefix("module."): v for k, v in last["ema"].items() if k != "n_averaged"}
+    assert averaged.keys() == best["model"].keys() == last["model"].keys()
+    for name, value in best["model"].items():
+        assert torch.equal(value, averaged[name]), name  # best.pt (epoch 1) is the average
+    weights = [k for k, v in averaged.items() if v.is_floating_point() and "running" not in k]
+    assert any(not torch.equal(averaged[k], last["model"][k]) for k in weights)
+    build_model("mobilenet_aspp").load_state_dict(best["model"])  # exports like any checkpoint
+
+    cfg2 = cfg.model_copy(update={"epochs": 2})
+    train_main(cfg2, resume=out / "last.pt")
+    resumed = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    assert int(resumed["ema"]["n_averaged"]) == 2 * steps
+
+
+def test_ema_decay_must_lie_between_0_and_1(dataset, tmp_path):
+    for decay in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="ema_decay"):
+            TrainConfig(data=[dataset], out=tmp_path, ema_decay=decay)
+
+
 @pytest.mark.parametrize("select_by", ["ods", "balanced_ods"])
 def test_best_checkpoint_is_the_epoch_with_the_best_swept_score(tmp_path, select_by):
     """Selected by ODS or balanced ODS, every epoch is scored over the threshold sweep, per

@@ -48,6 +48,11 @@ class TrainConfig(BaseModel):
     # or constant
     schedule: Literal["one_cycle", "poly", "constant"] = "one_cycle"
     pct_start: float = Field(0.1, gt=0, lt=1)  # one-cycle: fraction of the steps spent warming up
+    # exponential moving average of the weights (Polyak averaging), updated after every optimizer
+    # step: w_ema <- decay * w_ema + (1 - decay) * w. Validation scores the averaged weights and
+    # best.pt holds them (last.pt keeps both, so --resume continues both). Its horizon is about
+    # 1 / (1 - decay) steps: 0.998 averages the last ~500 batches. None: off
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     # learning-rate ratios of the model's three layer groups (early encoder, late encoder,
     # decoder + head), times ``lr``; None: one group at ``lr``
     lr_groups: tuple[float, float, float] | None = None

@@ -52,6 +52,6 @@ def evaluate_model(segmenter: Segmenter, folders: list[Path], split: str | None 
             bgr = exposure(image_rgb[:, :, ::-1], gamma)
             evaluator.add(folder.name, segmenter.segment([bgr])[0], mask)
     summary = evaluator.summary()
-    summary.update(model=segmenter.info.label, split=split or "all",
+    summary.update(model=segmenter.info.label, backend=segmenter.backend, split=split or "all",
                    data=[str(f) for f in folders], gamma=gamma)
     return summary

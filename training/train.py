@@ -2,13 +2,15 @@
 
 ``main(cfg)`` loads the dataset folders, carves a validation split from their training ids, trains
 with random crops, validates every epoch on whole validation images, and keeps ``best.pt`` (best
-validation F1 at the configured pixel tolerance) and ``last.pt``. A checkpoint holds model,
+validation score, see ``select_by``) and ``last.pt``. A checkpoint holds model,
 optimizer, scheduler, epoch and the resolved config, so ``--resume`` continues a run exactly.
 After every epoch ``history.json`` and ``curves.png`` (loss and F1 per epoch) are rewritten.
 
 Everything a recipe can ask for is switched on here by plain config values: layer groups with
 their own learning rates and a frozen first group, progressive resizing (``crop_schedule``),
-class weights, knowledge distillation from a teacher checkpoint, mixed precision. Launched by
+class weights, knowledge distillation from a teacher checkpoint, mixed precision, an
+exponential moving average of the weights (``ema_decay``: then the averaged weights are what is
+validated and kept as best). Launched by
 ``torchrun`` (``WORLD_SIZE`` > 1), each process trains on its shard of the images under
 DistributedDataParallel and only rank 0 validates, logs, and writes files.
 """
@@ -31,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from inference.segmenter import pad_for_model
@@ -292,12 +295,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, epoch: int, *,
                     scaler: torch.amp.GradScaler | None = None, teacher: Teacher | None = None,
                     alpha: float = 0.0, temperature: float = 1.0,
                     frozen: list[nn.Parameter] = (), freeze_bn: bool = False,
-                    progress: bool = True) -> dict[str, float]:
+                    ema: AveragedModel | None = None, progress: bool = True
+                    ) -> dict[str, float]:
     """Mean losses of the epoch (over every process): ``loss`` (what was optimised) and, with a
     teacher, ``loss_supervised`` and ``loss_distill``. ``frozen`` parameters are left untouched:
     their gradients are dropped before the optimizer step (the backward pass still runs through
     them, so a DDP run keeps the same gradient buckets throughout). ``freeze_bn`` keeps batch
-    norm statistics fixed."""
+    norm statistics fixed. ``ema``, when given, is updated from the model after every step."""
     model.train()
     if freeze_bn:
         freeze_batch_norm(model)
@@ -320,6 +324,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, epoch: int, *,
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model.module if isinstance(model, DistributedDataParallel)
+                                  else model)
         n = len(images)
         sums += torch.tensor([loss.item() * n, supervised.item() * n, distill.item() * n, n],
                              dtype=torch.float64)
@@ -350,13 +357,28 @@ def predict(model, image: np.ndarray, mean, std, multiple: int, crack_channel: i
     return prob[0, channel, top:top + h, left:left + w].cpu().numpy()
 
 
+def build_ema(cfg: TrainConfig, model: nn.Module) -> AveragedModel | None:
+    """The moving average of ``model``'s weights that ``cfg.ema_decay`` asks for, or None. Its
+    first update copies the model, so it starts from whatever the model holds then (initial,
+    fine-tuned or resumed weights). Batch-norm statistics are not averaged but copied from the
+    model at each update (with ``freeze_bn`` they are fixed, so the average is exact)."""
+    if cfg.ema_decay is None:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+
+
 def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, cfg: TrainConfig,
-                    metrics: dict, scaler: torch.amp.GradScaler | None = None) -> None:
+                    metrics: dict, scaler: torch.amp.GradScaler | None = None,
+                    ema: AveragedModel | None = None) -> None:
+    """``model``'s weights (the ones export and ``init_from`` read) with the optimizer state;
+    ``ema``, when given, is kept beside them for ``--resume``."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "epoch": epoch,
              "config": json.loads(cfg.model_dump_json()), "metrics": metrics}
     if scaler is not None and scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     torch.save(state, path)
 
 
@@ -486,11 +508,14 @@ def make_loader(cfg: TrainConfig, crops: CrackCrops, rank: int, world: int,
     return loader, sampler
 
 
-def restore(path: Path, model, optimizer, scheduler, scaler, device: torch.device
-            ) -> tuple[int, list[dict]]:
-    """Load a checkpoint for ``--resume``; returns (the next epoch, the history so far)."""
+def restore(path: Path, model, optimizer, scheduler, scaler, device: torch.device,
+            ema: AveragedModel | None = None) -> tuple[int, list[dict]]:
+    """Load a checkpoint for ``--resume``; returns (the next epoch, the history so far). A
+    checkpoint saved without a moving average starts one from the resumed weights."""
     checkpoint = torch.load(path, map_location=device, weights_only=False)
     model.load_state_dict(checkpoint["model"])
+    if ema is not None and "ema" in checkpoint:
+        ema.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     # position, learning rates and momentum come from the checkpoint; the schedule length is
     # this run's, so a run resumed with more epochs than it was saved with can go on
@@ -549,9 +574,11 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     teacher = load_teacher(cfg.teacher, cfg, device) if cfg.teacher else None
     first_group = param_groups(model)[0] if cfg.freeze_first_group_fraction > 0 else []
+    ema = build_ema(cfg, model)
+    validated = ema.module if ema is not None else model  # the weights best.pt keeps
     start_epoch, history = 1, []
     if resume:
-        start_epoch, history = restore(resume, model, optimizer, scheduler, scaler, device)
+        start_epoch, history = restore(resume, model, optimizer, scheduler, scaler, device, ema)
     # older histories have no val_score: they were selected by val_f1
     best_score = max((h.get("val_score", h["val_f1"]) for h in history), default=-1.0)
     val_sets = [sample.dataset for sample in val_samples]
@@ -572,10 +599,11 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
         losses = train_one_epoch(trained, loader, optimizer, scheduler, loss_fn, epoch,
                                  device=device, amp=cfg.amp, scaler=scaler, teacher=teacher,
                                  alpha=cfg.distill_alpha, temperature=cfg.distill_temperature,
-                                 frozen=frozen, freeze_bn=cfg.freeze_bn, progress=writer)
+                                 frozen=frozen, freeze_bn=cfg.freeze_bn, ema=ema,
+                                 progress=writer)
         stop = bool(cfg.max_minutes and (time.monotonic() - started) / 60 >= cfg.max_minutes)
         if writer:
-            val = (validate(model, val_pairs, val_sets, spec, cfg, crack_label(cfg), device)
+            val = (validate(validated, val_pairs, val_sets, spec, cfg, crack_label(cfg), device)
                    if val_pairs else {"f1": math.nan, "iou": math.nan, "score": math.nan})
             history.append({"epoch": epoch, **losses, "val_f1": val["f1"], "val_iou": val["iou"],
                             "val_score": val["score"], **swept_scores(val, cfg),
@@ -587,10 +615,10 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
                              if k in ("val_ods", "val_balanced_ods")), history[-1]["minutes"])
             metrics = {"history": history, "val": val}
             save_checkpoint(cfg.out / "last.pt", model, optimizer, scheduler, epoch, cfg, metrics,
-                            scaler)
+                            scaler, ema)
             if val["score"] > best_score:
                 best_score = val["score"]
-                save_checkpoint(cfg.out / "best.pt", model, optimizer, scheduler, epoch, cfg,
+                save_checkpoint(cfg.out / "best.pt", validated, optimizer, scheduler, epoch, cfg,
                                 metrics, scaler)
             (cfg.out / "history.json").write_text(json.dumps(history, indent=2))
             plot_curves(history, cfg.out / "curves.png")
@@ -599,7 +627,7 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
         if stop_flag:
             log.info("stopping after %.1f minutes (max_minutes)", cfg.max_minutes)
             break
-    result = {"select_by": cfg.select_by, "best_val_score": best_score,
+    result = {"select_by": cfg.select_by, "ema": ema is not None, "best_val_score": best_score,
               "epochs": int(epochs_done), "out": str(cfg.out)}
     if writer:
         chosen = [h for h in history if h.get("val_score", h["val_f1"]) == best_score]
