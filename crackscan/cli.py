@@ -571,13 +571,33 @@ def cmd_export(args) -> int:
     export = _torch_module("training.export")
     if not Path(args.checkpoint).is_file():
         raise UserError(f"checkpoint {args.checkpoint} does not exist")
+    checkpoint, extra = Path(args.checkpoint), {}
     try:
-        metadata = export.export_checkpoint(Path(args.checkpoint), Path(args.out),
-                                            threshold=args.threshold)
-    except export.ExportError as exc:
-        raise UserError(str(exc)) from None
+        if args.interpolate is not None:
+            checkpoint, extra = interpolated(args, checkpoint)
+        metadata = export.export_checkpoint(checkpoint, Path(args.out), threshold=args.threshold,
+                                            extra_metadata=extra)
+    except (export.ExportError, ValueError, FileNotFoundError) as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
     log.info("wrote %s (threshold %s)", args.out, metadata["crackscan.threshold"])
     return 0
+
+
+def interpolated(args, checkpoint: Path) -> tuple[Path, dict[str, str]]:
+    """``--interpolate``: the blended checkpoint written beside ``checkpoint`` (its threshold
+    calibrated on the run's validation split unless ``--threshold`` is given), and the metadata
+    that says what was blended."""
+    from inference.segmenter import file_sha256
+
+    wise = _torch_module("training.interpolate")
+    blended = checkpoint.with_name(f"{checkpoint.stem}.wise{args.interpolate:.2f}.pt")
+    state = wise.interpolate_checkpoint(checkpoint, args.interpolate, blended,
+                                        args.interpolate_from, calibrate=args.threshold is None)
+    origin = Path(state["interpolated"]["origin"])
+    log.info("blended %s with %s at alpha %.2f: %s", checkpoint, origin, args.interpolate, blended)
+    return blended, {"crackscan.interpolated": json.dumps(
+        {"alpha": args.interpolate, "origin": origin.name,
+         "origin_sha256": file_sha256(origin)[:8]})}
 
 
 # --- argument parsing -----------------------------------------------------------------------
@@ -830,6 +850,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=float, help="default threshold stored in the model")
+    p.add_argument("--interpolate", type=float, metavar="ALPHA",
+                   help="export (1 - ALPHA) x the model the checkpoint was fine-tuned from + "
+                        "ALPHA x the checkpoint (WiSE-FT); its default threshold is chosen "
+                        "again on the run's validation split unless --threshold is given")
+    p.add_argument("--interpolate-from", type=Path, metavar="MODEL",
+                   help="with --interpolate: the start model (default: the recipe's init_from)")
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -177,3 +178,62 @@ def test_grow_refuses_a_model_that_differs_beyond_its_new_part():
     with pytest.raises(ValueError, match="lacks"):  # the other way round: refine.* is extra
         grow(build_model("mobilenet_aspp"), build_model("mobilenet_aspp", fine_skip=True),
              "refine.")
+
+
+def test_interpolation_runs_the_straight_line_from_start_to_fine_tune(exported, tmp_path):
+    """WiSE-FT: alpha 0 is the start model (ONNX Runtime gives its logits), 1 the fine-tune,
+    0.5 the mean of every weight; the blend's threshold is chosen on the run's validation split."""
+    from training.interpolate import interpolate_checkpoint
+
+    cfg = tiny_config(exported["data"], tmp_path / "ft", epochs=1).model_copy(
+        update={"init_from": exported["onnx"], "freeze_bn": True, "lr": 0.01})
+    train_main(cfg)
+    tuned = torch.load(tmp_path / "ft" / "best.pt", map_location="cpu", weights_only=False)
+    start = build_model("mobilenet_aspp")
+    load_onnx_weights(start, exported["onnx"], 32)
+    x = np.random.default_rng(5).normal(size=(1, 3, 64, 96)).astype(np.float32)
+
+    zero = interpolate_checkpoint(tmp_path / "ft" / "best.pt", 0.0, tmp_path / "a0.pt",
+                                  calibrate=False)
+    model = build_model("mobilenet_aspp")
+    model.load_state_dict(zero["model"])
+    with torch.no_grad():
+        got = model.eval()(torch.from_numpy(x)).numpy()
+    expected = onnx_logits(exported["onnx"], x)
+    assert np.abs(got - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
+
+    one = interpolate_checkpoint(tmp_path / "ft" / "best.pt", 1.0, tmp_path / "a1.pt",
+                                 calibrate=False)
+    half = interpolate_checkpoint(tmp_path / "ft" / "best.pt", 0.5, tmp_path / "a5.pt")
+    moved = 0
+    for name, value in tuned["model"].items():
+        assert torch.equal(one["model"][name], value), name
+        if value.is_floating_point():
+            begin = start.state_dict()[name]
+            torch.testing.assert_close(half["model"][name], (begin + value) / 2)
+            moved += not torch.equal(begin, value)
+    assert moved > 10  # the fine-tune really moved the weights it blends
+    report = json.loads((tmp_path / "a5.val_report.json").read_text())
+    assert half["metrics"]["val"]["default_threshold"] == report["default_threshold"]
+    assert half["interpolated"]["alpha"] == 0.5
+
+
+def test_crackscan_export_interpolate(exported, tmp_path):
+    cfg = tiny_config(exported["data"], tmp_path / "ft", epochs=1).model_copy(
+        update={"init_from": exported["onnx"], "freeze_bn": True})
+    train_main(cfg)
+    out = tmp_path / "blend.onnx"
+    done = run_crackscan("export", "--checkpoint", tmp_path / "ft" / "best.pt",
+                         "--interpolate", 0.25, "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ft" / "best.wise0.25.pt").is_file()
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    blend = json.loads(metadata["crackscan.interpolated"])
+    assert blend["alpha"] == 0.25 and blend["origin"] == exported["onnx"].name
+    report = json.loads((tmp_path / "ft" / "best.wise0.25.val_report.json").read_text())
+    assert float(metadata["crackscan.threshold"]) == report["default_threshold"]
+
+    scratch = run_crackscan("export", "--checkpoint", exported["checkpoint"], "--interpolate",
+                            0.5, "--out", tmp_path / "never.onnx")
+    assert scratch.returncode != 0 and "trained from scratch" in scratch.stderr
+    assert "Traceback" not in scratch.stderr

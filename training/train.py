@@ -412,20 +412,21 @@ def swept_scores(val: dict, cfg: TrainConfig) -> dict:
 
 def calibrate_threshold(model, best: Path, val_pairs, val_sets: list[str], spec,
                         cfg: TrainConfig, crack_class: int,
-                        device: torch.device | None = None) -> dict:
+                        device: torch.device | None = None, report: Path | None = None) -> dict:
     """Score the best checkpoint on the validation split over the threshold sweep and keep the
     result (with its default threshold: the best pooled one, or the best balanced one when
     ``select_by`` is "balanced_ods") in the checkpoint: export makes that threshold the model's
-    default. The threshold is chosen on validation images only, never on test images."""
+    default. The threshold is chosen on validation images only, never on test images. The
+    report goes to ``report`` (default: ``val_report.json`` beside the checkpoint)."""
     state = torch.load(best, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     val = validate(model, val_pairs, val_sets, spec, cfg, crack_class, device, sweep=True)
     state["metrics"]["val"] = val
     torch.save(state, best)
-    (best.parent / "val_report.json").write_text(json.dumps(
+    (report or best.parent / "val_report.json").write_text(json.dumps(
         {"checkpoint": best.name, "epoch": state["epoch"], **val}, indent=2))
-    log.info("best checkpoint (epoch %d) on validation: ODS F1@%gpx %.4f at threshold %.2f, "
-             "OIS %.4f, balanced ODS %.4f at %.2f; default threshold %.2f", state["epoch"],
+    log.info("%s (epoch %d) on validation: ODS F1@%gpx %.4f at threshold %.2f, "
+             "OIS %.4f, balanced ODS %.4f at %.2f; default threshold %.2f", best, state["epoch"],
              cfg.tolerance, val["ods"], val["ods_threshold"], val["ois"], val["balanced_ods"],
              val["balanced_ods_threshold"], val["default_threshold"])
     for name, scores in val["sets"].items():
