@@ -528,11 +528,23 @@ def cmd_eval(args) -> int:
     from inference.segmenter import open_segmenter
     from training.evaluate import evaluate_model
 
-    segmenter = open_segmenter(args.model, "auto", tta=args.tta)
     if args.gamma <= 0:
         raise UserError(f"--gamma must be positive, got {args.gamma}")
+    # Scored as the pipeline segments by default: the same tiles (configs/pipeline.yaml).
+    inference = PipelineConfig().inference
+    tile = inference.tile if args.tile is None else args.tile
+    if tile:
+        from inference.tiling import check_tiling
+
+        try:
+            check_tiling(tile, inference.tile_overlap)
+        except ValueError as exc:
+            raise UserError(f"--tile: {exc}") from None
+    segmenter = open_segmenter(args.model, "auto", tta=args.tta, tile=tile,
+                               tile_overlap=inference.tile_overlap, max_batch=inference.max_batch)
     summary = evaluate_model(segmenter, [Path(d) for d in args.data], args.split, args.tolerance,
                              args.threshold, args.val_fraction, args.seed, args.gamma)
+    summary["tile"] = tile
     if args.format == "json":
         print_json(summary)
         return 0
@@ -832,6 +844,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=["none", "hflip", "flips"], default="none",
                    help="test-time augmentation: average each image's probabilities with its "
                         "left-right mirror (hflip) or all three mirror images (flips)")
+    p.add_argument("--tile", type=int,
+                   help="images larger than this (px, either side) are segmented in overlapping "
+                        "tiles of at most this size, as the pipeline does; 0: whole images "
+                        "(default: the pipeline's inference.tile, 512)")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
     p = add("build-engine", cmd_build_engine,

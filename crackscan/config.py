@@ -100,9 +100,10 @@ class InferenceConfig(_Strict):
     # ONNX Runtime threads busy-wait between runs (fastest alone); false: they sleep and leave the
     # cores to acquisition, geometry and management
     spin: bool = True
-    # frames larger than ``tile`` px (either side: line-scan strips, 4K) are cut into tiles that
-    # overlap by ``tile_overlap`` px, segmented ``max_batch`` at a time and stitched; 0: whole
-    tile: int = Field(0, ge=0)
+    # frames larger than ``tile`` px (either side: line-scan strips, 4K, large area cameras) are
+    # cut into tiles of at most ``tile`` px that overlap by ``tile_overlap`` px, segmented
+    # ``max_batch`` at a time and stitched; 0: whole frames (inference.tiling.DEFAULT_TILE)
+    tile: int = Field(512, ge=0)
     tile_overlap: int = Field(64, ge=0)
     max_batch: int = Field(8, ge=1)
     # micro-batching of frames in a worker (GPUs): up to batch_frames, waiting batch_wait_ms

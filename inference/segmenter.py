@@ -184,9 +184,10 @@ def open_segmenter(model: Path | None = None, backend: str = "auto", threads: in
     ``backend``: ``auto`` takes TensorRT for an ONNX model when TensorRT, pycuda and a GPU are
     there (building the engine into ``engine_cache`` the first time, which takes minutes), else
     ONNX Runtime (with its CUDA provider when installed); ``torch`` runs a checkpoint.
-    ``tile``: frames larger than this are cut into overlapping tiles (``inference.tiling``); a
-    TensorRT engine always works on its own tile size. ``batch_frames`` > 1: the worker hands
-    over several frames per call, which ONNX Runtime then runs as one batch per frame size.
+    ``tile``: frames larger than this are cut into overlapping tiles (``inference.tiling``):
+    fitted tiles of at most ``tile`` px for ONNX Runtime and PyTorch, which take any size; a
+    TensorRT engine always works on full tiles of its own size. ``batch_frames`` > 1: the worker
+    hands over several frames per call, which ONNX Runtime then runs as one batch per frame size.
     ``spin``: ONNX Runtime's threads busy-wait between runs (its default); False lets them sleep,
     leaving the cores to the stages beside them. ``tta``: ``hflip`` or ``flips`` average each
     frame's probabilities with its mirror images (``inference.tta``: 2 or 4 model runs a frame).
@@ -210,6 +211,9 @@ def open_segmenter(model: Path | None = None, backend: str = "auto", threads: in
         from inference.torch_backend import TorchSegmenter
 
         segmenter: Segmenter = TorchSegmenter(path, max_batch=max_batch)
+        if tile:
+            segmenter = TiledSegmenter(segmenter, tile=tile, overlap=tile_overlap,
+                                       max_batch=max_batch, fit=True)
     elif kind == "tensorrt" or backend == "tensorrt" or (
             backend == "auto" and trt_backend.tensorrt_available()):
         if backend == "onnxruntime":
@@ -225,7 +229,7 @@ def open_segmenter(model: Path | None = None, backend: str = "auto", threads: in
         providers = onnx_runtime.providers
         if tile:
             segmenter = TiledSegmenter(BatchingSegmenter(onnx_runtime, max_batch), tile=tile,
-                                       overlap=tile_overlap, max_batch=max_batch)
+                                       overlap=tile_overlap, max_batch=max_batch, fit=True)
         elif batch_frames > 1:
             segmenter = BatchingSegmenter(onnx_runtime, batch_frames)
     if tta != "none":

@@ -19,7 +19,8 @@ def test_bench_json_measures_model_and_pipeline_on_the_same_frames():
     result = json.loads(crackscan("bench", "--source", "synthetic:1.2", "--frames", "4",
                                   "--format", "json").stdout)
     assert KEYS <= set(result)
-    assert result["input"] == "640x360" and result["backend"] == "onnxruntime"
+    # 640x360 frames in the default fitted tiles (two of 360x352)
+    assert result["input"] == "640x360" and result["backend"] == "onnxruntime+batch8+tiles512"
     assert result["model_frames"] == 4 and result["pipeline_frames"] == 30
     assert result["pipeline_status"] == "complete"
     assert result["model_fps"] > 0 and result["pipeline_fps"] > 0
@@ -79,5 +80,5 @@ def test_bench_measures_the_model_as_the_config_runs_it(tmp_path):
     config.write_text("inference:\n  tta: hflip\n")
     result = json.loads(crackscan("bench", "--source", "synthetic:0.6", "--frames", "2",
                                   "--config", config, "--format", "json").stdout)
-    assert result["backend"] == "onnxruntime+hflip"
+    assert result["backend"] == "onnxruntime+batch8+tiles512+hflip"
     assert result["pipeline_status"] == "complete" and result["pipeline_fps"] > 0

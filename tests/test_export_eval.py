@@ -22,6 +22,7 @@ import pytest
 import torch
 from test_training import run_crackscan, torch_threads, write_crack_dataset
 
+from crackscan.config import PipelineConfig
 from inference.segmenter import (
     ModelError,
     OnnxRuntimeSegmenter,
@@ -103,6 +104,30 @@ def test_onnx_runtime_agrees_with_pytorch_on_another_input_size(exported):
     got = session.run(["logits"], {"image": image.numpy()})[0]
     assert got.shape == (1, 1, 96, 160)
     assert np.abs(got - expected).max() < 1e-3
+
+
+def test_training_validation_tiles_large_images_as_the_pipeline_does(exported):
+    # Validation (training.train.predict with the recipe's val_tile) and the pipeline's ONNX
+    # Runtime segmenter with inference.tile cut a large image into the same fitted tiles, so
+    # the default threshold is chosen on the maps the pipeline will produce.
+    from training.train import predict
+
+    model = build_model("mobilenet_aspp")
+    model.load_state_dict(torch.load(exported.checkpoint, map_location="cpu",
+                                     weights_only=False)["model"])
+    image = np.random.default_rng(0).integers(0, 256, (150, 230, 3), dtype=np.uint8)
+    deployed = open_segmenter(exported.model, "onnxruntime", threads=1, tile=160,
+                              tile_overlap=64)
+    assert deployed.backend.endswith("+tiles160")
+    tiled = predict(model, image, IMAGENET_MEAN, IMAGENET_STD, 32, tile=160)
+    whole = predict(model, image, IMAGENET_MEAN, IMAGENET_STD, 32)
+    (expected,) = deployed.segment([np.ascontiguousarray(image[:, :, ::-1])])  # BGR in
+    assert tiled.shape == whole.shape == (150, 230)
+    # This barely trained model answers about 0.49 everywhere, so tiles move it little (3e-5
+    # measured), but the tiled PyTorch map is the deployed one (6e-8) and the whole one is not.
+    assert np.abs(tiled - expected).max() < 1e-3
+    assert np.abs(tiled - expected).max() < 0.1 * np.abs(whole - expected).max()
+    assert TrainConfig().val_tile == PipelineConfig().inference.tile == 512
 
 
 def test_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
@@ -399,10 +424,43 @@ def test_eval_with_a_gamma_scores_the_re_exposed_images(exported, tmp_path):
                              "--tta", "hflip", "--format", "json")
     assert mirrored.returncode == 0, mirrored.stderr
     with_tta = json.loads(mirrored.stdout)
-    assert with_tta["backend"] == "onnxruntime+hflip" and via_flag["backend"] == "onnxruntime"
+    assert with_tta["backend"] == "onnxruntime+batch8+tiles512+hflip"
+    assert via_flag["backend"] == "onnxruntime+batch8+tiles512" and via_flag["tile"] == 512
     assert with_tta["ods"] != pytest.approx(via_flag["ods"])
     refused = run_crackscan("eval", "--data", exported.data, "--gamma", 0)
     assert refused.returncode != 0 and "--gamma must be positive" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_eval_scores_large_images_in_the_pipelines_tiles_unless_told(tmp_path):
+    from test_tiling import cracked_wall_with_truth
+
+    from inference.segmenter import open_segmenter
+
+    data = tmp_path / "wall"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    image, truth = cracked_wall_with_truth(600, 800, seed=3)
+    cv2.imwrite(str(data / "images" / "w.png"), image)
+    cv2.imwrite(str(data / "masks" / "w.png"), truth.astype(np.uint8) * 255)
+    scores = {}
+    for tile in (None, 0, 384):
+        flags = () if tile is None else ("--tile", tile)
+        done = run_crackscan("eval", "--data", data, *flags, "--format", "json")
+        assert done.returncode == 0, done.stderr
+        scores[tile] = json.loads(done.stdout)
+    # The default is the pipeline's: fitted tiles of at most 512 px (2 x 2 for 800x600).
+    assert scores[None]["tile"] == 512 and scores[0]["tile"] == 0
+    assert scores[None]["backend"] == "onnxruntime+batch8+tiles512"
+    assert scores[0]["backend"] == "onnxruntime"
+    for tile, expected in ((512, scores[None]), (0, scores[0]), (384, scores[384])):
+        direct = evaluate_model(open_segmenter(None, "onnxruntime", tile=tile), [data])
+        for key in EVAL_KEYS - {"model"}:
+            assert expected[key] == pytest.approx(direct[key]), (tile, key)
+    assert scores[None]["ods"] != pytest.approx(scores[0]["ods"])
+    refused = run_crackscan("eval", "--data", data, "--tile", 100)
+    assert refused.returncode != 0 and "--tile" in refused.stderr and "multiple of 32" in (
+        refused.stderr)
     assert "Traceback" not in refused.stderr
 
 

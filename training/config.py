@@ -89,6 +89,10 @@ class TrainConfig(BaseModel):
 
     tolerance: float = Field(2.0, ge=0)
     threshold: float = Field(0.5, gt=0, lt=1)
+    # validation images larger than this (px, either side) are scored in fitted tiles of at most
+    # this size, overlapping by 64 px, as the pipeline segments by default (inference.tile); 0:
+    # whole images
+    val_tile: int = Field(512, ge=0)
     # the validation score that picks best.pt, all at ``tolerance``: "f1", pooled over the
     # validation images at ``threshold``; "ods", pooled at the best swept threshold (a model whose
     # calibration drifts between epochs is not judged at a threshold it has left); "balanced_ods",

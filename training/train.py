@@ -37,6 +37,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from inference.segmenter import pad_for_model
+from inference.tiling import DEFAULT_OVERLAP, TileGrid, split, stitch
 from training import data as ds
 from training.config import TrainConfig
 from training.losses import distillation_loss, get_loss, median_frequency_weights
@@ -344,10 +345,16 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, epoch: int, *,
 
 @torch.no_grad()
 def predict(model, image: np.ndarray, mean, std, multiple: int, crack_channel: int = 0,
-            device: torch.device | None = None) -> np.ndarray:
+            device: torch.device | None = None, tile: int = 0) -> np.ndarray:
     """Crack probability (HxW float32) of one RGB image with the PyTorch model: the sigmoid of a
     binary model's one channel, the softmax probability of ``crack_channel`` of a multi-class
-    model (``crack_channel`` is not used for a binary model)."""
+    model (``crack_channel`` is not used for a binary model). An image larger than ``tile`` px
+    (either side; 0: never) is segmented in fitted tiles and stitched, as inference does
+    (``inference.tiling``)."""
+    if tile and (image.shape[0] > tile or image.shape[1] > tile):
+        grid = TileGrid(image.shape[0], image.shape[1], tile, DEFAULT_OVERLAP, fit=True)
+        return stitch([predict(model, piece, mean, std, multiple, crack_channel, device)
+                       for piece in split(image, grid)], grid)
     model.eval()
     padded, (top, left, h, w) = pad_for_model(image, multiple)  # exactly as inference does
     x = torch.from_numpy(ds.normalize(padded, mean, std))[None]
@@ -391,7 +398,7 @@ def validate(model, val_pairs, val_sets: list[str], spec: ModelSpec, cfg: TrainC
     evaluator = SetEvaluator(cfg.tolerance, cfg.threshold, sweep=sweep or cfg.select_by != "f1")
     for (image, mask), name in zip(val_pairs, val_sets, strict=True):
         evaluator.add(name, predict(model, image, spec.mean, spec.std, spec.size_multiple,
-                                    crack_class, device), mask == crack_class)
+                                    crack_class, device, cfg.val_tile), mask == crack_class)
     val = evaluator.summary()
     val["score"] = val[cfg.select_by]
     val["default_threshold"] = (evaluator.best_balanced_threshold()
