@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from inference.segmenter import OnnxRuntimeSegmenter
+from inference.segmenter import open_segmenter
 from training import train
 from training.config import TrainConfig, load_config
 from training.evaluate import evaluate_model
@@ -121,7 +121,8 @@ def score_recipe(recipe: Path, cfg: TrainConfig, threads: int) -> dict:
     best = cfg.out / "best.pt"
     onnx_path = cfg.out / "model.onnx"
     export_checkpoint(best, onnx_path)  # the threshold the run calibrated on its validation ids
-    segmenter = OnnxRuntimeSegmenter(onnx_path, threads=threads)
+    # Scored as validation scored it, and as the pipeline segments: large images in tiles.
+    segmenter = open_segmenter(onnx_path, "onnxruntime", threads, tile=cfg.val_tile)
     scores = {tolerance: evaluate_model(segmenter, cfg.data, "carved", tolerance, None,
                                         cfg.val_fraction, cfg.seed) for tolerance in (2, 0)}
     model = build_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_params)
