@@ -531,17 +531,17 @@ def cmd_eval(args) -> int:
     if args.gamma <= 0:
         raise UserError(f"--gamma must be positive, got {args.gamma}")
     # Scored as the pipeline segments by default: the same tiles (configs/pipeline.yaml).
-    inference = PipelineConfig().inference
-    tile = inference.tile if args.tile is None else args.tile
+    defaults = PipelineConfig().inference
+    tile = defaults.tile if args.tile is None else args.tile
     if tile:
         from inference.tiling import check_tiling
 
         try:
-            check_tiling(tile, inference.tile_overlap)
+            check_tiling(tile, defaults.tile_overlap)
         except ValueError as exc:
             raise UserError(f"--tile: {exc}") from None
     segmenter = open_segmenter(args.model, "auto", tta=args.tta, tile=tile,
-                               tile_overlap=inference.tile_overlap, max_batch=inference.max_batch)
+                               tile_overlap=defaults.tile_overlap, max_batch=defaults.max_batch)
     summary = evaluate_model(segmenter, [Path(d) for d in args.data], args.split, args.tolerance,
                              args.threshold, args.val_fraction, args.seed, args.gamma)
     summary["tile"] = tile

@@ -102,7 +102,7 @@ class InferenceConfig(_Strict):
     spin: bool = True
     # frames larger than ``tile`` px (either side: line-scan strips, 4K, large area cameras) are
     # cut into tiles of at most ``tile`` px that overlap by ``tile_overlap`` px, segmented
-    # ``max_batch`` at a time and stitched; 0: whole frames (inference.tiling.DEFAULT_TILE)
+    # ``max_batch`` at a time and stitched; 0: whole frames (README, "Tiles")
     tile: int = Field(512, ge=0)
     tile_overlap: int = Field(64, ge=0)
     max_batch: int = Field(8, ge=1)

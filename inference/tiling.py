@@ -13,7 +13,7 @@ mirrored borders, where a tile's view of the scene differs most from the whole i
 Tiling is not invariant, and for the exported models it should not be: their ASPP branches
 (atrous rates up to 18 at stride 16, and image pooling over the whole input) were trained on
 256-384 px crops, and on a whole 960x720 frame they see more scene than they ever saw. Fitted
-tiles of at most 512 px (:data:`DEFAULT_TILE`, the pipeline's default) score better against
+tiles of at most 512 px (``inference.tile``, the pipeline's default) score better against
 ground truth than the whole frame: F1 at 2 px on the CrackTree260 validation images 0.900
 against 0.872 (README, "Tiles"). Giving every tile the frame's image-pooling average instead
 (an experiment: the ONNX graph cut at the pooling node) brought tiles closer to the whole frame
@@ -44,12 +44,8 @@ from inference.segmenter import (
 TILE_MULTIPLE = 32
 MIN_TILE = 64
 
-# The default inference mode (pipeline, eval, training validation): frames larger than 512 px on
-# either side are cut into fitted tiles of at most 512 px overlapping by 64. The exported models
-# are trained on 256-384 px crops and score better on such tiles than on whole large frames
-# (README, "Tiles"): their ASPP branches (atrous rates up to 18 at stride 16, image pooling)
-# see a larger scene on a whole 960x720 frame than they ever saw in training.
-DEFAULT_TILE = 512
+# The pipeline's default tile overlap (inference.tile_overlap), which training validation uses
+# too (training.train.predict with the recipe's val_tile).
 DEFAULT_OVERLAP = 64
 
 

@@ -110,6 +110,7 @@ def test_training_validation_tiles_large_images_as_the_pipeline_does(exported):
     # Validation (training.train.predict with the recipe's val_tile) and the pipeline's ONNX
     # Runtime segmenter with inference.tile cut a large image into the same fitted tiles, so
     # the default threshold is chosen on the maps the pipeline will produce.
+    from inference.tiling import DEFAULT_OVERLAP
     from training.train import predict
 
     model = build_model("mobilenet_aspp")
@@ -128,6 +129,7 @@ def test_training_validation_tiles_large_images_as_the_pipeline_does(exported):
     assert np.abs(tiled - expected).max() < 1e-3
     assert np.abs(tiled - expected).max() < 0.1 * np.abs(whole - expected).max()
     assert TrainConfig().val_tile == PipelineConfig().inference.tile == 512
+    assert DEFAULT_OVERLAP == PipelineConfig().inference.tile_overlap
 
 
 def test_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
