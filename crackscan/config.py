@@ -97,8 +97,8 @@ class InferenceConfig(_Strict):
     # length / mean width below which a component is a blob (bolt pocket, spall), not a crack
     min_crack_elongation: float = Field(4.0, ge=0)
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0: one per core
-    # ONNX Runtime threads busy-wait between runs (fastest alone); false: they sleep and leave the
-    # cores to acquisition, geometry and management
+    # ONNX Runtime threads busy-wait between the operators of a run and stop when it returns, so
+    # between frames the cores go to acquisition, geometry and management; false: never spin
     spin: bool = True
     # frames larger than ``tile`` px (either side: line-scan strips, 4K, large area cameras) are
     # cut into tiles of at most ``tile`` px that overlap by ``tile_overlap`` px, segmented

@@ -3,7 +3,15 @@
 Every backend reads the pre-processing constants (mean, std, size multiple, colour order, classes,
 default threshold) from the ONNX model's metadata (written by ``training.export``), so a model
 file is self-describing. ONNX Runtime is the CPU path (and uses CUDA when its CUDA provider is
-installed); a TensorRT backend implements the same interface (GPU issue).
+installed); TensorRT (``inference.tensorrt_backend``) and PyTorch (``inference.torch_backend``)
+implement the same interface.
+
+Pre-processing is split between host and device. The host only mirror-pads the uint8 image
+(:func:`pad_pixels`); casting, colour order, normalisation and the read-out of crack
+probability run inside the model's graph (``inference.fused``) on whatever device runs the
+model. :class:`BatchedSegmenter` is that host half, shared by all backends. :func:`preprocess`
+and :func:`crack_probability` are the same arithmetic in numpy: the reference the graph is held
+to, and what training and INT8 calibration documents describe.
 """
 
 from __future__ import annotations
@@ -103,15 +111,25 @@ def pad_for_model(image: np.ndarray, multiple: int, margin: int = REFLECT_MARGIN
     return cv2.copyMakeBorder(image, m, bottom, m, right, cv2.BORDER_REFLECT_101), (m, m, h, w)
 
 
-def preprocess(image: np.ndarray, info: ModelInfo
+def pad_pixels(image: np.ndarray, info: ModelInfo
                ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """BGR uint8 image -> 1x3xHxW float32 (mirror-padded, normalised with the model's own
-    constants) and the window (top, left, height, width) of the image in it."""
+    """The host half of pre-processing: a BGR (or grey) uint8 image -> HxWx3 uint8 BGR,
+    mirror-padded for the model (:func:`pad_for_model`), and the window (top, left, height,
+    width) of the image in it. The fused graph (``inference.fused``) does the rest."""
     if image.ndim == 2:
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    return pad_for_model(image, info.size_multiple)
+
+
+def preprocess(image: np.ndarray, info: ModelInfo
+               ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Reference pre-processing in numpy: BGR uint8 image -> 1x3xHxW float32 (mirror-padded,
+    in the model's colour order, normalised with the model's own constants) and the window
+    (top, left, height, width) of the image in it. The fused graph computes the same, op for
+    op."""
+    padded, window = pad_pixels(image, info)
     if info.input_color == "RGB":
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    padded, window = pad_for_model(image, info.size_multiple)
+        padded = cv2.cvtColor(padded, cv2.COLOR_BGR2RGB)
     x = (padded.astype(np.float32) / 255.0 - np.asarray(info.mean, np.float32)) / np.asarray(
         info.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None]), window
@@ -128,45 +146,108 @@ def crack_probability(logits: np.ndarray, classes: tuple[str, ...]) -> np.ndarra
     return (shifted[classes.index("crack")] / shifted.sum(axis=0)).astype(np.float32)
 
 
-class OnnxRuntimeSegmenter:
-    """ONNX Runtime backend. Images of different sizes are run one at a time; the CPU gains
-    nothing from stacking them, and frames of one camera share a size anyway."""
+class BatchedSegmenter:
+    """The host half of a backend that runs a fused graph (``inference.fused``): pad each image
+    (:func:`pad_pixels`), group the images of one ``segment`` call by padded shape, run each
+    group in batches of up to ``max_batch`` through :meth:`run_batch`, and crop every image's
+    window out of its map. Output order = input order. Tiles of one frame share a shape, and so
+    do the frames of one camera, so a call's tiles or micro-batch of frames become a few batches.
 
-    backend = "onnxruntime"
+    Subclasses set ``info``, ``max_batch`` and ``backend`` and implement :meth:`run_batch`.
+    ``batches_run`` counts the batches run so far."""
+
+    info: ModelInfo
+    max_batch: int
+    backend: str
+    batches_run: int = 0
+
+    def run_batch(self, pixels: np.ndarray) -> np.ndarray:
+        """N x H x W x 3 uint8 BGR padded images -> N x H x W float32 crack probability, an array
+        the caller may keep."""
+        raise NotImplementedError
+
+    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Crack probability maps (HxW float32, 0..1), one per BGR uint8 image, same sizes."""
+        padded = [pad_pixels(image, self.info) for image in images]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (pixels, _) in enumerate(padded):
+            groups.setdefault(pixels.shape, []).append(i)
+        maps: list[np.ndarray | None] = [None] * len(images)
+        for members in groups.values():
+            for start in range(0, len(members), self.max_batch):
+                chunk = members[start:start + self.max_batch]
+                probs = self.run_batch(np.stack([padded[i][0] for i in chunk]))
+                self.batches_run += 1
+                for i, prob in zip(chunk, probs, strict=True):
+                    top, left, h, w = padded[i][1]
+                    maps[i] = prob[top:top + h, left:left + w]
+        return maps  # type: ignore[return-value]  # every slot filled above
+
+
+def check_batch(max_batch: int) -> None:
+    if max_batch < 1:
+        raise ValueError(f"max_batch {max_batch} must be >= 1")
+
+
+def load_onnx_model(path: Path) -> tuple[object, ModelInfo]:
+    """The ONNX model at ``path`` (``onnx.ModelProto``) and its crackscan metadata."""
+    from inference.fused import parse_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    try:
+        model = parse_model(path.read_bytes())
+    except Exception as exc:  # protobuf DecodeError and friends
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path} is not a usable ONNX model: {reason}") from None
+    return model, model_info(path, {p.key: p.value for p in model.metadata_props})
+
+
+class OnnxRuntimeSegmenter(BatchedSegmenter):
+    """ONNX Runtime backend, running the model's fused graph (``inference.fused``: uint8 in,
+    crack probability out). Same-shaped images of one call run as one batch of up to
+    ``max_batch`` (exported models have a dynamic batch axis); 1 runs them one by one, which is
+    all a CPU needs for whole frames.
+
+    ``spin``: the pool's threads busy-wait between the operators of a run (ONNX Runtime's
+    default, fastest for a model of many small layers) and stop when the run returns
+    (``session.force_spinning_stop``), so between frames the cores go to the stages beside
+    inference; False: they never spin."""
 
     def __init__(self, path: Path, threads: int = 0, providers: list[str] | None = None,
-                 spin: bool = True) -> None:
+                 spin: bool = True, max_batch: int = 1) -> None:
         import onnxruntime as ort
 
+        from inference.fused import fuse_io
+
+        check_batch(max_batch)
         path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"model file {path} does not exist")
+        model, self.info = load_onnx_model(path)
+        fused = fuse_io(model, self.info).SerializeToString()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or (os.cpu_count() or 1)
         options.log_severity_level = 3
-        if not spin:  # idle threads sleep instead of busy-waiting for the next run
+        if spin:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        else:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         chosen = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"])
                   if p in available]
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=chosen)
-        except Exception as exc:  # ORT raises its own exception types for bad files
+            self.session = ort.InferenceSession(fused, options, providers=chosen)
+        except Exception as exc:  # ORT raises its own exception types for bad graphs
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelError(f"{path} is not a usable ONNX model: {reason}") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.info = model_info(path, meta)
         self.providers = self.session.get_providers()
-        self.input_name = self.session.get_inputs()[0].name
+        self.max_batch = max_batch
+        self.backend = "onnxruntime" if max_batch == 1 else f"onnxruntime+batch{max_batch}"
 
-    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        maps = []
-        for image in images:
-            x, (top, left, h, w) = preprocess(image, self.info)
-            logits = self.session.run(None, {self.input_name: x})[0][0, :, top:top + h,
-                                                                      left:left + w]
-            maps.append(crack_probability(logits, self.info.classes))
-        return maps
+    def run_batch(self, pixels: np.ndarray) -> np.ndarray:
+        from inference.fused import CRACK, PIXELS
+
+        return self.session.run([CRACK], {PIXELS: pixels})[0]
 
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
@@ -184,16 +265,16 @@ def open_segmenter(model: Path | None = None, backend: str = "auto", threads: in
     ``backend``: ``auto`` takes TensorRT for an ONNX model when TensorRT, pycuda and a GPU are
     there (building the engine into ``engine_cache`` the first time, which takes minutes), else
     ONNX Runtime (with its CUDA provider when installed); ``torch`` runs a checkpoint.
-    ``tile``: frames larger than this are cut into overlapping tiles (``inference.tiling``):
-    fitted tiles of at most ``tile`` px for ONNX Runtime and PyTorch, which take any size; a
-    TensorRT engine always works on full tiles of its own size. ``batch_frames`` > 1: the worker
-    hands over several frames per call, which ONNX Runtime then runs as one batch per frame size.
-    ``spin``: ONNX Runtime's threads busy-wait between runs (its default); False lets them sleep,
-    leaving the cores to the stages beside them. ``tta``: ``hflip`` or ``flips`` average each
-    frame's probabilities with its mirror images (``inference.tta``: 2 or 4 model runs a frame).
+    ``tile``: frames larger than this are cut into overlapping fitted tiles of at most
+    ``tile`` px (``inference.tiling``; a TensorRT plan uses its own tile). ``batch_frames`` > 1:
+    the worker hands over several frames per call, which ONNX Runtime then runs as one batch per
+    frame size. ``spin``: ONNX Runtime's threads busy-wait within a run and stop when it
+    returns; False: they never spin (``OnnxRuntimeSegmenter``). ``tta``: ``hflip`` or ``flips``
+    average each frame's probabilities with its mirror images (``inference.tta``: 2 or 4 model
+    runs a frame).
     """
     from inference import tensorrt_backend as trt_backend
-    from inference.tiling import BatchingSegmenter, TiledSegmenter
+    from inference.tiling import TiledSegmenter
     from inference.tta import TTA_MODES, FlipAveragedSegmenter
 
     path = Path(model) if model else bundled_model_path()
@@ -222,16 +303,15 @@ def open_segmenter(model: Path | None = None, backend: str = "auto", threads: in
             path, engine_cache or ENGINE_CACHE, max_batch=max_batch, tile=tile or 512)
         engine = trt_backend.TensorRTSegmenter(plan)
         segmenter = TiledSegmenter(engine, tile=engine.tile, overlap=tile_overlap,
-                                   max_batch=engine.max_batch)
+                                   max_batch=engine.max_batch, fit=True)
     else:
-        onnx_runtime = OnnxRuntimeSegmenter(path, threads=threads, spin=spin)
+        onnx_runtime = OnnxRuntimeSegmenter(path, threads=threads, spin=spin,
+                                            max_batch=max_batch if tile else batch_frames)
         segmenter = onnx_runtime
         providers = onnx_runtime.providers
         if tile:
-            segmenter = TiledSegmenter(BatchingSegmenter(onnx_runtime, max_batch), tile=tile,
-                                       overlap=tile_overlap, max_batch=max_batch, fit=True)
-        elif batch_frames > 1:
-            segmenter = BatchingSegmenter(onnx_runtime, batch_frames)
+            segmenter = TiledSegmenter(onnx_runtime, tile=tile, overlap=tile_overlap,
+                                       max_batch=max_batch, fit=True)
     if tta != "none":
         segmenter = FlipAveragedSegmenter(segmenter, tta)
     log.info("backend %s%s, model %s", segmenter.backend,

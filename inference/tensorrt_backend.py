@@ -3,25 +3,31 @@
 
 Two halves:
 
-* :func:`build_engine` compiles an exported ONNX model (``training.export``) with TensorRT's ONNX
-  parser into a serialized plan, for fixed-size square tiles and batches of up to ``max_batch``,
-  in FP32, FP16 or INT8 (entropy calibration on a folder of images, pre-processed exactly as at
-  inference). Beside ``X.plan`` it writes ``X.json`` with the ONNX model's crackscan metadata, so
-  an engine describes itself as the ONNX model does.
+* :func:`build_engine` compiles an exported ONNX model (``training.export``), wrapped in its
+  pre- and post-processing (``inference.fused``: uint8 pixels in, crack probability out), with
+  TensorRT's ONNX parser into a serialized plan for images of up to ``tile`` px a side in
+  batches of up to ``max_batch``, in FP32, FP16 or INT8 (entropy calibration on a folder of
+  images, padded exactly as at inference). Beside ``X.plan`` it writes ``X.json`` with the ONNX
+  model's crackscan metadata, so an engine describes itself as the ONNX model does.
 * :class:`TensorRTSegmenter` runs such a plan: buffers allocated once for the largest batch,
   one CUDA stream, asynchronous copies, I/O bound by tensor name (TensorRT 10's
-  ``execute_async_v3``).
+  ``execute_async_v3``). The host only mirror-pads uint8 images; the GPU casts, normalises and
+  reads out the crack probability, so a tile crosses PCIe as a quarter of its float32 bytes and
+  comes back as one channel.
 
 An engine is specific to the GPU model, the TensorRT version, the precision and the tile and
 batch sizes it was built for; :func:`engine_cache_key` names those, so :func:`cached_engine` builds
 a new plan whenever one of them (or the model file) changes.
 
 Tiles. The segmenter mirror-pads every image by ``REFLECT_MARGIN_PX`` on each side before the
-network sees it (see ``inference.segmenter.preprocess``), so a ``tile`` x ``tile`` image becomes a
+network sees it (``inference.segmenter.pad_pixels``), so a ``tile`` x ``tile`` image becomes a
 network input of ``tile + 2 * 32`` px a side (rounded up to the model's size multiple):
 :func:`network_side`. ``tile`` here means the same as in ``inference.tiling.TiledSegmenter``:
-the side of the image tiles handed to the segmenter. An engine built with ``tile=512`` serves
-``TiledSegmenter(TensorRTSegmenter(plan), tile=512)``.
+the largest image tile handed to the segmenter. The engine's optimisation profile admits every
+input from ``size_multiple`` px up to that side (tuned for full tiles), so it takes the fitted
+tiles that ONNX Runtime and PyTorch get: an engine built with ``tile=512`` serves
+``TiledSegmenter(TensorRTSegmenter(plan), tile=512, fit=True)``, and every backend cuts a frame
+the same way.
 
 TensorRT and pycuda come from NVIDIA's package index and need an NVIDIA GPU. They are imported
 inside the functions that need them, so this module imports (and its pure parts,
@@ -49,14 +55,16 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 
+from inference.fused import CRACK, PIXELS, fuse_io
 from inference.segmenter import (
+    BatchedSegmenter,
     ModelError,
     ModelInfo,
-    crack_probability,
     file_sha256,
+    load_onnx_model,
     model_info,
     pad_for_model,
-    preprocess,
+    pad_pixels,
 )
 
 log = logging.getLogger(__name__)
@@ -71,9 +79,8 @@ PYCUDA_MISSING = ("pycuda is not installed (pip install pycuda; it needs the CUD
 
 # Part of every engine cache key: raise it when the way engines are built changes (profile,
 # flags, pre-processing), so that plans built the old way are rebuilt.
-ENGINE_FORMAT = "crackscan-engine-1"
+ENGINE_FORMAT = "crackscan-engine-2"  # 2: fused uint8 graph, inputs of any side up to the tile
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-MIN_PROFILE_SIDE = 64  # smallest input side the optimisation profile admits
 
 # Errors TensorRT logged since the last check: check_cuda() adds them to its message, because
 # TensorRT says *why* on its logger and only returns None / False to the caller.
@@ -250,20 +257,8 @@ def cached_engine(onnx_path: Path, cache_dir: Path, *, fp16: bool = True, max_ba
 
 def network_side(tile: int, size_multiple: int) -> int:
     """Side of the network input for a ``tile`` x ``tile`` image: the tile plus the mirror
-    margin on both sides, rounded up to the model's size multiple (what ``preprocess`` does)."""
+    margin on both sides, rounded up to the model's size multiple (what ``pad_pixels`` does)."""
     return pad_for_model(np.zeros((tile, tile), np.uint8), size_multiple)[0].shape[0]
-
-
-def pad_to_tile(image: np.ndarray, tile: int) -> np.ndarray:
-    """Mirror-pad an image of at most ``tile`` px a side at the bottom and right to exactly
-    ``tile`` x ``tile``, as ``inference.tiling.split`` pads the tiles at an image's edge."""
-    bottom, right = tile - image.shape[0], tile - image.shape[1]
-    if bottom < 0 or right < 0:
-        raise ValueError(f"image of {image.shape[0]}x{image.shape[1]} px exceeds the {tile} px "
-                         "tile")
-    if not bottom and not right:
-        return image
-    return cv2.copyMakeBorder(image, 0, bottom, 0, right, cv2.BORDER_REFLECT_101)
 
 
 def calibration_crop(image: np.ndarray, tile: int) -> np.ndarray:
@@ -282,14 +277,14 @@ def calibration_crop(image: np.ndarray, tile: int) -> np.ndarray:
 
 
 class CalibrationBatches:
-    """INT8 calibration data: batches of ``batch_size`` pre-processed tiles (float32,
-    N x 3 x S x S with S = :func:`network_side`) from the images directly in ``folder`` (not
+    """INT8 calibration data: batches of ``batch_size`` padded tiles (the engine's input: uint8,
+    N x S x S x 3 BGR with S = :func:`network_side`) from the images directly in ``folder`` (not
     its subfolders: a dataset's masks must not be calibrated on), in name order.
 
-    Each image gives one tile (:func:`calibration_crop`) that goes through
-    ``inference.segmenter.preprocess`` with the model's own metadata, the very pre-processing of
-    inference, so the activation ranges TensorRT measures are those the engine will meet. The
-    last batch is filled up with the first images again (TensorRT wants full batches).
+    Each image gives one tile (:func:`calibration_crop`), mirror-padded by
+    ``inference.segmenter.pad_pixels`` as at inference; the engine's own graph normalises it,
+    so the activation ranges TensorRT measures are those the engine will meet. The last batch
+    is filled up with the first images again (TensorRT wants full batches).
     Iterating reads the images afresh; the pure-numpy half of :func:`build_engine`'s calibrator.
     """
 
@@ -312,22 +307,21 @@ class CalibrationBatches:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        return (self.batch_size, 3, self.side, self.side)
+        return (self.batch_size, self.side, self.side, 3)
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(np.float32).itemsize
+        return int(np.prod(self.shape))
 
     def __len__(self) -> int:
         return -(-len(self.paths) // self.batch_size)
 
     def tensor(self, path: Path) -> np.ndarray:
-        """3 x S x S float32: one image's calibration tile, pre-processed."""
+        """S x S x 3 uint8: one image's calibration tile, padded as the engine's input."""
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None:
             raise ModelError(f"calibration image {path} cannot be read")
-        x, _ = preprocess(calibration_crop(image, self.tile), self.info)
-        return x[0]
+        return pad_pixels(calibration_crop(image, self.tile), self.info)[0]
 
     def __iter__(self) -> Iterator[np.ndarray]:
         count = len(self) * self.batch_size
@@ -395,19 +389,6 @@ def entropy_calibrator(batches: CalibrationBatches | None, cache: Path | None,
 
 # --- building ---------------------------------------------------------------------------------
 
-def onnx_metadata(onnx_path: Path) -> dict[str, str]:
-    """The crackscan metadata of an exported ONNX model (validated: ModelError without it)."""
-    import onnx
-
-    try:
-        graph = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise ModelError(f"{onnx_path} is not an ONNX model ({type(exc).__name__})") from None
-    metadata = {p.key: p.value for p in graph.metadata_props}
-    model_info(Path(onnx_path), metadata)
-    return metadata
-
-
 def _write_atomically(path: Path, data: Any) -> None:
     """Write then rename, so a crashed build never leaves a truncated plan in the cache."""
     partial = path.with_name(path.name + ".partial")
@@ -416,9 +397,11 @@ def _write_atomically(path: Path, data: Any) -> None:
     os.replace(partial, path)
 
 
-def _parse_onnx(trt: Any, network: Any, onnx_path: Path) -> None:
+def _parse_onnx(trt: Any, network: Any, graph: bytes, onnx_path: Path) -> None:
+    """Parse the serialized ONNX ``graph`` (the fused graph of ``onnx_path``) into ``network``;
+    every parser error is logged and the first ones raised."""
     parser = trt.OnnxParser(network, trt_logger(trt))
-    if not parser.parse(Path(onnx_path).read_bytes(), str(onnx_path)):
+    if not parser.parse(graph, str(onnx_path)):
         for index in range(parser.num_errors):
             error = parser.get_error(index)
             node = error.node()
@@ -452,9 +435,11 @@ def build_engine(onnx_path: Path, out_path: Path, *, fp16: bool = True, int8: bo
     """Compile the exported ONNX model ``onnx_path`` into a TensorRT plan at ``out_path`` and its
     metadata at ``out_path.with_suffix('.json')``; returns ``out_path``.
 
-    Input ``image`` gets one optimisation profile: min 1 x 3 x 64 x 64, opt and max
-    ``max_batch`` x 3 x S x S with S = :func:`network_side` (``tile`` + the 2 x 32 px mirror
-    margin), since inference feeds it fixed-size tiles (TensorRT tunes its kernels for opt).
+    The network is the model's fused graph (``inference.fused``): input ``pixels``, uint8
+    N x H x W x 3; output ``crack``, float32 N x H x W. The input gets one optimisation profile:
+    min 1 x M x M x 3 (M: the model's size multiple), opt and max ``max_batch`` x S x S x 3 with
+    S = :func:`network_side` (``tile`` + the 2 x 32 px mirror margin): full tiles, the shape
+    TensorRT tunes its kernels for, and every smaller fitted tile or frame below it.
     ``fp16`` lets TensorRT pick FP16 kernels; ``int8`` INT8 ones, calibrated with entropy
     calibration (IInt8EntropyCalibrator2) on the images in ``calib_dir``
     (:class:`CalibrationBatches`, batches of ``max_batch``) or from ``calib_cache`` when that
@@ -469,8 +454,9 @@ def build_engine(onnx_path: Path, out_path: Path, *, fp16: bool = True, int8: bo
         raise ModelError(f"model file {onnx_path} does not exist")
     if max_batch < 1 or tile < 32:
         raise ValueError(f"max_batch {max_batch} must be >= 1 and tile {tile} >= 32")
-    metadata = onnx_metadata(onnx_path)
-    info = model_info(onnx_path, metadata)
+    model, info = load_onnx_model(onnx_path)
+    metadata = info.metadata
+    graph = fuse_io(model, info).SerializeToString()
     side = network_side(tile, info.size_multiple)
     weakly_typed = hasattr(trt.BuilderFlag, "FP16")  # TensorRT 11 has strong typing only
     if int8 and not weakly_typed:
@@ -489,7 +475,7 @@ def build_engine(onnx_path: Path, out_path: Path, *, fp16: bool = True, int8: bo
     with _primary_context(cuda, device):
         builder = check_cuda(trt.Builder(trt_logger(trt)), "creating the TensorRT builder")
         network = check_cuda(builder.create_network(0), "creating the network definition")
-        _parse_onnx(trt, network, onnx_path)
+        _parse_onnx(trt, network, graph, onnx_path)
         if network.num_inputs != 1 or network.num_outputs != 1:
             raise ModelError(f"{onnx_path} has {network.num_inputs} inputs and "
                              f"{network.num_outputs} outputs; a crackscan model has one each")
@@ -499,9 +485,9 @@ def build_engine(onnx_path: Path, out_path: Path, *, fp16: bool = True, int8: bo
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
         profile = check_cuda(builder.create_optimization_profile(),
                              "creating the optimisation profile")
-        low = min(MIN_PROFILE_SIDE, side)
-        profile.set_shape(image.name, (1, 3, low, low), (max_batch, 3, side, side),
-                          (max_batch, 3, side, side))
+        low = info.size_multiple
+        profile.set_shape(image.name, (1, low, low, 3), (max_batch, side, side, 3),
+                          (max_batch, side, side, 3))
         check_cuda(config.add_optimization_profile(profile) >= 0,
                    "adding the optimisation profile")
         if fp16:
@@ -558,28 +544,26 @@ def engine_description(plan: Path) -> dict:
         raise ModelError(f"{path} is not an engine description ({exc})") from None
 
 
-class TensorRTSegmenter:
+class TensorRTSegmenter(BatchedSegmenter):
     """Segmenter on a TensorRT plan from :func:`build_engine`.
 
-    Images of up to ``tile`` x ``tile`` px (the engine's tile): each is mirror-padded at the
-    bottom and right to the tile (as ``inference.tiling.split`` pads edge tiles), pre-processed
-    like every backend (``preprocess``: mirror margin, the model's normalisation), run in
-    batches of up to ``max_batch``, and its window of the logits turned into crack probability
-    (``crack_probability``). Larger frames raise ModelError: use this segmenter under
-    ``inference.tiling.TiledSegmenter(segmenter, tile=segmenter.tile,
+    Images of up to ``tile`` x ``tile`` px (the engine's tile). The host half is every
+    backend's (``BatchedSegmenter``: mirror-pad the uint8 image, group same-shaped images into
+    batches of up to ``max_batch``, crop each window out of its map); the engine does the rest
+    on the GPU (the fused graph: cast, normalise, the network, crack probability). Larger
+    frames raise ModelError: use this segmenter under
+    ``inference.tiling.TiledSegmenter(segmenter, tile=segmenter.tile, fit=True,
     max_batch=segmenter.max_batch)``, which cuts frames into such tiles and stitches the maps.
-    An image exactly ``tile`` px a side gets the same input as ONNX Runtime would; a smaller one
-    differs from ONNX Runtime on the unpadded image where the model has global context.
+    Every input shape is one the ONNX Runtime backend would run for the same image.
 
-    Host (page-locked) and device buffers are allocated once for ``max_batch``; each batch is one
-    asynchronous host-to-device copy, ``execute_async_v3`` and device-to-host copy on one CUDA
+    Page-locked host and device buffers are allocated once for the largest batch of full
+    tiles; each batch is one asynchronous host-to-device copy of its uint8 pixels, its input
+    shape, ``execute_async_v3`` and one device-to-host copy of its probabilities on one CUDA
     stream, then a synchronize. The CUDA context is made current for each call, so any thread
     may call ``segment``, one at a time (not thread-safe: shared buffers). ``info`` comes from
     the JSON beside the plan; its sha256 is the ONNX model's, so runs label the model the same
     whichever backend ran it. ``close()`` frees the GPU memory.
     """
-
-    backend = "tensorrt"
 
     def __init__(self, engine_path: Path, device: int = 0) -> None:
         trt, cuda = _gpu_stack()
@@ -591,6 +575,7 @@ class TensorRTSegmenter:
             model_info(plan, self.description["metadata"]),
             sha256=self.description.get("onnx_sha256") or file_sha256(plan))
         self.tile = self.description["tile"]
+        self.backend = "tensorrt"
         self._cuda = cuda
         self._context = check_cuda(lambda: cuda.Device(device).retain_primary_context(),
                                    f"opening CUDA device {device}")
@@ -613,38 +598,35 @@ class TensorRTSegmenter:
         inputs = [n for n in names
                   if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelError(f"{plan} has inputs {inputs} and outputs {outputs}; a crackscan "
-                             "engine has one of each")
-        self.input_name, self.output_name = inputs[0], outputs[0]
-        largest = tuple(self._engine.get_tensor_profile_shape(self.input_name, 0)[2])
-        self.max_batch, side = int(largest[0]), int(largest[2])
-        if side != self.description["input_side"] or largest[3] != side:
-            raise ModelError(f"{plan} takes {largest[2]}x{largest[3]} inputs, its description "
-                             f"says {self.description['input_side']}: rebuild the engine")
+        if inputs != [PIXELS] or outputs != [CRACK]:
+            raise ModelError(f"{plan} has inputs {inputs} and outputs {outputs}, not "
+                             f"[{PIXELS!r}] and [{CRACK!r}]: it was built by another crackscan "
+                             "version; rebuild it (crackscan build-engine)")
+        largest = tuple(self._engine.get_tensor_profile_shape(PIXELS, 0)[2])
+        self.max_batch, side = int(largest[0]), int(largest[1])
+        if side != self.description["input_side"] or largest[2] != side:
+            raise ModelError(f"{plan} takes inputs up to {largest[1]}x{largest[2]}, its "
+                             f"description says {self.description['input_side']}: rebuild the "
+                             "engine")
         self.side = side
         self._exec = check_cuda(self._engine.create_execution_context(),
                                 "creating the execution context")
-        check_cuda(self._exec.set_input_shape(self.input_name, largest),
-                   "setting the largest input shape")
-        out_shape = tuple(self._exec.get_tensor_shape(self.output_name))
-        in_dtype = trt.nptype(self._engine.get_tensor_dtype(self.input_name))
-        out_dtype = trt.nptype(self._engine.get_tensor_dtype(self.output_name))
-        self._host_in = check_cuda(lambda: cuda.pagelocked_empty(largest, in_dtype),
+        pixels = self.max_batch * side * side * 3
+        self._host_in = check_cuda(lambda: cuda.pagelocked_empty(pixels, np.uint8),
                                    "allocating page-locked input memory")
-        self._host_out = check_cuda(lambda: cuda.pagelocked_empty(out_shape, out_dtype),
+        self._host_out = check_cuda(lambda: cuda.pagelocked_empty(pixels // 3, np.float32),
                                     "allocating page-locked output memory")
         self._device_in = check_cuda(lambda: cuda.mem_alloc(self._host_in.nbytes),
                                      "allocating GPU input memory")
         self._device_out = check_cuda(lambda: cuda.mem_alloc(self._host_out.nbytes),
                                       "allocating GPU output memory")
         self._stream = check_cuda(cuda.Stream, "creating a CUDA stream")
-        check_cuda(self._exec.set_tensor_address(self.input_name, int(self._device_in)),
+        check_cuda(self._exec.set_tensor_address(PIXELS, int(self._device_in)),
                    "binding the input tensor")
-        check_cuda(self._exec.set_tensor_address(self.output_name, int(self._device_out)),
+        check_cuda(self._exec.set_tensor_address(CRACK, int(self._device_out)),
                    "binding the output tensor")
-        log.info("TensorRT engine %s: %s, batch <= %d, tiles of %d px (input %d), %s", plan.name,
-                 self.description.get("precision"), self.max_batch, self.tile, side,
+        log.info("TensorRT engine %s: %s, batch <= %d, tiles up to %d px (input %d), %s",
+                 plan.name, self.description.get("precision"), self.max_batch, self.tile, side,
                  self.info.label)
 
     def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
@@ -655,35 +637,26 @@ class TensorRTSegmenter:
                 raise ModelError(f"a {image.shape[0]}x{image.shape[1]} image exceeds the engine's "
                                  f"{self.tile} px tile: wrap the segmenter in "
                                  f"inference.tiling.TiledSegmenter(..., tile={self.tile})")
-        maps: list[np.ndarray] = []
-        for start in range(0, len(images), self.max_batch):
-            chunk = images[start:start + self.max_batch]
-            windows = []
-            for i, image in enumerate(chunk):
-                x, (top, left, _, _) = preprocess(pad_to_tile(image, self.tile), self.info)
-                self._host_in[i] = x[0]
-                windows.append((top, left, image.shape[0], image.shape[1]))
-            logits = self._run(len(chunk))
-            maps.extend(crack_probability(logits[i, :, top:top + h, left:left + w]
-                                          .astype(np.float32), self.info.classes)
-                        for i, (top, left, h, w) in enumerate(windows))
-        return maps
+        return super().segment(images)
 
-    def _run(self, count: int) -> np.ndarray:
-        """Logits of the first ``count`` inputs in the host buffer (a view of the host output
-        buffer, valid until the next run)."""
+    def run_batch(self, pixels: np.ndarray) -> np.ndarray:
+        """Crack probability of a batch of padded images (N x H x W x 3 uint8, H and W at most
+        the engine's input side), copied out of the reused host buffer."""
         cuda, stream = self._cuda, self._stream
+        count, height, width = pixels.shape[:3]
+        host_in = self._host_in[:pixels.size]
+        host_out = self._host_out[:count * height * width]
+        host_in[:] = pixels.ravel()
         with _pushed(self._context):
-            check_cuda(lambda: cuda.memcpy_htod_async(self._device_in, self._host_in[:count],
-                                                      stream), "copying tiles to the GPU")
-            check_cuda(self._exec.set_input_shape(self.input_name,
-                                                  (count, 3, self.side, self.side)),
-                       f"setting the input shape to a batch of {count}")
+            check_cuda(lambda: cuda.memcpy_htod_async(self._device_in, host_in, stream),
+                       "copying tiles to the GPU")
+            check_cuda(self._exec.set_input_shape(PIXELS, pixels.shape),
+                       f"setting the input shape to {'x'.join(map(str, pixels.shape))}")
             check_cuda(self._exec.execute_async_v3(stream.handle), "running the TensorRT engine")
-            check_cuda(lambda: cuda.memcpy_dtoh_async(self._host_out[:count], self._device_out,
-                                                      stream), "copying logits from the GPU")
+            check_cuda(lambda: cuda.memcpy_dtoh_async(host_out, self._device_out, stream),
+                       "copying crack probabilities from the GPU")
             check_cuda(stream.synchronize, "waiting for the CUDA stream")
-        return self._host_out[:count]
+        return host_out.reshape(count, height, width).copy()
 
     def close(self) -> None:
         """Free the engine and its GPU memory (the segmenter is unusable afterwards)."""

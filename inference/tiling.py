@@ -1,9 +1,9 @@
 """Tiles and batches: segmenting frames too large for one pass, and many frames per pass.
 
 Line-scan strips (a few hundred px by many thousands) and 4K area-camera frames do not fit a GPU
-in one piece, and a TensorRT engine is built for one fixed input size. :class:`TiledSegmenter`
-cuts such an image into overlapping square tiles of one size (:class:`TileGrid`,
-:func:`split`), segments them, and stitches the maps (:func:`stitch`).
+in one piece, and a TensorRT engine is built for inputs up to one size. :class:`TiledSegmenter`
+cuts such an image into overlapping tiles of one shape (:class:`TileGrid`, :func:`split`),
+segments them, and stitches the maps (:func:`stitch`).
 
 Stitching keeps from each tile only the pixels it *owns*: overlaps are cut along their centre
 line, so every owned pixel lies at least overlap/2 px inside its tile (except at the image's own
@@ -19,9 +19,9 @@ against 0.872 (README, "Tiles"). Giving every tile the frame's image-pooling ave
 (an experiment: the ONNX graph cut at the pooling node) brought tiles closer to the whole frame
 and further from the truth (0.889), so it was not kept.
 
-:class:`BatchingSegmenter` runs the same-shaped images of one ``segment`` call through ONNX
-Runtime as one batch (the exported models have a dynamic batch axis), which is what tiles are:
-on a GPU a batch of tiles costs little more than one.
+The tiles of one frame share a shape, so a backend that batches same-shaped images
+(``inference.segmenter.BatchedSegmenter``) runs them as one batch: on a GPU a batch of tiles
+costs little more than one.
 """
 
 from __future__ import annotations
@@ -31,13 +31,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from inference.segmenter import (
-    ModelInfo,
-    OnnxRuntimeSegmenter,
-    Segmenter,
-    crack_probability,
-    preprocess,
-)
+from inference.segmenter import ModelInfo, Segmenter, check_batch
 
 # Tiles are a multiple of the network stride (32 for the encoders crackscan exports), so a tile
 # plus the 32 px mirror margin on both sides needs no further padding.
@@ -56,11 +50,6 @@ def check_tiling(tile: int, overlap: int) -> None:
         raise ValueError(f"tile {tile} must be a multiple of {TILE_MULTIPLE} and >= {MIN_TILE}")
     if not 0 <= overlap < tile / 2:
         raise ValueError(f"overlap {overlap} must be >= 0 and < tile / 2 = {tile / 2:g}")
-
-
-def check_batch(max_batch: int) -> None:
-    if max_batch < 1:
-        raise ValueError(f"max_batch {max_batch} must be >= 1")
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -196,8 +185,9 @@ class TiledSegmenter:
     By default every tile handed to the inner segmenter is ``tile`` x ``tile`` (see
     :func:`split`), so a fixed-shape engine can serve it; ``fit=True`` cuts each frame into the
     fewest equal tiles of at most ``tile`` px (:class:`TileGrid`), for backends that take any
-    size. The tiles of one frame share a shape either way, so with a :class:`BatchingSegmenter`
-    inside, each call is one real batch. ``tiles_run`` counts the tiles segmented so far.
+    size. The tiles of one frame share a shape either way, so with a batching backend inside
+    (``BatchedSegmenter``), each call is one real batch. ``tiles_run`` counts the tiles
+    segmented so far.
     """
 
     def __init__(self, inner: Segmenter, tile: int = 512, overlap: int = 64,
@@ -239,42 +229,4 @@ class TiledSegmenter:
             count = len(grid.windows())
             maps[i] = stitch(tile_maps[start:start + count], grid)
             start += count
-        return maps  # type: ignore[return-value]  # every slot filled above
-
-
-class BatchingSegmenter:
-    """Runs same-shaped images of one ``segment`` call as one batch of up to ``max_batch``
-    through an ONNX Runtime session (the model has a dynamic batch axis), instead of one by
-    one. Output order = input order.
-
-    Images are grouped by their padded input shape (after :func:`preprocess`), so images of
-    different sizes in one call still work, each group in batches of its own. On a CPU this
-    gains little; on a GPU it turns a call's tiles into a few launches.
-    """
-
-    def __init__(self, inner: OnnxRuntimeSegmenter, max_batch: int = 8) -> None:
-        check_batch(max_batch)
-        self.inner = inner
-        self.max_batch = max_batch
-        self.info: ModelInfo = inner.info
-        self.backend = f"{inner.backend}+batch{max_batch}"
-        self.batches_run = 0
-
-    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Crack probability maps (HxW float32), one per BGR uint8 image, in input order."""
-        prepared = [preprocess(image, self.info) for image in images]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (x, _) in enumerate(prepared):
-            groups.setdefault(x.shape, []).append(i)
-        maps: list[np.ndarray | None] = [None] * len(images)
-        for members in groups.values():
-            for start in range(0, len(members), self.max_batch):
-                chunk = members[start:start + self.max_batch]
-                batch = np.concatenate([prepared[i][0] for i in chunk])
-                logits = self.inner.session.run(None, {self.inner.input_name: batch})[0]
-                self.batches_run += 1
-                for i, item in zip(chunk, logits, strict=True):
-                    top, left, h, w = prepared[i][1]
-                    maps[i] = crack_probability(item[:, top:top + h, left:left + w],
-                                                self.info.classes)
         return maps  # type: ignore[return-value]  # every slot filled above

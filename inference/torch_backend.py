@@ -3,8 +3,10 @@
 Two uses. On a GPU it is the path that needs no TensorRT: CUDA, FP16 weights and activations,
 channels-last memory and optionally CUDA graphs, so the GPU can be measured and used where
 TensorRT is not installed. On the CPU it is the reference that the exported ONNX model (and
-through it every other backend) is compared with: same weights, same pre-processing
-(``preprocess``), same read-out (``crack_probability``), so the maps are directly comparable.
+through it every other backend) is compared with: same weights, same host half
+(``BatchedSegmenter``: uint8 images mirror-padded), and the fused graph's arithmetic
+(``inference.fused``: cast, colour order, normalisation, sigmoid or softmax at the crack
+channel) done here in torch on the model's device, so the maps are directly comparable.
 
 ``info`` is what ``training.export`` would write into the ONNX model's metadata for the same
 checkpoint (same keys, same threshold rule), except that ``sha256`` is the checkpoint file's.
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.segmenter import ModelError, ModelInfo, crack_probability, model_info, preprocess
+from inference.segmenter import BatchedSegmenter, ModelError, ModelInfo, check_batch, model_info
 from training.config import TrainConfig
 from training.export import checkpoint_metadata
 from training.models import build_model
@@ -68,7 +70,7 @@ def choose_device(device: str) -> torch.device:
     return chosen
 
 
-class TorchSegmenter:
+class TorchSegmenter(BatchedSegmenter):
     """Segmenter running a training checkpoint with PyTorch.
 
     ``device``: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda[:N]``. ``fp16``
@@ -77,22 +79,25 @@ class TorchSegmenter:
     come back as float32. On CUDA, tensors are channels-last (what cuDNN's FP16 tensor-core
     kernels want).
 
+    Pre- and post-processing run on the model's device (:meth:`forward`): the uint8 batch is
+    copied to the GPU as it is, normalised there in float32, and only the crack channel comes
+    back.
+
     ``cuda_graphs`` (CUDA only; ignored on the CPU): the first batch of each input shape
     (batch size x padded height x width) is run a few times eagerly on a side stream, then
     captured as a CUDA graph with static input and output tensors; later batches of that shape
     copy into the static input and replay the graph, which removes the per-layer kernel-launch
     cost (large for small tiles). Each captured shape keeps its own activation memory, so this
-    pays off where shapes repeat: fixed tiles or one camera resolution, batch sizes 1 to
+    pays off where shapes repeat: fitted tiles or one camera resolution, batch sizes 1 to
     ``max_batch``.
 
-    Same-shaped images of one call run as one batch of up to ``max_batch`` (after
-    ``preprocess``). ``backend`` is ``torch-cuda`` or ``torch-cpu``.
+    Same-shaped images of one call run as one batch of up to ``max_batch``
+    (``BatchedSegmenter``). ``backend`` is ``torch-cuda`` or ``torch-cpu``.
     """
 
     def __init__(self, checkpoint: Path, device: str = "auto", fp16: bool | None = None,
                  cuda_graphs: bool = False, max_batch: int = 8) -> None:
-        if max_batch < 1:
-            raise ValueError(f"max_batch {max_batch} must be >= 1")
+        check_batch(max_batch)
         self.device = choose_device(device)
         on_cuda = self.device.type == "cuda"
         self.fp16 = on_cuda if fp16 is None else fp16
@@ -107,35 +112,40 @@ class TorchSegmenter:
         self.memory_format = torch.channels_last if on_cuda else torch.contiguous_format
         self.model = model.to(self.device, dtype=self.dtype, memory_format=self.memory_format)
         self.backend = f"torch-{self.device.type}"
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(self.info.mean, dtype=torch.float32,
+                                  device=self.device).reshape(shape)
+        self._std = torch.tensor(self.info.std, dtype=torch.float32,
+                                 device=self.device).reshape(shape)
+        if len(self.info.classes) > 1 and "crack" not in self.info.classes:
+            raise ModelError(f"model classes {list(self.info.classes)} have no 'crack' channel")
+        self._crack_channel = (self.info.classes.index("crack") if len(self.info.classes) > 1
+                               else 0)
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor,
                                                   torch.Tensor]] = {}
         log.info("backend %s (%s%s), model %s", self.backend, "fp16" if self.fp16 else "fp32",
                  ", CUDA graphs" if self.cuda_graphs else "", self.info.label)
 
-    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Crack probability maps (HxW float32), one per BGR uint8 image, in input order."""
-        prepared = [preprocess(image, self.info) for image in images]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (x, _) in enumerate(prepared):
-            groups.setdefault(x.shape, []).append(i)
-        maps: list[np.ndarray | None] = [None] * len(images)
-        for members in groups.values():
-            for start in range(0, len(members), self.max_batch):
-                chunk = members[start:start + self.max_batch]
-                logits = self.logits(np.concatenate([prepared[i][0] for i in chunk]))
-                for i, item in zip(chunk, logits, strict=True):
-                    top, left, h, w = prepared[i][1]
-                    maps[i] = crack_probability(item[:, top:top + h, left:left + w],
-                                                self.info.classes)
-        return maps  # type: ignore[return-value]  # every slot filled above
+    def run_batch(self, pixels: np.ndarray) -> np.ndarray:
+        """N x H x W float32 crack probability of N x H x W x 3 uint8 padded BGR images."""
+        x = torch.from_numpy(pixels).to(self.device)
+        with torch.no_grad():
+            prob = self._replay(x) if self.cuda_graphs else self.forward(x)
+        return prob.cpu().numpy()
 
-    @torch.no_grad()
-    def logits(self, batch: np.ndarray) -> np.ndarray:
-        """N x C x H x W float32 logits of an N x 3 x H x W pre-processed float32 batch."""
-        x = torch.from_numpy(batch).to(self.device, dtype=self.dtype)
-        x = x.contiguous(memory_format=self.memory_format)
-        out = self._replay(x) if self.cuda_graphs else self.model(x)
-        return out.float().cpu().numpy()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The fused graph in torch (``inference.fused``, op for op): uint8 N x H x W x 3 BGR on
+        the device -> float32 N x H x W crack probability. Normalisation runs in float32; only
+        the network runs in ``dtype``."""
+        x = pixels.float().permute(0, 3, 1, 2)
+        if self.info.input_color == "RGB":
+            x = x.flip(1)  # BGR -> RGB; a kernel, no host index tensor (CUDA graph capture)
+        x = (x / 255.0 - self._mean) / self._std
+        logits = self.model(x.to(self.dtype).contiguous(memory_format=self.memory_format))
+        logits = logits.float()
+        if logits.shape[1] == 1:
+            return torch.sigmoid(logits[:, 0])
+        return torch.softmax(logits, dim=1)[:, self._crack_channel]
 
     def _replay(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output for ``x`` through the CUDA graph of x's shape, captured first
@@ -148,11 +158,11 @@ class TorchSegmenter:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(CUDA_GRAPH_WARMUP):
-                    self.model(static_in)
+                    self.forward(static_in)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_out = self.model(static_in)
+                static_out = self.forward(static_in)
             self._graphs[key] = (graph, static_in, static_out)
             log.info("captured a CUDA graph for input %s", "x".join(map(str, key)))
         graph, static_in, static_out = self._graphs[key]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.segmenter import ModelError, ModelInfo, OnnxRuntimeSegmenter, preprocess
+from inference.segmenter import ModelError, ModelInfo, OnnxRuntimeSegmenter, pad_pixels
 from inference.tensorrt_backend import (
     CalibrationBatches,
     TensorRTSegmenter,
@@ -31,6 +31,7 @@ from inference.tensorrt_backend import (
     network_side,
     tensorrt_available,
 )
+from inference.tiling import TiledSegmenter
 from inference.torch_backend import TorchSegmenter
 from training.config import TrainConfig
 from training.export import export_checkpoint
@@ -183,7 +184,7 @@ def tiny_info() -> ModelInfo:
                      input_color="RGB", metadata={})
 
 
-def test_calibration_batches_preprocess_centre_crops_like_inference(tmp_path):
+def test_calibration_batches_pad_centre_crops_like_inference(tmp_path):
     tile, info = 64, tiny_info()
     rng = np.random.default_rng(3)
     large = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)
@@ -197,18 +198,18 @@ def test_calibration_batches_preprocess_centre_crops_like_inference(tmp_path):
 
     batches = CalibrationBatches(tmp_path, info, tile=tile, batch_size=2)
     side = network_side(tile, info.size_multiple)
-    assert side == 128 and batches.shape == (2, 3, 128, 128)
+    assert side == 128 and batches.shape == (2, 128, 128, 3)
     assert [p.name for p in batches.paths] == ["a_large.png", "b_small.png", "c_exact.png"]
     produced = list(batches)
     assert len(produced) == len(batches) == 2
-    assert all(b.shape == (2, 3, side, side) and b.dtype == np.float32 for b in produced)
+    assert all(b.shape == (2, side, side, 3) and b.dtype == np.uint8 for b in produced)
     assert all(b.flags["C_CONTIGUOUS"] for b in produced)
 
     top, left = (150 - tile) // 2, (200 - tile) // 2
     large_crop = large[top:top + tile, left:left + tile]
     # 40x50 -> shorter side to 64: 64x80 (bilinear), then the centre 64 columns
     small_crop = cv2.resize(small, (80, 64), interpolation=cv2.INTER_LINEAR)[:, 8:72]
-    expected = [preprocess(crop, info)[0][0] for crop in (large_crop, small_crop, exact)]
+    expected = [pad_pixels(crop, info)[0] for crop in (large_crop, small_crop, exact)]
     np.testing.assert_array_equal(produced[0][0], expected[0])
     np.testing.assert_array_equal(produced[0][1], expected[1])
     np.testing.assert_array_equal(produced[1][0], expected[2])
@@ -222,11 +223,11 @@ def test_calibration_batches_need_images(tmp_path):
         CalibrationBatches(tmp_path / "missing", tiny_info(), tile=64, batch_size=2)
 
 
-def test_network_side_is_the_preprocessed_tile():
+def test_network_side_is_the_padded_tile():
     info = tiny_info()
     for tile in (64, 100, 512):
         image = np.zeros((tile, tile, 3), np.uint8)
-        assert preprocess(image, info)[0].shape[2:] == (network_side(tile, 32),) * 2
+        assert pad_pixels(image, info)[0].shape[:2] == (network_side(tile, 32),) * 2
     assert network_side(512, 32) == 576
 
 
@@ -290,19 +291,21 @@ def test_tensorrt_matches_onnxruntime(tiny, tmp_path, fp16, tolerance, min_iou):
         assert trt_seg.backend == "tensorrt" and trt_seg.max_batch == 4 and trt_seg.tile == tile
         assert trt_seg.info.threshold == THRESHOLD
         assert trt_seg.info.sha256 == ort_seg.info.sha256  # labelled as the ONNX model
-        # whole tiles (the engine's own input, as ONNX Runtime gets it), 6 = two batches
-        images = random_images(6, tile, tile)
+        # full tiles (the profile's opt shape), 6 = two batches; and smaller images of two
+        # shapes in one call, each run at its own size as ONNX Runtime runs it
+        images = random_images(6, tile, tile) + random_images(3, 96, 80, seed=5) + \
+            random_images(2, 40, 128, seed=6)
         got, expected = trt_seg.segment(images), ort_seg.segment(images)
+        assert [m.shape for m in got] == [image.shape[:2] for image in images]
         assert max_diff(got, expected) < tolerance
         assert median_masks(expected, got) > min_iou
-        # a smaller image is mirror-padded to the tile, as inference.tiling.split pads
-        small = random_images(1, 96, 80, seed=5)[0]
-        padded = cv2.copyMakeBorder(small, 0, tile - 96, 0, tile - 80, cv2.BORDER_REFLECT_101)
-        got_small = trt_seg.segment([small])[0]
-        assert got_small.shape == (96, 80)
-        assert max_diff([got_small], [ort_seg.segment([padded])[0][:96, :80]]) < tolerance
         with pytest.raises(ModelError, match="TiledSegmenter"):
             trt_seg.segment(random_images(1, tile + 1, tile))
+        # a larger frame in fitted tiles, cut the same way for both backends
+        frame = random_images(1, 300, 200, seed=8)
+        tiled_trt = TiledSegmenter(trt_seg, tile=tile, overlap=32, max_batch=4, fit=True)
+        tiled_ort = TiledSegmenter(ort_seg, tile=tile, overlap=32, max_batch=4, fit=True)
+        assert max_diff(tiled_trt.segment(frame), tiled_ort.segment(frame)) < tolerance
 
 
 @pytest.mark.gpu

@@ -13,7 +13,6 @@ import pytest
 
 from inference.segmenter import ModelInfo, OnnxRuntimeSegmenter, bundled_model_path
 from inference.tiling import (
-    BatchingSegmenter,
     TiledSegmenter,
     TileGrid,
     fitted_side,
@@ -279,10 +278,17 @@ def model() -> OnnxRuntimeSegmenter:
     return OnnxRuntimeSegmenter(bundled_model_path(), threads=1)
 
 
-def test_bundled_model_tiled_matches_whole(model: OnnxRuntimeSegmenter) -> None:
+@pytest.fixture(scope="module")
+def batched_model() -> OnnxRuntimeSegmenter:
+    """The bundled model in batches of up to 3 same-shaped images."""
+    return OnnxRuntimeSegmenter(bundled_model_path(), threads=1, max_batch=3)
+
+
+def test_bundled_model_tiled_matches_whole(model: OnnxRuntimeSegmenter,
+                                           batched_model: OnnxRuntimeSegmenter) -> None:
     image = cracked_wall(700, 1100, seed=0)
     whole = model.segment([image])[0]
-    tiled_segmenter = TiledSegmenter(BatchingSegmenter(model, max_batch=3), tile=512, overlap=64)
+    tiled_segmenter = TiledSegmenter(batched_model, tile=512, overlap=64)
     tiled = tiled_segmenter.segment([image])[0]
     assert tiled_segmenter.tiles_run == 6 and tiled.shape == whole.shape
     grid = TileGrid(700, 1100, 512, 64)
@@ -316,7 +322,7 @@ def test_bundled_model_tiled_matches_whole(model: OnnxRuntimeSegmenter) -> None:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_bundled_model_tiles_find_the_cracks_at_least_as_well_as_whole(
-        model: OnnxRuntimeSegmenter, seed: int) -> None:
+        model: OnnxRuntimeSegmenter, batched_model: OnnxRuntimeSegmenter, seed: int) -> None:
     # Tiles are not scored against the whole frame here but against the drawn cracks: the whole
     # frame is not the better answer. The models train on 256-384 px crops, and on a whole large
     # frame their ASPP branches see more scene than they ever saw; fitted tiles of at most 512 px
@@ -330,9 +336,8 @@ def test_bundled_model_tiles_find_the_cracks_at_least_as_well_as_whole(
     scores = {}
     for name, segmenter in [
             ("whole", model),
-            ("fixed", TiledSegmenter(BatchingSegmenter(model, 3), tile=512, overlap=64)),
-            ("fitted", TiledSegmenter(BatchingSegmenter(model, 3), tile=512, overlap=64,
-                                      fit=True))]:
+            ("fixed", TiledSegmenter(batched_model, tile=512, overlap=64)),
+            ("fitted", TiledSegmenter(batched_model, tile=512, overlap=64, fit=True))]:
         crack = segmenter.segment([image])[0] >= model.info.threshold
         scores[name] = f1_from_counts(match_counts(crack, truth, 2.0))[2]
     print({name: round(score, 4) for name, score in scores.items()})
@@ -346,7 +351,7 @@ def test_batching_keeps_order_and_identity(model: OnnxRuntimeSegmenter) -> None:
     # max_batch of 2 splits a group; plus 70x90, which pads to a third shape (160x160).
     images = [noise(64, 96, 1), noise(96, 64, 2), noise(64, 96, 3), noise(96, 64, 4),
               noise(70, 90, 5), noise(64, 96, 6), noise(96, 64, 7)]
-    batching = BatchingSegmenter(model, max_batch=2)
+    batching = OnnxRuntimeSegmenter(bundled_model_path(), threads=1, max_batch=2)
     batched = batching.segment(images)
     single = [model.segment([image])[0] for image in images]
     assert batching.batches_run == 5  # 2 + 2 + 1
@@ -374,4 +379,4 @@ def test_sizes_and_batches_are_checked() -> None:
     with pytest.raises(ValueError, match="max_batch 0"):
         TiledSegmenter(MeanChannelSegmenter(), max_batch=0)
     with pytest.raises(ValueError, match="max_batch -1"):
-        BatchingSegmenter(MeanChannelSegmenter(), max_batch=-1)  # type: ignore[arg-type]
+        OnnxRuntimeSegmenter(bundled_model_path(), max_batch=-1)
