@@ -10,8 +10,8 @@ Pre-processing is split between host and device. The host only mirror-pads the u
 (:func:`pad_pixels`); casting, colour order, normalisation and the read-out of crack
 probability run inside the model's graph (``inference.fused``) on whatever device runs the
 model. :class:`BatchedSegmenter` is that host half, shared by all backends. :func:`preprocess`
-and :func:`crack_probability` are the same arithmetic in numpy: the reference the graph is held
-to, and what training and INT8 calibration documents describe.
+and :func:`crack_probability` are the same arithmetic in numpy, the reference the fused graph
+is held to (``tests/test_fused.py``).
 """
 
 from __future__ import annotations

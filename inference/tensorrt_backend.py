@@ -261,6 +261,19 @@ def network_side(tile: int, size_multiple: int) -> int:
     return pad_for_model(np.zeros((tile, tile), np.uint8), size_multiple)[0].shape[0]
 
 
+Shape = tuple[int, int, int, int]
+
+
+def profile_shapes(info: ModelInfo, tile: int, max_batch: int) -> tuple[Shape, Shape, Shape]:
+    """(min, opt, max) of the engine input ``pixels`` (N x H x W x 3): from one image of the
+    model's size multiple a side (the smallest that ``pad_pixels`` makes) to ``max_batch`` full
+    tiles (:func:`network_side`), tuned for the full tiles. Every fitted tile of at most ``tile``
+    px and every smaller frame, padded, lies in between."""
+    side = network_side(tile, info.size_multiple)
+    low = info.size_multiple
+    return (1, low, low, 3), (max_batch, side, side, 3), (max_batch, side, side, 3)
+
+
 def calibration_crop(image: np.ndarray, tile: int) -> np.ndarray:
     """The ``tile`` x ``tile`` view of a calibration image: the image at its own resolution (the
     engine sees tiles of frames at theirs), scaled up with bilinear interpolation only where a
@@ -485,9 +498,7 @@ def build_engine(onnx_path: Path, out_path: Path, *, fp16: bool = True, int8: bo
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
         profile = check_cuda(builder.create_optimization_profile(),
                              "creating the optimisation profile")
-        low = info.size_multiple
-        profile.set_shape(image.name, (1, low, low, 3), (max_batch, side, side, 3),
-                          (max_batch, side, side, 3))
+        profile.set_shape(image.name, *profile_shapes(info, tile, max_batch))
         check_cuda(config.add_optimization_profile(profile) >= 0,
                    "adding the optimisation profile")
         if fp16:

@@ -29,9 +29,10 @@ from inference.tensorrt_backend import (
     engine_cache_key,
     engine_path,
     network_side,
+    profile_shapes,
     tensorrt_available,
 )
-from inference.tiling import TiledSegmenter
+from inference.tiling import TiledSegmenter, TileGrid, split
 from inference.torch_backend import TorchSegmenter
 from training.config import TrainConfig
 from training.export import export_checkpoint
@@ -229,6 +230,26 @@ def test_network_side_is_the_padded_tile():
         image = np.zeros((tile, tile, 3), np.uint8)
         assert pad_pixels(image, info)[0].shape[:2] == (network_side(tile, 32),) * 2
     assert network_side(512, 32) == 576
+
+
+@pytest.mark.parametrize("height, width", [
+    (360, 640), (720, 960), (1080, 1920), (2048, 4096), (512, 8192), (300, 200), (33, 47),
+    (1, 1), (512, 512), (513, 100)])
+def test_every_padded_tile_fits_the_engine_profile(height, width):
+    """What a TensorRT engine must accept: every tile the host sends, for frames from a 1 px
+    image to a line-scan strip, cut into fitted tiles (or whole when small) and padded."""
+    info, tile = tiny_info(), 512
+    low, opt, high = profile_shapes(info, tile, max_batch=8)
+    assert low == (1, 32, 32, 3) and opt == high == (8, 576, 576, 3)
+    frame = np.zeros((height, width, 3), np.uint8)
+    if height <= tile and width <= tile:
+        pieces = [frame]
+    else:
+        pieces = split(frame, TileGrid(height, width, tile, 64, fit=True))
+    for piece in pieces:
+        padded = pad_pixels(piece, info)[0]
+        assert low[1] <= padded.shape[0] <= high[1] and low[2] <= padded.shape[1] <= high[2]
+        assert padded.shape[0] % 32 == 0 and padded.shape[1] % 32 == 0 and padded.shape[2] == 3
 
 
 # --- errors without TensorRT --------------------------------------------------------------------
