@@ -15,6 +15,9 @@ A synthetic source is first written to a video file in a temporary folder, and b
 measurements read that file: rendering the drive costs about 11 ms of CPU per frame here, which a
 camera or a recording does not, and on a small machine it would be counted against the pipeline.
 
+``--batches`` measures something else: the bare backend on batches of full tiles
+(:func:`bench_batches`), the throughput a GPU gains from batching, without the pipeline.
+
 ``pipeline_efficiency = pipeline_fps / model_fps`` is the share of the model's speed the
 pipeline keeps. ``speed_kmh`` is the vehicle speed that rate covers: each frame advances
 ``frame_along_mm * (1 - overlap)`` along the tunnel for every camera of the rig, so
@@ -181,3 +184,43 @@ def _run_bench(label: str, source: str, model: Path | None, backend: str, worker
     result.update(speed_kmh=speed, frame_along_mm=along_mm, cameras=cameras, overlap=overlap,
                   memory_mb_model=model_rss, memory_mb_stage_max=children_rss)
     return result
+
+
+def tile_images(frames: list[np.ndarray], tile: int, count: int) -> list[np.ndarray]:
+    """``count`` full ``tile`` x ``tile`` images from ``frames`` (round robin): each frame's
+    centre at its own resolution, scaled up only where a side is shorter than the tile (the
+    crop INT8 calibration takes, ``inference.tensorrt_backend.calibration_crop``)."""
+    from inference.tensorrt_backend import calibration_crop
+
+    crops = [calibration_crop(frame, tile) for frame in frames[:count]]
+    return [crops[i % len(crops)] for i in range(count)]
+
+
+def bench_batches(model: Path | None, backend: str, frames: list[np.ndarray],
+                  batches: list[int], tile: int, threads: int = 0, calls: int = 10,
+                  warmup: int = 2) -> dict:
+    """The bare backend on batches of full ``tile`` px tiles, one segmenter for all sizes (its
+    largest batch the largest of ``batches``): for each batch size, ``calls`` timed calls of
+    ``segment`` after ``warmup`` untimed ones, giving ``tiles_per_s`` (batch over the median
+    call) and the call's latency percentiles. What ``crackscan bench --batches`` prints, for
+    TensorRT's batch 1..32 table; on a CPU batching gains little."""
+    largest = max(batches)
+    segmenter = open_segmenter(model, backend, threads, tile=0, max_batch=largest,
+                               batch_frames=largest)
+    tiles = tile_images(frames, tile, largest)
+    rows = []
+    for batch in batches:
+        for _ in range(warmup):
+            segmenter.segment(tiles[:batch])
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            segmenter.segment(tiles[:batch])
+            times.append(time.perf_counter() - start)
+        rows.append({"batch": batch, "tiles_per_s": batch / statistics.median(times),
+                     "latency_ms_p50": 1000 * _percentile(times, 0.5),
+                     "latency_ms_p99": 1000 * _percentile(times, 0.99)})
+        log.info("batch %d: %.1f tiles/s", batch, rows[-1]["tiles_per_s"])
+    return {"backend": segmenter.backend, "model": segmenter.info.label,
+            "input": f"{tile}x{tile} tiles", "batches": rows,
+            "memory_mb_model": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

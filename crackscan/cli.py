@@ -171,14 +171,22 @@ def cmd_bench(args) -> int:
     if args.frames < 1 or args.workers < 1 or args.repeat < 1:
         raise UserError("--frames, --workers and --repeat must be at least 1")
     config = load_pipeline_config(args.config)
+    model = Path(args.model) if args.model else None
     try:
-        result = run_bench(args.source, Path(args.model) if args.model else None, args.backend,
-                           args.workers, args.frames, config, args.config, args.overlap,
-                           args.threads, args.repeat)
+        if args.batches:
+            result = _bench_batches(args, model, config)
+        else:
+            result = run_bench(args.source, model, args.backend, args.workers, args.frames,
+                               config, args.config, args.overlap, args.threads, args.repeat)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args.format == "json":
         print_json(result)
+    elif args.batches:
+        print(f"{result['backend']} {result['model']}, {result['input']}")
+        for row in result["batches"]:
+            print(f"batch {row['batch']:3d}  {row['tiles_per_s']:9.1f} tiles/s  p50 "
+                  f"{row['latency_ms_p50']:8.1f} ms  p99 {row['latency_ms_p99']:8.1f} ms")
     else:
         for key, value in result.items():
             if key == "repeats":
@@ -190,6 +198,21 @@ def cmd_bench(args) -> int:
                 print(f"{key:22s} {value:.3f}" if isinstance(value, float)
                       else f"{key:22s} {value}")
     return 0
+
+
+def _bench_batches(args, model: Path | None, config) -> dict:
+    """``bench --batches 1,2,4``: the bare backend on batches of full tiles."""
+    from crackscan.bench import bench_batches, read_frames
+
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise UserError(f"--batches takes sizes like 1,2,4,8, got {args.batches!r}") from None
+    if not batches or min(batches) < 1:
+        raise UserError(f"--batches sizes must be at least 1, got {args.batches!r}")
+    frames = read_frames(args.source, config, max(batches))
+    return {"source": args.source, **bench_batches(model, args.backend, frames, batches,
+                                                   args.tile, args.threads)}
 
 
 # --- the three services alone ---------------------------------------------------------------
@@ -560,6 +583,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_parity(args) -> int:
+    from inference.segmenter import open_segmenter
+    from training.evaluate import backend_parity
+
+    defaults = PipelineConfig().inference
+    tile = defaults.tile if args.tile is None else args.tile
+    if tile:
+        from inference.tiling import check_tiling
+
+        try:
+            check_tiling(tile, defaults.tile_overlap)
+        except ValueError as exc:
+            raise UserError(f"--tile: {exc}") from None
+    options = dict(tile=tile, tile_overlap=defaults.tile_overlap, max_batch=defaults.max_batch)
+    other = open_segmenter(args.model, args.backend, **options)
+    reference = open_segmenter(args.against_model or args.model, args.against, **options)
+    summary = backend_parity(reference, other, [Path(d) for d in args.data], args.split,
+                             args.val_fraction, args.seed)
+    summary["tile"] = tile
+    if args.format == "json":
+        print_json(summary)
+        return 0
+    for key, value in summary.items():
+        print(f"{key:20s} {value:.6g}" if isinstance(value, float) else f"{key:20s} {value}")
+    return 0
+
+
 def cmd_build_engine(args) -> int:
     from inference.segmenter import bundled_model_path
     from inference.tensorrt_backend import build_engine
@@ -729,6 +779,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1,
                    help="measure N times and report the repeat of median efficiency")
     p.add_argument("--config", help="pipeline YAML: camera scale (or rig) for the speed")
+    p.add_argument("--batches", metavar="N,N,...",
+                   help="instead: the bare backend on batches of these sizes of full --tile px "
+                        "tiles cut from the source (tiles/s and latency per batch size)")
+    p.add_argument("--tile", type=int, default=512, help="tile side for --batches (px)")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
     p = add("runs", cmd_runs, "list inspection runs")
@@ -848,6 +902,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images larger than this (px, either side) are segmented in overlapping "
                         "tiles of at most this size, as the pipeline does; 0: whole images "
                         "(default: the pipeline's inference.tile, 512)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = add("parity", cmd_parity, "compare one backend's crack maps with another's on real "
+            "images (a TensorRT engine against ONNX Runtime)")
+    p.add_argument("--model", help="model for --backend: ONNX, TensorRT plan or checkpoint "
+                   "(default: the bundled model)")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"],
+                   default="auto", help="the backend to check (default: auto)")
+    p.add_argument("--against", choices=["auto", "tensorrt", "onnxruntime", "torch"],
+                   default="onnxruntime", help="the reference backend (default: onnxruntime)")
+    p.add_argument("--against-model", help="model for --against (default: --model)")
+    p.add_argument("--data", action="append", required=True, help="dataset folder (repeatable)")
+    p.add_argument("--split", help="ids of SPLIT.txt (default: all images); 'carved': the "
+                   "validation ids that training carves from train.txt")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=int, help="tile side as in eval (default: the pipeline's "
+                   "inference.tile; 0: whole images)")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
     p = add("build-engine", cmd_build_engine,

@@ -82,3 +82,17 @@ def test_bench_measures_the_model_as_the_config_runs_it(tmp_path):
                                   "--config", config, "--format", "json").stdout)
     assert result["backend"] == "onnxruntime+batch8+tiles512+hflip"
     assert result["pipeline_status"] == "complete" and result["pipeline_fps"] > 0
+
+
+def test_bench_batches_sweeps_the_bare_backend_on_full_tiles():
+    result = json.loads(crackscan("bench", "--source", "synthetic:0.2", "--batches", "1,3",
+                                  "--tile", "64", "--threads", "1", "--format", "json").stdout)
+    assert result["input"] == "64x64 tiles" and result["backend"] == "onnxruntime+batch3"
+    assert result["model"].startswith("mobilenet_aspp@") and result["memory_mb_model"] > 0
+    assert [row["batch"] for row in result["batches"]] == [1, 3]
+    for row in result["batches"]:
+        assert row["tiles_per_s"] > 0
+        assert 0 < row["latency_ms_p50"] <= row["latency_ms_p99"]
+    for bad in ("0,2", "a,b"):
+        done = crackscan("bench", "--batches", bad, check=False)
+        assert done.returncode != 0 and "--batches" in done.stderr.strip().splitlines()[-1]

@@ -434,6 +434,28 @@ def test_eval_with_a_gamma_scores_the_re_exposed_images(exported, tmp_path):
     assert "Traceback" not in refused.stderr
 
 
+def test_parity_of_a_checkpoint_on_torch_against_its_export_on_onnxruntime(exported):
+    """``crackscan parity`` on the dataset's images: the training checkpoint run by the PyTorch
+    backend reproduces its ONNX export run by ONNX Runtime (what a TensorRT engine is held to
+    on a GPU), and a different model is told apart."""
+    done = run_crackscan("parity", "--model", exported.checkpoint, "--backend", "torch",
+                         "--against-model", exported.model, "--data", exported.data, "--tile",
+                         0, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    same = json.loads(done.stdout)
+    images = len(list((exported.data / "images").iterdir()))
+    assert same["images"] == images and same["tile"] == 0
+    assert same["other"].startswith("torch-cpu ") and same["reference"].startswith("onnxruntime ")
+    assert same["max_abs_diff"] < 1e-4 and same["mean_abs_diff"] < 1e-5
+    assert same["mask_iou_min"] > 0.99 and same["mask_disagreement"] < 1e-3
+    done = run_crackscan("parity", "--against-model", exported.model, "--data", exported.data,
+                         "--format", "json")  # the bundled model against this one
+    assert done.returncode == 0, done.stderr
+    other = json.loads(done.stdout)
+    assert other["max_abs_diff"] > 0.1 and other["mean_abs_diff"] > 1e-3
+    assert other["mask_disagreement"] > 1e-3
+
+
 def test_eval_scores_large_images_in_the_pipelines_tiles_unless_told(tmp_path):
     from test_tiling import cracked_wall_with_truth
 

@@ -55,3 +55,44 @@ def evaluate_model(segmenter: Segmenter, folders: list[Path], split: str | None 
     summary.update(model=segmenter.info.label, backend=segmenter.backend, split=split or "all",
                    data=[str(f) for f in folders], gamma=gamma)
     return summary
+
+
+def backend_parity(reference: Segmenter, other: Segmenter, folders: list[Path],
+                   split: str | None = None, val_fraction: float = 0.1, seed: int = 0,
+                   threshold: float | None = None) -> dict:
+    """How closely ``other`` reproduces ``reference`` on real images (the ``split`` ids of
+    ``folders``, as ``evaluate_model`` picks them): the largest and the mean absolute difference
+    of their crack probabilities, and the IoU of their crack masks at the reference's threshold,
+    pooled over every pixel (``mask_iou``) and for the worst image (``mask_iou_min``; an image
+    where neither finds a crack counts 1), with the share of pixels on which the masks disagree.
+    What ``crackscan parity`` prints, e.g. a TensorRT engine against ONNX Runtime."""
+    threshold = reference.info.threshold if threshold is None else threshold
+    images = pixels = 0
+    max_abs = sum_abs = 0.0
+    both = either = disagree = 0
+    worst = 1.0
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ds.DatasetError(f"dataset folder {folder} does not exist")
+        samples = ds.samples(folder, ds.split_ids(folder, split, val_fraction, seed))
+        if not samples:
+            raise ds.DatasetError(f"{folder}: no images in split {split or '(all)'}")
+        for sample in tqdm(samples, desc=folder.name, leave=False, disable=None):
+            bgr = np.ascontiguousarray(ds.load_image(sample.image_path)[:, :, ::-1])
+            a, b = reference.segment([bgr])[0], other.segment([bgr])[0]
+            diff = np.abs(a.astype(np.float64) - b)
+            max_abs = max(max_abs, float(diff.max()))
+            sum_abs += float(diff.sum())
+            mask_a, mask_b = a >= threshold, b >= threshold
+            inter, union = int((mask_a & mask_b).sum()), int((mask_a | mask_b).sum())
+            both, either = both + inter, either + union
+            disagree += union - inter
+            worst = min(worst, inter / union if union else 1.0)
+            images, pixels = images + 1, pixels + a.size
+    return {"images": images, "threshold": threshold, "max_abs_diff": max_abs,
+            "mean_abs_diff": sum_abs / pixels, "mask_iou": both / either if either else 1.0,
+            "mask_iou_min": worst, "mask_disagreement": disagree / pixels,
+            "reference": f"{reference.backend} {reference.info.label}",
+            "other": f"{other.backend} {other.info.label}", "split": split or "all",
+            "data": [str(f) for f in folders]}
