@@ -547,6 +547,20 @@ def cmd_train_compare(args) -> int:
     return 0
 
 
+def _tile_option(tile: int | None, defaults) -> int:
+    """``--tile`` of eval and parity: the pipeline's ``inference.tile`` when not given, 0 for
+    whole images, else a valid tile (UserError otherwise)."""
+    tile = defaults.tile if tile is None else tile
+    if tile:
+        from inference.tiling import check_tiling
+
+        try:
+            check_tiling(tile, defaults.tile_overlap)
+        except ValueError as exc:
+            raise UserError(f"--tile: {exc}") from None
+    return tile
+
+
 def cmd_eval(args) -> int:
     from inference.segmenter import open_segmenter
     from training.evaluate import evaluate_model
@@ -555,14 +569,7 @@ def cmd_eval(args) -> int:
         raise UserError(f"--gamma must be positive, got {args.gamma}")
     # Scored as the pipeline segments by default: the same tiles (configs/pipeline.yaml).
     defaults = PipelineConfig().inference
-    tile = defaults.tile if args.tile is None else args.tile
-    if tile:
-        from inference.tiling import check_tiling
-
-        try:
-            check_tiling(tile, defaults.tile_overlap)
-        except ValueError as exc:
-            raise UserError(f"--tile: {exc}") from None
+    tile = _tile_option(args.tile, defaults)
     segmenter = open_segmenter(args.model, "auto", tta=args.tta, tile=tile,
                                tile_overlap=defaults.tile_overlap, max_batch=defaults.max_batch)
     summary = evaluate_model(segmenter, [Path(d) for d in args.data], args.split, args.tolerance,
@@ -588,14 +595,7 @@ def cmd_parity(args) -> int:
     from training.evaluate import backend_parity
 
     defaults = PipelineConfig().inference
-    tile = defaults.tile if args.tile is None else args.tile
-    if tile:
-        from inference.tiling import check_tiling
-
-        try:
-            check_tiling(tile, defaults.tile_overlap)
-        except ValueError as exc:
-            raise UserError(f"--tile: {exc}") from None
+    tile = _tile_option(args.tile, defaults)
     options = dict(tile=tile, tile_overlap=defaults.tile_overlap, max_batch=defaults.max_batch)
     other = open_segmenter(args.model, args.backend, **options)
     reference = open_segmenter(args.against_model or args.model, args.against, **options)

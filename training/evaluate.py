@@ -7,6 +7,7 @@ so an eval number describes exactly the model that inference runs. No torch need
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -29,6 +30,22 @@ def exposure(image: np.ndarray, gamma: float) -> np.ndarray:
     return cv2.LUT(np.ascontiguousarray(image), table)
 
 
+def split_samples(folders: list[Path], split: str | None, val_fraction: float, seed: int
+                  ) -> Iterator[tuple[Path, ds.Sample]]:
+    """(folder, sample) for the ``split`` ids of each folder (``"carved"``: the validation ids
+    training carves with ``val_fraction`` and ``seed``), with a progress bar per folder.
+    DatasetError for a missing folder or an empty split."""
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ds.DatasetError(f"dataset folder {folder} does not exist")
+        samples = ds.samples(folder, ds.split_ids(folder, split, val_fraction, seed))
+        if not samples:
+            raise ds.DatasetError(f"{folder}: no images in split {split or '(all)'}")
+        for sample in tqdm(samples, desc=folder.name, leave=False, disable=None):
+            yield folder, sample
+
+
 def evaluate_model(segmenter: Segmenter, folders: list[Path], split: str | None = None,
                    tolerance: float = 2.0, threshold: float | None = None,
                    val_fraction: float = 0.1, seed: int = 0, gamma: float = 1.0) -> dict:
@@ -40,17 +57,10 @@ def evaluate_model(segmenter: Segmenter, folders: list[Path], split: str | None 
     a darker or brighter camera than its data came from."""
     threshold = segmenter.info.threshold if threshold is None else threshold
     evaluator = SetEvaluator(tolerance=tolerance, threshold=threshold)
-    for folder in folders:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ds.DatasetError(f"dataset folder {folder} does not exist")
-        samples = ds.samples(folder, ds.split_ids(folder, split, val_fraction, seed))
-        if not samples:
-            raise ds.DatasetError(f"{folder}: no images in split {split or '(all)'}")
-        for sample in tqdm(samples, desc=folder.name, leave=False, disable=None):
-            image_rgb, mask = ds.load_pair(sample)
-            bgr = exposure(image_rgb[:, :, ::-1], gamma)
-            evaluator.add(folder.name, segmenter.segment([bgr])[0], mask)
+    for folder, sample in split_samples(folders, split, val_fraction, seed):
+        image_rgb, mask = ds.load_pair(sample)
+        bgr = exposure(image_rgb[:, :, ::-1], gamma)
+        evaluator.add(folder.name, segmenter.segment([bgr])[0], mask)
     summary = evaluator.summary()
     summary.update(model=segmenter.info.label, backend=segmenter.backend, split=split or "all",
                    data=[str(f) for f in folders], gamma=gamma)
@@ -71,25 +81,18 @@ def backend_parity(reference: Segmenter, other: Segmenter, folders: list[Path],
     max_abs = sum_abs = 0.0
     both = either = disagree = 0
     worst = 1.0
-    for folder in folders:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ds.DatasetError(f"dataset folder {folder} does not exist")
-        samples = ds.samples(folder, ds.split_ids(folder, split, val_fraction, seed))
-        if not samples:
-            raise ds.DatasetError(f"{folder}: no images in split {split or '(all)'}")
-        for sample in tqdm(samples, desc=folder.name, leave=False, disable=None):
-            bgr = np.ascontiguousarray(ds.load_image(sample.image_path)[:, :, ::-1])
-            a, b = reference.segment([bgr])[0], other.segment([bgr])[0]
-            diff = np.abs(a.astype(np.float64) - b)
-            max_abs = max(max_abs, float(diff.max()))
-            sum_abs += float(diff.sum())
-            mask_a, mask_b = a >= threshold, b >= threshold
-            inter, union = int((mask_a & mask_b).sum()), int((mask_a | mask_b).sum())
-            both, either = both + inter, either + union
-            disagree += union - inter
-            worst = min(worst, inter / union if union else 1.0)
-            images, pixels = images + 1, pixels + a.size
+    for _, sample in split_samples(folders, split, val_fraction, seed):
+        bgr = np.ascontiguousarray(ds.load_image(sample.image_path)[:, :, ::-1])
+        a, b = reference.segment([bgr])[0], other.segment([bgr])[0]
+        diff = np.abs(a.astype(np.float64) - b)
+        max_abs = max(max_abs, float(diff.max()))
+        sum_abs += float(diff.sum())
+        mask_a, mask_b = a >= threshold, b >= threshold
+        inter, union = int((mask_a & mask_b).sum()), int((mask_a | mask_b).sum())
+        both, either = both + inter, either + union
+        disagree += union - inter
+        worst = min(worst, inter / union if union else 1.0)
+        images, pixels = images + 1, pixels + a.size
     return {"images": images, "threshold": threshold, "max_abs_diff": max_abs,
             "mean_abs_diff": sum_abs / pixels, "mask_iou": both / either if either else 1.0,
             "mask_iou_min": worst, "mask_disagreement": disagree / pixels,
