@@ -15,9 +15,10 @@ the model's own mean and std (in its colour order), and gives ``logits``, N x C 
 Why in the graph. On the host this work is single-threaded numpy: 4.1-4.4 ms per 416 x 448
 tile for normalisation and 0.5 ms for the sigmoid on this project's 2-core CPU machine. At the
 GPU target of 1,000 tiles a second that is four or more host cores doing arithmetic the GPU does
-in microseconds. In the graph it runs on the device under TensorRT (which fuses it into the
-first and last layers) and on ONNX Runtime's thread pool on a CPU, and the host copies uint8 to
-the GPU, a quarter of the float32 bytes, and gets back one channel, not C.
+in microseconds. In the graph it runs on the device under TensorRT (whose builder may fuse it
+with the first and last layers; not yet seen on a GPU) and on ONNX Runtime's thread pool on a
+CPU, and the host copies uint8 to the GPU, a quarter of the float32 bytes, and gets back one
+channel, not C.
 
 The arithmetic is the numpy reference's (:func:`inference.segmenter.preprocess` and
 ``crack_probability``) op for op, so the maps agree with it to float rounding.
