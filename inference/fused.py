@@ -36,7 +36,7 @@ from types import ModuleType
 
 import numpy as np
 
-from inference.segmenter import ModelError, ModelInfo
+from inference.segmenter import ModelError, ModelInfo, crack_channel
 
 PIXELS = "pixels"  # the fused graph's input: N x H x W x 3 uint8 BGR
 CRACK = "crack"  # its output: N x H x W float32 crack probability
@@ -125,9 +125,7 @@ def fuse_io(model, info: ModelInfo):
     if inputs != [MODEL_INPUT] or outputs != [MODEL_OUTPUT]:
         raise ModelError(f"model inputs {inputs} and outputs {outputs}: a crackscan export has "
                          f"one input {MODEL_INPUT!r} and one output {MODEL_OUTPUT!r}")
-    if len(info.classes) > 1 and "crack" not in info.classes:
-        raise ModelError(f"model classes {list(info.classes)} have no 'crack' channel")
-    channel = info.classes.index("crack") if len(info.classes) > 1 else 0
+    channel = crack_channel(info.classes)
 
     def name(part: str) -> str:
         return "crackscan_io/" + part

@@ -135,15 +135,24 @@ def preprocess(image: np.ndarray, info: ModelInfo
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None]), window
 
 
+def crack_channel(classes: tuple[str, ...]) -> int:
+    """The channel of a model's output that holds cracks: 0 for a binary model (one channel),
+    else the index of ``crack`` among ``classes`` (ModelError without one)."""
+    if len(classes) == 1:
+        return 0
+    if "crack" not in classes:
+        raise ModelError(f"model classes {list(classes)} have no 'crack' channel")
+    return classes.index("crack")
+
+
 def crack_probability(logits: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
     """CxHxW logits -> HxW crack probability: sigmoid of the one channel of a binary model,
     softmax over the channels of a multi-class model, read at the 'crack' channel."""
+    channel = crack_channel(classes)
     if len(classes) == 1:
         return (1.0 / (1.0 + np.exp(-logits[0]))).astype(np.float32)
-    if "crack" not in classes:
-        raise ModelError(f"model classes {list(classes)} have no 'crack' channel")
     shifted = np.exp(logits - logits.max(axis=0, keepdims=True))
-    return (shifted[classes.index("crack")] / shifted.sum(axis=0)).astype(np.float32)
+    return (shifted[channel] / shifted.sum(axis=0)).astype(np.float32)
 
 
 class BatchedSegmenter:

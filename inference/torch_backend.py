@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inference.segmenter import BatchedSegmenter, ModelError, ModelInfo, check_batch, model_info
+from inference.segmenter import (
+    BatchedSegmenter,
+    ModelError,
+    ModelInfo,
+    check_batch,
+    crack_channel,
+    model_info,
+)
 from training.config import TrainConfig
 from training.export import checkpoint_metadata
 from training.models import build_model
@@ -117,10 +124,7 @@ class TorchSegmenter(BatchedSegmenter):
                                   device=self.device).reshape(shape)
         self._std = torch.tensor(self.info.std, dtype=torch.float32,
                                  device=self.device).reshape(shape)
-        if len(self.info.classes) > 1 and "crack" not in self.info.classes:
-            raise ModelError(f"model classes {list(self.info.classes)} have no 'crack' channel")
-        self._crack_channel = (self.info.classes.index("crack") if len(self.info.classes) > 1
-                               else 0)
+        self._crack_channel = crack_channel(self.info.classes)
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor,
                                                   torch.Tensor]] = {}
         log.info("backend %s (%s%s), model %s", self.backend, "fp16" if self.fp16 else "fp32",
