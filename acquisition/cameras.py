@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from acquisition.sources import SourceError, SourceFrame, _Source, as_bgr
+from acquisition.frames import SourceBase, SourceError, SourceFrame, as_bgr
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _what_to_do(spec: str) -> str:
     return "check the camera or stream"
 
 
-class CaptureSource(_Source):
+class CaptureSource(SourceBase):
     """camera:N, a device path (/dev/video0), rtsp://..., rtsps://, or gst:PIPELINE.
 
     Opens at construction (SourceError if there is no first frame within ``open_timeout_s``);

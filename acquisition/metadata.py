@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from acquisition.position import CsvTable, cell_number, read_table
+from crackscan.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ _EXPECTED = "frame or file, then time_s and/or chainage_m, e.g. frame,time_s,cha
 _UNIX_FROM_S = 1e8
 
 
-class MetadataError(ValueError):
+class MetadataError(UserError, ValueError):
     """A metadata file that cannot be used; the message names the file, the line and what to
     do."""
 

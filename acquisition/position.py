@@ -34,6 +34,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from crackscan.errors import UserError
+
 log = logging.getLogger(__name__)
 
 KINDS = ("speed", "odometer", "chainage_file")
@@ -43,7 +45,7 @@ CLOCKS = ("relative", "unix")
 _UNIX_FROM_S = 1e8
 
 
-class PositionError(ValueError):
+class PositionError(UserError, ValueError):
     """A position file or setting that cannot be used; the message names the file, the line and
     what to do."""
 

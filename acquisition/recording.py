@@ -51,7 +51,8 @@ from typing import Any, NamedTuple
 import cv2
 import numpy as np
 
-from acquisition.sources import SourceFrame, _read_image, _Source
+from acquisition.frames import SourceBase, SourceFrame, read_image
+from crackscan.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ _CAMERA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # used as a folder n
 _RESERVED = {MANIFEST, FRAMES_CSV}
 
 
-class RecordingError(ValueError):
+class RecordingError(UserError, ValueError):
     """A recording that cannot be written or read; the message says what failed and what to do."""
 
 
@@ -340,7 +341,7 @@ class _Row(NamedTuple):
     file: str
 
 
-class RecordingSource(_Source):
+class RecordingSource(SourceBase):
     """Frames of a recording, in capture-time order (across cameras), with their original
     capture_time, chainage_m and camera_id.
 
@@ -472,7 +473,7 @@ class RecordingSource(_Source):
     def __iter__(self) -> Iterator[SourceFrame]:
         first = self._rows[0].capture_time
         for row in self._rows:
-            image = _read_image(self.directory / row.file)
+            image = read_image(self.directory / row.file)
             yield SourceFrame(row.seq, row.capture_time - first, image,
                               capture_time=row.capture_time, chainage_m=row.chainage_m,
                               camera_id=row.camera_id)

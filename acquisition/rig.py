@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from acquisition.sources import FrameSource, SourceError, SourceFrame, _Source
+from acquisition.frames import FrameSource, SourceBase, SourceError, SourceFrame
 from crackscan.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class _Ended:
         self.camera_id, self.error = camera_id, error
 
 
-class RigSource(_Source):
+class RigSource(SourceBase):
     """The frames of several cameras, each source read by its own thread."""
 
     interruptible = True  # close() from another thread ends iteration (see acquisition.service)

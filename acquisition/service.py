@@ -48,10 +48,11 @@ import time
 
 import zmq
 
+from acquisition.frames import FrameSource
 from acquisition.position import ChainageModel, open_position
 from acquisition.recording import Recorder
-from acquisition.sources import FrameSource
 from crackscan.config import PipelineConfig
+from crackscan.errors import UserError
 from crackscan.sockets import KeyRing, SocketSpec, terminate
 from crackscan.wire import EndOfStreamMessage, FrameMessage, RunStartMessage, WireError
 
@@ -70,7 +71,7 @@ PROGRESS_EVERY_S = 5.0
 WAIT_WARNING_S = 10.0  # replay: a frame waiting this long for a worker is logged
 
 
-class AcquisitionError(RuntimeError):
+class AcquisitionError(UserError, RuntimeError):
     """The stage cannot start: a socket cannot be opened. The message says which and why."""
 
 

@@ -6,7 +6,7 @@ the tunnel at ``config.camera.mm_per_px_along`` (column ``u`` lies at chainage
 ``mm_per_px_across`` (row ``v`` lies at arc ``camera.arc_offset_mm + v * mm_per_px_across``). The
 vehicle moves at ``acquisition.speed_kmh`` from ``acquisition.start_chainage_m``; frame ``i``
 (capture offset ``t = i / fps``) is the strip window whose centre, ``(N_along - 1) / 2`` in pixel
-coordinates as :mod:`inference.geometry` has it, lies at chainage ``start + speed * t``. That is
+coordinates as :mod:`crackscan.geometry` has it, lies at chainage ``start + speed * t``. That is
 how acquisition stamps chainage, so a truth point maps to frame pixels by the same rule inference
 uses. Windows start on whole strip pixels: a frame's content sits within half a pixel (0.25 mm at
 0.5 mm/px) of its stamped chainage. The camera's ``along_axis`` and ``direction`` are honoured
@@ -45,6 +45,7 @@ import cv2
 import numpy as np
 
 from crackscan.config import PipelineConfig
+from crackscan.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ RING_WIDTH_M = (1.2, 1.5)
 CHAMFER_MM = 4.0  # bevelled edges of the lining segments either side of a ring joint
 
 
-class SynthError(RuntimeError):
+class SynthError(UserError, ValueError):
     """The synthetic drive could not be written or read back."""
 
 
@@ -158,13 +159,13 @@ class SyntheticDrive:
                  height: int = 360, config: PipelineConfig | None = None) -> None:
         config = config or PipelineConfig()
         if not (math.isfinite(seconds) and seconds > 0):
-            raise ValueError(f"seconds must be a positive number, got {seconds}")
+            raise SynthError(f"seconds must be a positive number, got {seconds}")
         if not (math.isfinite(fps) and fps > 0):
-            raise ValueError(f"fps must be a positive number, got {fps}")
+            raise SynthError(f"fps must be a positive number, got {fps}")
         if int(seed) < 0:
-            raise ValueError(f"seed must be 0 or more, got {seed}")
+            raise SynthError(f"seed must be 0 or more, got {seed}")
         if width < 16 or height < 16:
-            raise ValueError(f"frame size {width}x{height} is too small; use at least 16x16")
+            raise SynthError(f"frame size {width}x{height} is too small; use at least 16x16")
         self.seconds, self.seed, self.fps = float(seconds), int(seed), float(fps)
         self.width, self.height, self.config = int(width), int(height), config
         camera, acquisition = config.camera, config.acquisition

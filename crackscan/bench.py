@@ -38,7 +38,8 @@ import numpy as np
 
 from acquisition.sources import open_source
 from crackscan.config import PipelineConfig
-from inference.segmenter import bundled_model_path, open_segmenter
+from crackscan.errors import UserError
+from inference.backends import bundled_model_path, open_segmenter
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def read_frames(source: str, config: PipelineConfig, limit: int) -> list[np.ndar
             if len(frames) >= limit:
                 break
     if not frames:
-        raise ValueError(f"source {source} gave no frames to measure")
+        raise UserError(f"source {source} gave no frames to measure")
     return frames
 
 
@@ -123,7 +124,7 @@ def vehicle_speed_kmh(fps: float, frame_shape: tuple[int, int], config: Pipeline
 
 def as_video(source: str, config: PipelineConfig, folder: Path) -> str:
     """``source``, or for a synthetic drive the path of the same frames written as a video."""
-    from acquisition.sources import SyntheticSource
+    from acquisition.files import SyntheticSource
     from acquisition.synth import synthesize_drive
 
     with open_source(source, config) as opened:
@@ -189,8 +190,8 @@ def _run_bench(label: str, source: str, model: Path | None, backend: str, worker
 def tile_images(frames: list[np.ndarray], tile: int, count: int) -> list[np.ndarray]:
     """``count`` full ``tile`` x ``tile`` images from ``frames`` (round robin): each frame's
     centre at its own resolution, scaled up only where a side is shorter than the tile (the
-    crop INT8 calibration takes, ``inference.tensorrt_backend.calibration_crop``)."""
-    from inference.tensorrt_backend import calibration_crop
+    crop INT8 calibration takes, ``inference.tensorrt_build.calibration_crop``)."""
+    from inference.tensorrt_build import calibration_crop
 
     crops = [calibration_crop(frame, tile) for frame in frames[:count]]
     return [crops[i % len(crops)] for i in range(count)]

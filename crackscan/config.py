@@ -9,6 +9,26 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from crackscan.errors import UserError
+
+# Tiles are a multiple of the network stride (32 for the encoders crackscan exports), so a tile
+# plus the 32 px mirror margin on both sides needs no further padding.
+TILE_MULTIPLE = 32
+MIN_TILE = 64
+
+
+class TilingError(UserError, ValueError):
+    """A tile size or overlap that cannot be used (a flag or config value)."""
+
+
+def check_tiling(tile: int, overlap: int) -> None:
+    """Raise ValueError unless ``tile`` is a multiple of 32, at least 64, and
+    0 <= ``overlap`` < tile / 2 (so a pixel lies in at most two tiles along each axis)."""
+    if tile < MIN_TILE or tile % TILE_MULTIPLE:
+        raise TilingError(f"tile {tile} must be a multiple of {TILE_MULTIPLE} and >= {MIN_TILE}")
+    if not 0 <= overlap < tile / 2:
+        raise TilingError(f"overlap {overlap} must be >= 0 and < tile / 2 = {tile / 2:g}")
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -116,8 +136,6 @@ class InferenceConfig(_Strict):
     @model_validator(mode="after")
     def _check_tiles(self) -> InferenceConfig:
         if self.tile:
-            from inference.tiling import check_tiling
-
             check_tiling(self.tile, self.tile_overlap)
         return self
 
@@ -177,7 +195,7 @@ class PipelineConfig(_Strict):
         return next((camera for camera in self.rig if camera.id == camera_id), self.camera)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file that cannot be used; the message names the file and the key."""
 
 

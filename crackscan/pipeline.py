@@ -7,25 +7,28 @@ Every stage is started as ``python -m crackscan <stage>`` (exactly what a user r
 stage alone) in its own process session, so a Ctrl-C at the terminal reaches only this
 supervisor, which then stops the stages in order: acquisition first (it sends the end of stream
 with its counts), management next (it stores everything still in flight and closes the run), the
-workers last. Inputs are checked here before any process starts, so a bad source, model or
-database is one clear error, not three crashed processes.
+workers last. SIGTERM stops a run the same way. Inputs are checked here before any process
+starts, so a bad source, model or database is one clear error, not three crashed processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from acquisition.service import new_run_id, position_model
 from acquisition.sources import open_source
 from crackscan.config import PipelineConfig, load_pipeline_config
-from inference.segmenter import bundled_model_path, open_segmenter
+from inference.backends import bundled_model_path, open_segmenter
 from management.db import make_engine, resolve_url, session_factory
 from management.store import list_runs
 
@@ -57,12 +60,45 @@ def _stop(process: subprocess.Popen, timeout: float) -> int:
     return process.returncode
 
 
+@contextlib.contextmanager
+def _counted_stop_signals() -> Iterator[list[int]]:
+    """While the stages run, SIGINT (Ctrl-C) and SIGTERM are only counted: the list yielded
+    grows by one signal number per signal, and the supervisor looks at it between its own steps.
+
+    Why not KeyboardInterrupt: it is raised wherever the main thread happens to be, and in the
+    supervisor that is mostly inside ``Popen.poll()``. Raised between poll's ``acquire`` of the
+    Popen's waitpid lock and the ``try`` that releases it, it leaves the lock held for good:
+    that stage then polls as running for ever, and ``_stop``'s final ``wait()`` blocks for ever
+    (a run that never ends after Ctrl-C, more likely on a busy machine). A handler that appends
+    to a list takes no lock and raises nothing, so no step can be cut in half.
+
+    Signals are handled in the main thread only; called from another thread, nothing is
+    installed and the list stays empty."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def count(signum, frame):  # noqa: ARG001 - signal handler signature
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, count) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _supervise(manager: subprocess.Popen, acquirer: subprocess.Popen,
-               pool: list[subprocess.Popen], start_worker) -> None:
-    """Wait for management to finish the run; restart inference workers that die (their
-    in-flight frame is lost, which management reports as an incomplete run)."""
+               pool: list[subprocess.Popen], start_worker, signals: list[int]) -> None:
+    """Wait for management to finish the run, or for a stop signal to be counted in
+    ``signals``; restart inference workers that die (their in-flight frame is lost, which
+    management reports as an incomplete run)."""
     restarts = 0
     while manager.poll() is None:
+        if signals:
+            return
         if acquirer.poll() not in (None, 0):
             raise StageFailed(f"acquisition exited with status {acquirer.returncode}")
         for i, worker in enumerate(pool):
@@ -78,6 +114,20 @@ def _supervise(manager: subprocess.Popen, acquirer: subprocess.Popen,
         raise StageFailed(f"management exited with status {manager.returncode}")
 
 
+def _wait_for_management(manager: subprocess.Popen, timeout: float, signals: list[int]) -> None:
+    """After the first stop signal: wait until management has finished the run (or given up on
+    it after its drain timeout), ``timeout`` passes or a second stop signal is counted."""
+    deadline = time.monotonic() + timeout
+    while manager.poll() is None:
+        if len(signals) > 1:
+            log.info("stopped again: ending every stage now")
+            return
+        if time.monotonic() >= deadline:
+            log.warning("management did not finish the run in time; stopping every stage")
+            return
+        time.sleep(0.1)
+
+
 def run_pipeline(source: str, db_url: str | None, model: str | None, backend: str, workers: int,
                  mode: str, config_path: str | None, record: str | None,
                  verbose: bool = False, config: PipelineConfig | None = None,
@@ -86,7 +136,7 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
     plus wall time, fps, backend and workers). ``config``: the run's config when the caller
     changed it (source flags); ``acquire_args``: those flags, passed on to acquisition (which
     also takes ``--record``)."""
-    from crackscan.cli import UserError
+    from crackscan.errors import UserError
 
     if workers < 1:
         raise UserError("--workers must be at least 1")
@@ -123,36 +173,39 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
         acquirer: subprocess.Popen | None = None
         pool: list[subprocess.Popen] = []
         started = time.monotonic()
-        stopping = False
-        try:
-            manager = _spawn("manage", ["--results", f"pull+bind:{results}", "--db", db_url,
-                                        "--exit-after-runs", "1"] + config_args, verbose)
-            pool = [_spawn("infer", worker_args, verbose) for _ in range(workers)]
-            acquirer = _spawn("acquire", ["--source", source, "--frames", f"push+bind:{frames}",
-                                          "--control", f"push+connect:{results}", "--run-id",
-                                          run_id, "--mode", mode] + config_args
-                              + acquire_args, verbose)
-            _supervise(manager, acquirer, pool, lambda: _spawn("infer", worker_args, verbose))
-        except KeyboardInterrupt:
-            # a second Ctrl-C while management drains ends everything at once (finally below)
-            stopping = True
-            log.info("stopping: acquisition first, then management stores what is in flight")
-            if acquirer is not None and acquirer.poll() is None:
-                # it stops reading, sends its end, and keeps the frames it sent flowing to the
-                # workers until management has them (the second SIGTERM, below) or 8 s pass
-                acquirer.send_signal(signal.SIGTERM)
-            if manager is not None:
-                try:  # management finishes the run (or gives up on it after its drain timeout)
-                    manager.wait(timeout=config.management.drain_timeout_s + STOP_GRACE_S)
-                except subprocess.TimeoutExpired:
-                    log.warning("management did not finish the run in time; stopping every stage")
-        except StageFailed as exc:
-            raise UserError(f"run {run_id} failed: {exc}") from None
-        finally:
-            for process in [acquirer, *pool, manager]:
-                if process is not None:
-                    # acquisition finishes writing its recording before it exits
-                    _stop(process, RECORDING_CLOSE_S if process is acquirer and record else 10)
+        with _counted_stop_signals() as signals:
+            try:
+                manager = _spawn("manage", ["--results", f"pull+bind:{results}", "--db", db_url,
+                                            "--exit-after-runs", "1"] + config_args, verbose)
+                pool = [_spawn("infer", worker_args, verbose) for _ in range(workers)]
+                acquirer = _spawn("acquire", ["--source", source, "--frames",
+                                              f"push+bind:{frames}", "--control",
+                                              f"push+connect:{results}", "--run-id", run_id,
+                                              "--mode", mode] + config_args + acquire_args,
+                                  verbose)
+                _supervise(manager, acquirer, pool, lambda: _spawn("infer", worker_args, verbose),
+                           signals)
+                if signals:
+                    log.info("stopping: acquisition first, then management stores what is in "
+                             "flight")
+                    if acquirer.poll() is None:
+                        # it stops reading, sends its end, and keeps the frames it sent flowing
+                        # to the workers until management has them (the second SIGTERM, below)
+                        # or 8 s pass
+                        acquirer.send_signal(signal.SIGTERM)
+                    # a second Ctrl-C while management drains ends everything at once (finally)
+                    _wait_for_management(manager,
+                                         config.management.drain_timeout_s + STOP_GRACE_S,
+                                         signals)
+            except StageFailed as exc:
+                raise UserError(f"run {run_id} failed: {exc}") from None
+            finally:
+                for process in [acquirer, *pool, manager]:
+                    if process is not None:
+                        # acquisition finishes writing its recording before it exits
+                        _stop(process, RECORDING_CLOSE_S if process is acquirer and record
+                              else 10)
+            stopping = bool(signals)
         wall_s = time.monotonic() - started
 
     engine = make_engine(db_url)

@@ -24,8 +24,14 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from crackscan.errors import UserError
+
 PATTERNS = {"push": zmq.PUSH, "pull": zmq.PULL}
 MAX_MESSAGE_BYTES = 256 << 20  # a larger message is refused by ZeroMQ before it is read
+
+
+class SocketError(UserError, ValueError):
+    """A socket spec or key folder that cannot be used; the message says what would work."""
 
 
 @dataclass(frozen=True)
@@ -42,19 +48,19 @@ class SocketSpec:
             kind, endpoint = text.split(":", 1)
             pattern, action = kind.split("+", 1)
         except ValueError:
-            raise ValueError(f"bad socket {text!r}: expected PATTERN+bind|connect:ENDPOINT, "
+            raise SocketError(f"bad socket {text!r}: expected PATTERN+bind|connect:ENDPOINT, "
                              "e.g. push+bind:tcp://127.0.0.1:5555") from None
         if pattern not in PATTERNS:
-            raise ValueError(f"bad socket {text!r}: pattern must be one of {sorted(PATTERNS)}")
+            raise SocketError(f"bad socket {text!r}: pattern must be one of {sorted(PATTERNS)}")
         if action not in ("bind", "connect"):
-            raise ValueError(f"bad socket {text!r}: action must be 'bind' or 'connect'")
+            raise SocketError(f"bad socket {text!r}: action must be 'bind' or 'connect'")
         if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
-            raise ValueError(f"bad socket {text!r}: endpoint must be tcp://, ipc:// or inproc://")
+            raise SocketError(f"bad socket {text!r}: endpoint must be tcp://, ipc:// or inproc://")
         spec = cls(pattern, action == "bind", endpoint)
         if spec.bind and endpoint.startswith("tcp://"):
             host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
             if host != "localhost" and not _is_loopback(host) and not authenticated:
-                raise ValueError(f"refusing to bind {endpoint}: only loopback or ipc:// endpoints "
+                raise SocketError(f"refusing to bind {endpoint}: only loopback or ipc:// endpoints "
                                  "may be bound without authentication; create keys with "
                                  "`crackscan keys --out DIR` and pass --keys DIR")
         return spec
@@ -113,14 +119,14 @@ class KeyRing:
     def load(cls, directory: Path) -> KeyRing:
         ring = cls(Path(directory))
         if not (ring.directory / "server.key").is_file():
-            raise ValueError(f"{directory} holds no CURVE keys (server.key); create them with "
+            raise SocketError(f"{directory} holds no CURVE keys (server.key); create them with "
                              "`crackscan keys --out DIR`")
         return ring
 
     def _pair(self, name: str) -> tuple[bytes, bytes]:
         path = self.directory / f"{name}.key_secret"
         if not path.is_file():
-            raise ValueError(f"{path} is missing: this host cannot act as the CURVE {name}")
+            raise SocketError(f"{path} is missing: this host cannot act as the CURVE {name}")
         public, secret = zmq.auth.load_certificate(path)
         return public, secret
 

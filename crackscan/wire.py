@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 import cv2
 import numpy as np
 
+from crackscan.errors import CrackscanError
+
 PROTOCOL = "crackscan"
 PROTOCOL_VERSION = 1
 ENCODINGS = ("raw", "jpeg", "png")
@@ -36,7 +38,7 @@ END_REASONS = ("end_of_source", "stopped", "source_error")
 MODES = ("replay", "live")
 
 
-class WireError(ValueError):
+class WireError(CrackscanError, ValueError):
     """A message that does not follow the wire contract."""
 
 

@@ -1,10 +1,11 @@
-"""Segmenters: a crack probability map from an image, behind one small interface.
+"""The segmenter interface: a crack probability map from an image. Backends import this base;
+the factory (``inference.backends.open_segmenter``) imports the backends.
 
 Every backend reads the pre-processing constants (mean, std, size multiple, colour order, classes,
 default threshold) from the ONNX model's metadata (written by ``training.export``), so a model
-file is self-describing. ONNX Runtime is the CPU path (and uses CUDA when its CUDA provider is
-installed); TensorRT (``inference.tensorrt_backend``) and PyTorch (``inference.torch_backend``)
-implement the same interface.
+file is self-describing. ONNX Runtime (``inference.onnxruntime_backend``) is the CPU path (and
+uses CUDA when its CUDA provider is installed); TensorRT (``inference.tensorrt_runtime``) and
+PyTorch (``training.torch_backend``) implement the same interface.
 
 Pre-processing is split between host and device. The host only mirror-pads the uint8 image
 (:func:`pad_pixels`); casting, colour order, normalisation and the read-out of crack
@@ -19,27 +20,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
 import cv2
 import numpy as np
 
+from crackscan.errors import UserError
+
 log = logging.getLogger(__name__)
 
-BUNDLED_MODEL = "crackscan_mobilenet_aspp.onnx"
-
-
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model file that cannot be used: missing, not ONNX, or without crackscan metadata."""
-
-
-def bundled_model_path() -> Path:
-    """The default model shipped inside the ``inference`` package."""
-    return Path(str(resources.files("inference") / "models" / BUNDLED_MODEL))
 
 
 @dataclass(frozen=True)
@@ -196,133 +189,3 @@ class BatchedSegmenter:
 def check_batch(max_batch: int) -> None:
     if max_batch < 1:
         raise ValueError(f"max_batch {max_batch} must be >= 1")
-
-
-def load_onnx_model(path: Path) -> tuple[object, ModelInfo]:
-    """The ONNX model at ``path`` (``onnx.ModelProto``) and its crackscan metadata."""
-    from inference.fused import parse_model
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model file {path} does not exist")
-    try:
-        model = parse_model(path.read_bytes())
-    except Exception as exc:  # protobuf DecodeError and friends
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"{path} is not a usable ONNX model: {reason}") from None
-    return model, model_info(path, {p.key: p.value for p in model.metadata_props})
-
-
-class OnnxRuntimeSegmenter(BatchedSegmenter):
-    """ONNX Runtime backend, running the model's fused graph (``inference.fused``: uint8 in,
-    crack probability out). Same-shaped images of one call run as one batch of up to
-    ``max_batch`` (exported models have a dynamic batch axis); 1 runs them one by one, which is
-    all a CPU needs for whole frames.
-
-    ``spin``: the pool's threads busy-wait between the operators of a run (ONNX Runtime's
-    default, fastest for a model of many small layers) and stop when the run returns
-    (``session.force_spinning_stop``), so between frames the cores go to the stages beside
-    inference; False: they never spin."""
-
-    def __init__(self, path: Path, threads: int = 0, providers: list[str] | None = None,
-                 spin: bool = True, max_batch: int = 1) -> None:
-        import onnxruntime as ort
-
-        from inference.fused import fuse_io
-
-        check_batch(max_batch)
-        path = Path(path)
-        model, self.info = load_onnx_model(path)
-        fused = fuse_io(model, self.info).SerializeToString()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        options.log_severity_level = 3
-        if spin:
-            options.add_session_config_entry("session.force_spinning_stop", "1")
-        else:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        available = ort.get_available_providers()
-        chosen = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"])
-                  if p in available]
-        try:
-            self.session = ort.InferenceSession(fused, options, providers=chosen)
-        except Exception as exc:  # ORT raises its own exception types for bad graphs
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelError(f"{path} is not a usable ONNX model: {reason}") from None
-        self.providers = self.session.get_providers()
-        self.max_batch = max_batch
-        self.backend = "onnxruntime" if max_batch == 1 else f"onnxruntime+batch{max_batch}"
-
-    def run_batch(self, pixels: np.ndarray) -> np.ndarray:
-        from inference.fused import CRACK, PIXELS
-
-        return self.session.run([CRACK], {PIXELS: pixels})[0]
-
-
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
-ENGINE_CACHE = Path.home() / ".cache" / "crackscan" / "engines"
-
-
-def open_segmenter(model: Path | None = None, backend: str = "auto", threads: int = 0, *,
-                   tile: int = 0, tile_overlap: int = 64, max_batch: int = 8,
-                   batch_frames: int = 1, engine_cache: Path | None = None,
-                   spin: bool = True, tta: str = "none") -> Segmenter:
-    """The segmenter for ``model`` on ``backend``; logs which one was picked.
-
-    ``model``: an ONNX file (default: the bundled model), a TensorRT plan (``.plan``, from
-    ``crackscan build-engine``) or a training checkpoint (``.pt``: the PyTorch backend).
-    ``backend``: ``auto`` takes TensorRT for an ONNX model when TensorRT, pycuda and a GPU are
-    there (building the engine into ``engine_cache`` the first time, which takes minutes), else
-    ONNX Runtime (with its CUDA provider when installed); ``torch`` runs a checkpoint.
-    ``tile``: frames larger than this are cut into overlapping fitted tiles of at most
-    ``tile`` px (``inference.tiling``; a TensorRT plan uses its own tile). ``batch_frames`` > 1:
-    the worker hands over several frames per call, which ONNX Runtime then runs as one batch per
-    frame size. ``spin``: ONNX Runtime's threads busy-wait within a run and stop when it
-    returns; False: they never spin (``OnnxRuntimeSegmenter``). ``tta``: ``hflip`` or ``flips``
-    average each frame's probabilities with its mirror images (``inference.tta``: 2 or 4 model
-    runs a frame).
-    """
-    from inference import tensorrt_backend as trt_backend
-    from inference.tiling import TiledSegmenter
-    from inference.tta import TTA_MODES, FlipAveragedSegmenter
-
-    path = Path(model) if model else bundled_model_path()
-    if backend not in BACKENDS:
-        raise ModelError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if tta not in TTA_MODES:
-        raise ModelError(f"unknown test-time augmentation {tta!r}; expected one of "
-                         f"{', '.join(TTA_MODES)}")
-    providers: list[str] = []  # ONNX Runtime's execution providers, for the log line
-    kind = {".plan": "tensorrt", ".engine": "tensorrt", ".pt": "torch"}.get(path.suffix.lower(),
-                                                                          "onnx")
-    if kind == "torch" or backend == "torch":
-        if kind != "torch":
-            raise ModelError(f"--backend torch runs a training checkpoint (.pt), not {path}")
-        from inference.torch_backend import TorchSegmenter
-
-        segmenter: Segmenter = TorchSegmenter(path, max_batch=max_batch)
-        if tile:
-            segmenter = TiledSegmenter(segmenter, tile=tile, overlap=tile_overlap,
-                                       max_batch=max_batch, fit=True)
-    elif kind == "tensorrt" or backend == "tensorrt" or (
-            backend == "auto" and trt_backend.tensorrt_available()):
-        if backend == "onnxruntime":
-            raise ModelError(f"{path} is a TensorRT plan; ONNX Runtime runs the .onnx model")
-        plan = path if kind == "tensorrt" else trt_backend.cached_engine(
-            path, engine_cache or ENGINE_CACHE, max_batch=max_batch, tile=tile or 512)
-        engine = trt_backend.TensorRTSegmenter(plan)
-        segmenter = TiledSegmenter(engine, tile=engine.tile, overlap=tile_overlap,
-                                   max_batch=engine.max_batch, fit=True)
-    else:
-        onnx_runtime = OnnxRuntimeSegmenter(path, threads=threads, spin=spin,
-                                            max_batch=max_batch if tile else batch_frames)
-        segmenter = onnx_runtime
-        providers = onnx_runtime.providers
-        if tile:
-            segmenter = TiledSegmenter(onnx_runtime, tile=tile, overlap=tile_overlap,
-                                       max_batch=max_batch, fit=True)
-    if tta != "none":
-        segmenter = FlipAveragedSegmenter(segmenter, tta)
-    log.info("backend %s%s, model %s", segmenter.backend,
-             f" ({', '.join(providers)})" if providers else "", segmenter.info.label)
-    return segmenter

@@ -31,25 +31,12 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from crackscan.config import TILE_MULTIPLE, check_tiling
 from inference.segmenter import ModelInfo, Segmenter, check_batch
 
-# Tiles are a multiple of the network stride (32 for the encoders crackscan exports), so a tile
-# plus the 32 px mirror margin on both sides needs no further padding.
-TILE_MULTIPLE = 32
-MIN_TILE = 64
-
 # The pipeline's default tile overlap (inference.tile_overlap), which training validation uses
-# too (training.train.predict with the recipe's val_tile).
+# too (training.loop.predict with the recipe's val_tile).
 DEFAULT_OVERLAP = 64
-
-
-def check_tiling(tile: int, overlap: int) -> None:
-    """Raise ValueError unless ``tile`` is a multiple of 32, at least 64, and
-    0 <= ``overlap`` < tile / 2 (so a pixel lies in at most two tiles along each axis)."""
-    if tile < MIN_TILE or tile % TILE_MULTIPLE:
-        raise ValueError(f"tile {tile} must be a multiple of {TILE_MULTIPLE} and >= {MIN_TILE}")
-    if not 0 <= overlap < tile / 2:
-        raise ValueError(f"overlap {overlap} must be >= 0 and < tile / 2 = {tile / 2:g}")
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import zmq
 
 from crackscan.config import PipelineConfig
+from crackscan.geometry import measure_cracks
 from crackscan.sockets import KeyRing, SocketSpec
 from crackscan.wire import FrameMessage, ResultMessage, WireError, decode
-from inference.geometry import measure_cracks
 from inference.segmenter import Segmenter
 
 log = logging.getLogger(__name__)

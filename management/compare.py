@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
+from management.errors import QueryError
 from management.merge import points_mm, resample
 
 TOLERANCE_MM = 50.0
@@ -55,7 +56,7 @@ CHANGE_COLUMNS = ["change", "before", "after", "chainage_m", "arc_mm", "length_b
 def _check(name: str, value: float, positive: bool = False) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value)
             and (value > 0 if positive else value >= 0)):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, "
+        raise QueryError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, "
                          f"got {value!r}")
 
 
@@ -201,9 +202,9 @@ def compare_runs(before: list[dict[str, Any]], after: list[dict[str, Any]],
     _check("grow_length_share", grow_length_share)
     _check("grow_width_mm", grow_width_mm)
     if not (isinstance(offset_m, (int, float)) and math.isfinite(offset_m)):
-        raise ValueError(f"offset_m must be a finite number, got {offset_m!r}")
+        raise QueryError(f"offset_m must be a finite number, got {offset_m!r}")
     if not 0 < min_share <= 1:
-        raise ValueError(f"min_share must be in (0, 1], got {min_share!r}")
+        raise QueryError(f"min_share must be in (0, 1], got {min_share!r}")
     before = sorted(before, key=lambda c: c["number"])
     after = sorted(after, key=lambda c: c["number"])
     step = min(STEP_MM, tolerance_mm / 2)

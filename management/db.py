@@ -14,17 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy.exc as sa_exc
-from sqlalchemy import URL, Engine, create_engine, event, make_url, text
+from sqlalchemy import URL, Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
+
+from management.errors import DatabaseError
 
 DEFAULT_URL = "sqlite:///crackscan.db"
 ENV_URL = "CRACKSCAN_DB"
 CONNECT_TIMEOUT_S = 10  # a server that does not answer is reported, not waited on forever
-
-
-class DatabaseError(ValueError):
-    """The database cannot be used; the message is one line: what failed and what to do."""
 
 
 def resolve_url(url: str | None) -> str:
@@ -48,16 +46,22 @@ def _enable_sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> Non
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA foreign_keys=ON")
-        # WAL lets readers (queries, the web page) run while management writes.
+        # WAL lets readers (queries, the web page) run while management writes. It is stored in
+        # the file, so a reader (create=False) leaves it to the writer that made the database.
         cursor.execute("PRAGMA journal_mode=WAL")
     finally:
         cursor.close()
 
 
-def make_engine(url: str, *, check_schema: bool = True) -> Engine:
+def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -> None:
+    dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+
+def make_engine(url: str, *, check_schema: bool = True, create: bool = True) -> Engine:
     """A ready engine for ``url`` whose database is at this crackscan's schema (an empty one is
     created). ``check_schema=False`` skips that step: for ``crackscan db``, which inspects and
-    migrates the schema itself.
+    migrates the schema itself. ``create=False`` (the read commands): the database must exist
+    and hold crackscan's tables; no file, folder or table is created.
 
     Raises :class:`DatabaseError` (one line) for a malformed URL, an unknown dialect or missing
     driver, an SQLite file that cannot be created or opened, a server that cannot be reached, or
@@ -77,6 +81,10 @@ def make_engine(url: str, *, check_schema: bool = True) -> Engine:
             options.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
         else:
             path = Path(parsed.database).expanduser()
+            if not create and not path.is_file():
+                raise DatabaseError(f"database {shown} does not exist (a read command never "
+                                    "creates one; `crackscan run` or `crackscan db upgrade` "
+                                    "does)")
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -100,7 +108,8 @@ def make_engine(url: str, *, check_schema: bool = True) -> Engine:
     except (sa_exc.ArgumentError, TypeError, ValueError) as exc:
         raise DatabaseError(f"bad database URL {shown}: {describe_error(exc)}") from None
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _enable_sqlite_pragmas)
+        event.listen(engine, "connect",
+                     _enable_sqlite_pragmas if create else _enable_sqlite_foreign_keys)
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
@@ -111,9 +120,13 @@ def make_engine(url: str, *, check_schema: bool = True) -> Engine:
                 "is the server running, and are host, port, user and database name right?")
         raise DatabaseError(f"cannot connect to database {shown}: {describe_error(exc)} "
                             f"({hint})") from None
+    if not create and check_schema and not inspect(engine).get_table_names():
+        engine.dispose()
+        raise DatabaseError(f"database {shown} holds no crackscan tables (a read command never "
+                            "creates them; `crackscan run` or `crackscan db upgrade` does)")
     if not check_schema:
         return engine
-    from management.schema import ensure_schema  # not at the top: schema imports DatabaseError
+    from management.schema import ensure_schema  # alembic, imported when an engine is made
 
     try:
         ensure_schema(engine)

@@ -42,7 +42,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from skimage.morphology import skeletonize
 
-from inference.geometry import (
+from crackscan.geometry import (
     SkeletonGraph,
     classify_type,
     count_junctions,

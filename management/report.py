@@ -41,7 +41,14 @@ from crackscan.config import SeverityConfig
 from crackscan.wire import CRACK_TYPES
 from management.merge import merge
 from management.models import Run
-from management.store import crack_mask, list_runs, query_cracks, query_physical
+from management.store import (
+    QueryError,
+    RunNotFound,
+    crack_mask,
+    list_runs,
+    query_cracks,
+    query_physical,
+)
 
 MAP_WIDTH = 1720  # px, the whole map image: plot area plus margins
 PLOT_WIDTH = 1600  # px
@@ -142,7 +149,7 @@ def section_stats(cracks: list[dict], section_m: float, chainage: tuple[float, f
     first = _section_index(min(points), section_m)
     last = _section_index(max(points), section_m)
     if last - first + 1 > MAX_SECTIONS:
-        raise ValueError(f"{last - first + 1} sections of {section_m:g} m: more than "
+        raise QueryError(f"{last - first + 1} sections of {section_m:g} m: more than "
                          f"{MAX_SECTIONS}; choose a larger section length")
     sections = [{"start_m": k * section_m, "end_m": (k + 1) * section_m, "cracks": 0,
                  "length_m": 0.0, "width_max_mm": None, "severity": dict.fromkeys(names, 0)}
@@ -431,12 +438,12 @@ def build_report(session: Session, run_id: str, out: Path, section_m: float = 10
     A LookupError when there is no such run; a ValueError for a bad ``section_m`` or
     ``largest``."""
     if not (isinstance(section_m, (int, float)) and math.isfinite(section_m) and section_m > 0):
-        raise ValueError(f"section length must be a number of metres > 0, got {section_m!r}")
+        raise QueryError(f"section length must be a number of metres > 0, got {section_m!r}")
     if isinstance(largest, bool) or not isinstance(largest, int) or largest < 0:
-        raise ValueError(f"the number of largest cracks must be an integer >= 0, got {largest!r}")
+        raise QueryError(f"the number of largest cracks must be an integer >= 0, got {largest!r}")
     run = session.get(Run, run_id)
     if run is None:
-        raise LookupError(f"no run {run_id!r} in the database")
+        raise RunNotFound(f"no run {run_id!r} in the database")
     summary = next(s for s in list_runs(session) if s["id"] == run_id)
     severity = _severity(run.config)
     names = list(severity.names)

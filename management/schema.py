@@ -32,7 +32,7 @@ from alembic.script import ScriptDirectory  # noqa: E402
 from alembic.util import CommandError  # noqa: E402
 from sqlalchemy import Connection, Engine, create_engine, inspect, text  # noqa: E402
 
-from management.db import DatabaseError  # noqa: E402
+from management.errors import DatabaseError  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from crackscan.config import ManagementConfig
-from crackscan.sockets import KeyRing, SocketSpec, terminate
+from crackscan.sockets import KeyRing, SocketError, SocketSpec, terminate
 from crackscan.wire import (
     EndOfStreamMessage,
     ResultMessage,
@@ -403,7 +403,7 @@ def run_management(results: str, engine: Engine, config: ManagementConfig,
     """
     spec = SocketSpec.parse(results, authenticated=keys is not None)
     if spec.pattern != "pull":
-        raise ValueError(f"results socket {results!r} must be a pull socket, "
+        raise SocketError(f"results socket {results!r} must be a pull socket, "
                          "e.g. pull+bind:ipc:///tmp/crackscan/results")
     manager = _Manager(session_factory(engine), config, stats or ManagementStats(),
                        on_run_finished)

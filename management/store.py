@@ -25,12 +25,14 @@ from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from crackscan.wire import EndOfStreamMessage, ResultMessage, RunStartMessage
+from management.errors import QueryError, RunNotFound
 from management.merge import LINK_MM, merge
 from management.models import RUN_STATUSES, Crack, Frame, PhysicalCrack, Run, Tunnel
 
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"  # source and mode of a run created before its run_start arrived
+
 
 
 def _utc(seconds: float) -> datetime:
@@ -183,10 +185,10 @@ def finish_run(session: Session, run_id: str, status: str,
                ended_at: datetime | None = None) -> Run:
     """Give the run its final ``status`` and ``ended_at`` (now, unless given)."""
     if status not in RUN_STATUSES:
-        raise ValueError(f"bad run status {status!r}; expected one of {RUN_STATUSES}")
+        raise QueryError(f"bad run status {status!r}; expected one of {RUN_STATUSES}")
     run = session.get(Run, run_id)
     if run is None:
-        raise LookupError(f"no run {run_id!r} in the database")
+        raise RunNotFound(f"no run {run_id!r} in the database")
     run.status = status
     run.ended_at = ended_at or datetime.now(timezone.utc)
     return run
@@ -197,7 +199,7 @@ def merge_run(session: Session, run_id: str, link_mm: float = LINK_MM) -> int:
     order of chainage) and point each detection at its physical crack; returns their number."""
     run = session.get(Run, run_id)
     if run is None:
-        raise LookupError(f"no run {run_id!r} in the database")
+        raise RunNotFound(f"no run {run_id!r} in the database")
     found = session.execute(_crack_statement(run=run_id)).all()
     detections = [_crack_dict(*row) for row in found]
     session.execute(update(Crack).where(Crack.run_id == run_id).values(physical_id=None))
@@ -228,7 +230,7 @@ def run_progress(session: Session, run_id: str) -> dict[str, Any]:
     ``missing`` is expected - stored (None while expected is unknown)."""
     run = session.get(Run, run_id)
     if run is None:
-        raise LookupError(f"no run {run_id!r} in the database")
+        raise RunNotFound(f"no run {run_id!r} in the database")
     stored = _stored_frames(session, run_id)
     all_ended = bool(run.cameras) and all(c in run.cameras_ended for c in run.cameras)
     expected = sum(end["frames_sent"] for end in run.cameras_ended.values()) if all_ended else None
@@ -328,21 +330,21 @@ def parse_chainage(text: str) -> tuple[float, float]:
     parts = str(text).split(":")
     example = "expected START:END in metres, e.g. 1200:1500"
     if len(parts) != 2:
-        raise ValueError(f"bad chainage range {text!r}: {example}")
+        raise QueryError(f"bad chainage range {text!r}: {example}")
     try:
         start, end = float(parts[0]), float(parts[1])
     except ValueError:
-        raise ValueError(f"bad chainage range {text!r}: {example}") from None
+        raise QueryError(f"bad chainage range {text!r}: {example}") from None
     if not (math.isfinite(start) and math.isfinite(end)):
-        raise ValueError(f"bad chainage range {text!r}: both ends must be finite numbers")
+        raise QueryError(f"bad chainage range {text!r}: both ends must be finite numbers")
     if start > end:
-        raise ValueError(f"bad chainage range {text!r}: start {start:g} m is after end {end:g} m")
+        raise QueryError(f"bad chainage range {text!r}: start {start:g} m is after end {end:g} m")
     return start, end
 
 
 def _check_minimum(name: str, value: float | None) -> None:
     if value is not None and not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        raise QueryError(f"{name} must be a number >= 0, got {value!r}")
 
 
 SORT_FIELDS = ("chainage_m", "length_mm", "width_max_mm", "width_mean_mm", "arc_mm")
@@ -354,13 +356,13 @@ def _check_query(min_width_mm: float | None, min_length_mm: float | None, limit:
     _check_minimum("min_width_mm", min_width_mm)
     _check_minimum("min_length_mm", min_length_mm)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be an integer >= 0, got {limit!r}")
+        raise QueryError(f"limit must be an integer >= 0, got {limit!r}")
     if chainage is not None and chainage[0] > chainage[1]:
-        raise ValueError(f"chainage range start {chainage[0]:g} m is after its end "
+        raise QueryError(f"chainage range start {chainage[0]:g} m is after its end "
                          f"{chainage[1]:g} m")
     field = sort.removeprefix("-")
     if field not in SORT_FIELDS:
-        raise ValueError(f"cannot sort by {sort!r}; sort by one of {', '.join(SORT_FIELDS)} "
+        raise QueryError(f"cannot sort by {sort!r}; sort by one of {', '.join(SORT_FIELDS)} "
                          "(a leading '-' sorts largest first)")
     return field, sort.startswith("-")
 

@@ -1,12 +1,17 @@
-"""Shared fixtures. ``db_url`` runs a test once on SQLite and once on Postgres."""
+"""Shared fixtures: ``db_url`` runs a test once on SQLite and once on Postgres; ``tiny_model`` is
+the one small trained and exported model of the session; ``one_torch_thread`` keeps a module's
+torch work on one thread. Plain helpers are in ``support.py``."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from support import crackscan, tiny_config, torch_threads, write_crack_dataset
 
 PG_ENV = "CRACKSCAN_TEST_PG"
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -41,3 +46,39 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one intra-op thread for a whole module (``pytestmark = pytest.mark.usefixtures(
+    "one_torch_thread")``): see ``support.torch_threads``."""
+    with torch_threads(1):
+        yield
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyModel:
+    checkpoint: Path  # best.pt of the run
+    model: Path  # its ONNX export
+    data: Path  # the dataset it was trained on
+    result: dict  # what training.loop.main returned
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> TinyModel:
+    """One epoch of ``mobilenet_aspp`` on six 64-px colour crack images (``tiny_config``),
+    exported with ``crackscan export``: for every test that needs *a* trained model and its ONNX
+    file. Colour noise, so a red/blue mix-up anywhere between the data loader, the segmenter and
+    the metrics changes the numbers. Tests of training itself train their own."""
+    from training.loop import main as train_main
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    data = root / "cracks"
+    write_crack_dataset(data, colour=True)
+    with torch_threads(1):  # set up before any module's one_torch_thread
+        result = train_main(tiny_config(data, root / "run", epochs=1))
+    model = root / "m.onnx"
+    done = crackscan("export", "--checkpoint", root / "run" / "best.pt", "--out", model,
+                     check=False)
+    assert done.returncode == 0, done.stderr
+    return TinyModel(root / "run" / "best.pt", model, data, result)

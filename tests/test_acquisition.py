@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import zmq
 
+from acquisition.frames import SourceError, SourceFrame
 from acquisition.service import STOPPED_DRAIN_S, new_run_id, run_acquisition
-from acquisition.sources import SourceError, SourceFrame, open_source
+from acquisition.sources import open_source
 from crackscan.config import AcquisitionConfig, PipelineConfig
 from crackscan.wire import EndOfStreamMessage, FrameMessage, RunStartMessage, decode
 

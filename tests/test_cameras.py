@@ -22,7 +22,7 @@ from acquisition.cameras import (
     open_capture,
     redact,
 )
-from acquisition.sources import SourceError
+from acquisition.frames import SourceError
 
 VIDEO_FPS = 20.0
 

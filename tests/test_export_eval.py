@@ -23,19 +23,14 @@ import torch
 from test_training import run_crackscan, torch_threads, write_crack_dataset
 
 from crackscan.config import PipelineConfig
-from inference.segmenter import (
-    ModelError,
-    OnnxRuntimeSegmenter,
-    bundled_model_path,
-    open_segmenter,
-    pad_for_model,
-    preprocess,
-)
+from inference.backends import bundled_model_path, open_segmenter
+from inference.onnxruntime_backend import OnnxRuntimeSegmenter
+from inference.segmenter import ModelError, pad_for_model, preprocess
 from training.config import TrainConfig
 from training.evaluate import evaluate_model, exposure
 from training.export import ExportError, export_checkpoint
+from training.loop import main as train_main
 from training.models import IMAGENET_MEAN, IMAGENET_STD, build_model
-from training.train import main as train_main
 
 EVAL_KEYS = {"precision", "recall", "f1", "iou", "tolerance_px", "threshold", "images", "ods",
              "ois"}
@@ -107,11 +102,11 @@ def test_onnx_runtime_agrees_with_pytorch_on_another_input_size(exported):
 
 
 def test_training_validation_tiles_large_images_as_the_pipeline_does(exported):
-    # Validation (training.train.predict with the recipe's val_tile) and the pipeline's ONNX
+    # Validation (training.loop.predict with the recipe's val_tile) and the pipeline's ONNX
     # Runtime segmenter with inference.tile cut a large image into the same fitted tiles, so
     # the default threshold is chosen on the maps the pipeline will produce.
     from inference.tiling import DEFAULT_OVERLAP
-    from training.train import predict
+    from training.loop import predict
 
     model = build_model("mobilenet_aspp")
     model.load_state_dict(torch.load(exported.checkpoint, map_location="cpu",
@@ -403,7 +398,7 @@ def test_exposure_maps_values_by_the_gamma_curve():
 
 
 def test_eval_with_a_gamma_scores_the_re_exposed_images(exported, tmp_path):
-    from inference.segmenter import open_segmenter
+    from inference.backends import open_segmenter
 
     bundled = open_segmenter(None, "onnxruntime")  # a trained model: it reacts to exposure
     dark = tmp_path / "dark"
@@ -459,7 +454,7 @@ def test_parity_of_a_checkpoint_on_torch_against_its_export_on_onnxruntime(expor
 def test_eval_scores_large_images_in_the_pipelines_tiles_unless_told(tmp_path):
     from test_tiling import cracked_wall_with_truth
 
-    from inference.segmenter import open_segmenter
+    from inference.backends import open_segmenter
 
     data = tmp_path / "wall"
     (data / "images").mkdir(parents=True)

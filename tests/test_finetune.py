@@ -21,10 +21,10 @@ from test_training import run_crackscan, tiny_config, torch_threads, write_crack
 
 from training.config import TrainConfig
 from training.export import export_checkpoint
+from training.loop import init_weights
+from training.loop import main as train_main
 from training.models import build_model, get_spec
 from training.onnx_weights import freeze_batch_norm, grow, load_onnx_weights
-from training.train import init_weights
-from training.train import main as train_main
 
 
 @pytest.fixture(autouse=True, scope="module")

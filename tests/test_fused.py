@@ -18,15 +18,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from inference.backends import bundled_model_path
 from inference.fused import CRACK, PIXELS, fuse_io
-from inference.segmenter import (
-    ModelError,
-    OnnxRuntimeSegmenter,
-    bundled_model_path,
-    crack_probability,
-    load_onnx_model,
-    preprocess,
-)
+from inference.onnxruntime_backend import OnnxRuntimeSegmenter, load_onnx_model
+from inference.segmenter import ModelError, crack_probability, preprocess
 
 
 def plain_session(path: Path) -> ort.InferenceSession:

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from crackscan.config import CameraConfig, SeverityConfig
-from crackscan.wire import CrackRecord
-from inference.geometry import (
+from crackscan.geometry import (
     SkeletonGraph,
     classify_type,
     distance_to_background,
@@ -28,6 +27,7 @@ from inference.geometry import (
     width_mm_factor,
     width_px_at,
 )
+from crackscan.wire import CrackRecord
 
 FRAME = (360, 640)  # H, W
 SQUARE = CameraConfig(mm_per_px_along=0.5, mm_per_px_across=0.5)

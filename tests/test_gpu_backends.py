@@ -1,6 +1,6 @@
-"""The GPU backends: PyTorch (``inference.torch_backend``) and TensorRT
-(``inference.tensorrt_backend``) against ONNX Runtime, on a tiny random-init model exported once
-per module (nothing is trained: parity does not need good weights).
+"""The GPU backends: PyTorch (``training.torch_backend``) and TensorRT
+(``inference.tensorrt_runtime``, ``inference.tensorrt_build``) against ONNX Runtime, on a tiny
+random-init model exported once per module (nothing is trained: parity does not need good weights).
 
 The ``gpu`` marker is registered in pyproject.toml ([tool.pytest.ini_options] markers). Tests
 marked with it skip, with the reason, where there is no CUDA device (torch) or no TensorRT with
@@ -20,23 +20,22 @@ import numpy as np
 import pytest
 import torch
 
-from inference.segmenter import ModelError, ModelInfo, OnnxRuntimeSegmenter, pad_pixels
-from inference.tensorrt_backend import (
+from inference.onnxruntime_backend import OnnxRuntimeSegmenter
+from inference.segmenter import ModelError, ModelInfo, pad_pixels
+from inference.tensorrt_build import (
     CalibrationBatches,
-    TensorRTSegmenter,
     build_engine,
-    check_cuda,
     engine_cache_key,
     engine_path,
     network_side,
     profile_shapes,
-    tensorrt_available,
 )
+from inference.tensorrt_runtime import TensorRTSegmenter, check_cuda, tensorrt_available
 from inference.tiling import TiledSegmenter, TileGrid, split
-from inference.torch_backend import TorchSegmenter
 from training.config import TrainConfig
 from training.export import export_checkpoint
 from training.models import build_model
+from training.torch_backend import TorchSegmenter
 
 THRESHOLD = 0.37  # a "validated" threshold stored in the checkpoint, unlike the recipe's 0.5
 TRT_INSTALLED = importlib.util.find_spec("tensorrt") is not None

@@ -28,7 +28,8 @@ from skimage.morphology import skeletonize
 from test_training import DARK, run_crackscan, tiny_config, torch_threads, write_crack_dataset
 
 from training import data as ds
-from training import train
+from training import loaders
+from training import loop as train
 from training.config import TrainConfig, load_config
 from training.losses import (
     ce_dice_loss,
@@ -348,23 +349,23 @@ def test_zoom_samples_class_masks_by_nearest_neighbour():
 def test_sampling_weights_by_hand():
     names = ["big"] * 100 + ["small"] * 25
     for rule, share in (("proportional", 100 / 125), ("sqrt", 10 / 15), ("balanced", 0.5)):
-        weights = train.sampling_weights(names, rule)
+        weights = loaders.sampling_weights(names, rule)
         assert sum(weights[:100]) / sum(weights) == pytest.approx(share)
         assert len(set(weights[:100])) == len(set(weights[100:])) == 1  # equal within a set
 
 
 def test_weighted_sampler_draws_by_dataset_and_shards_one_draw_across_processes():
     names = ["big"] * 300 + ["small"] * 30
-    weights = train.sampling_weights(names, "balanced")
+    weights = loaders.sampling_weights(names, "balanced")
     draws = []
     for epoch in range(5):
-        sampler = train.WeightedShardSampler(weights, 0, 1, seed=3)
+        sampler = loaders.WeightedShardSampler(weights, 0, 1, seed=3)
         sampler.set_epoch(epoch)
         draws += list(sampler)
     small = sum(index >= 300 for index in draws) / len(draws)
     assert 0.44 < small < 0.56  # balanced, where plain shuffling gives 30 / 330 = 0.09
-    shards = [train.WeightedShardSampler(weights, rank, 2, seed=3) for rank in (0, 1)]
-    whole = train.WeightedShardSampler(weights, 0, 1, seed=3)
+    shards = [loaders.WeightedShardSampler(weights, rank, 2, seed=3) for rank in (0, 1)]
+    whole = loaders.WeightedShardSampler(weights, 0, 1, seed=3)
     for sampler in (*shards, whole):
         sampler.set_epoch(7)
     first, second = list(shards[0]), list(shards[1])
@@ -372,7 +373,7 @@ def test_weighted_sampler_draws_by_dataset_and_shards_one_draw_across_processes(
     merged = [None] * 330
     merged[0::2], merged[1::2] = first, second
     assert merged == list(whole)  # one draw, split between the processes
-    again = train.WeightedShardSampler(weights, 0, 1, seed=3)
+    again = loaders.WeightedShardSampler(weights, 0, 1, seed=3)
     again.set_epoch(8)
     assert list(again) != list(whole)  # a new draw every epoch
 

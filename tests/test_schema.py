@@ -197,7 +197,8 @@ def next_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, st
 
 def db_command(*args: str) -> int:
     """``crackscan db ...`` in this process, so it sees the monkeypatched build."""
-    return cli.cmd_db(cli.build_parser().parse_args(["db", *args]))
+    parsed = cli.build_parser().parse_args(["db", *args])
+    return parsed.func(parsed)
 
 
 def test_older_schema_is_refused_until_crackscan_db_upgrade(db_url, raw_engine, next_build,

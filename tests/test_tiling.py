@@ -11,7 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
-from inference.segmenter import ModelInfo, OnnxRuntimeSegmenter, bundled_model_path
+from inference.backends import bundled_model_path
+from inference.onnxruntime_backend import OnnxRuntimeSegmenter
+from inference.segmenter import ModelInfo
 from inference.tiling import (
     TiledSegmenter,
     TileGrid,

@@ -25,10 +25,10 @@ import yaml
 from training import data as ds
 from training.config import TrainConfig
 from training.encoders import MobileNetV2Encoder
+from training.loop import main as train_main
+from training.loop import predict as train_predict
 from training.losses import dice_loss, get_loss
 from training.models import MODELS, build_model
-from training.train import main as train_main
-from training.train import predict as train_predict
 
 DARK, BRIGHT = 20, (180, 230)  # line and background grey levels of the synthetic images
 

@@ -19,8 +19,9 @@ import zmq
 from test_acquisition import Consumer, frame_image, run_in_thread, write_video
 from test_pipeline import crackscan
 
+from acquisition.frames import SourceError
 from acquisition.recording import Recorder, RecordingSource, is_recording
-from acquisition.sources import SourceError, open_source
+from acquisition.sources import open_source
 from crackscan.config import AcquisitionConfig, PipelineConfig, PositionConfig
 from crackscan.sockets import KeyRing, SocketSpec, create_keys, terminate
 
@@ -334,7 +335,7 @@ class HiccupSource:
     description, fps = "hiccup", 50.0
 
     def __iter__(self):
-        from acquisition.sources import SourceFrame
+        from acquisition.frames import SourceFrame
 
         start = time.monotonic()
         for index in range(60):

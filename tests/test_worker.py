@@ -10,7 +10,7 @@ import zmq
 
 from crackscan.config import PipelineConfig
 from crackscan.wire import FrameMessage, ResultMessage
-from inference.segmenter import open_segmenter
+from inference.backends import open_segmenter
 from inference.worker import process_frame, run_worker
 
 

@@ -25,8 +25,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from inference.segmenter import open_segmenter
-from training import train
+from inference.backends import open_segmenter
+from training import loop
+from training.checkpoint import read_checkpoint
 from training.config import TrainConfig, load_config
 from training.evaluate import evaluate_model
 from training.export import export_checkpoint
@@ -63,7 +64,7 @@ def gpu_tile_ms(cfg: TrainConfig, checkpoint: Path, repeats: int = 20) -> float 
     if not torch.cuda.is_available():
         return None
     model = build_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_params)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["model"])
+    model.load_state_dict(read_checkpoint(checkpoint)["model"])
     model = model.cuda().half().eval()
     tile = torch.randn(1, 3, TILE, TILE, device="cuda", dtype=torch.half)
 
@@ -116,7 +117,7 @@ def score_recipe(recipe: Path, cfg: TrainConfig, threads: int) -> dict:
         result, minutes = {"epochs": cfg.epochs}, history[-1]["minutes"]
     else:
         started = time.monotonic()
-        result = train.main(cfg)
+        result = loop.main(cfg)
         minutes = (time.monotonic() - started) / 60
     best = cfg.out / "best.pt"
     onnx_path = cfg.out / "model.onnx"

@@ -24,10 +24,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from crackscan.errors import UserError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset folder that cannot be used as given (missing folder, image without mask...)."""
 
 

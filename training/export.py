@@ -15,9 +15,7 @@ dynamic. The export is verified against PyTorch on the same input before it is w
 
 from __future__ import annotations
 
-import json
 import logging
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -25,59 +23,35 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from training.config import TrainConfig
-from training.models import build_model, get_spec
+from crackscan.errors import UserError
+from training.checkpoint import (
+    CheckpointError,
+    CheckpointNotFound,
+    checkpoint_metadata,
+    load_model,
+)
+from training.models import get_spec
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
 
 
-class ExportError(RuntimeError):
-    pass
-
-
-def checkpoint_metadata(state: dict, cfg: TrainConfig, threshold: float | None = None
-                        ) -> dict[str, str]:
-    """The crackscan metadata of a checkpoint: what an exported ONNX model carries and what the
-    PyTorch backend reports (``inference.torch_backend``)."""
-    spec = get_spec(cfg.model)
-    val = state.get("metrics", {}).get("val", {})
-    return {
-        "crackscan.model": cfg.model,
-        "crackscan.mean": json.dumps(list(spec.mean)),
-        "crackscan.std": json.dumps(list(spec.std)),
-        "crackscan.size_multiple": str(spec.size_multiple),
-        # binary models have one output channel, the crack logit; multi-class models one
-        # channel per class, in this order (softmax over channels)
-        "crackscan.classes": json.dumps(list(cfg.classes)),
-        # explicit, else the one chosen on validation (training's last step), else the recipe's
-        "crackscan.threshold": str(threshold if threshold is not None
-                                   else val.get("default_threshold", cfg.threshold)),
-        "crackscan.input_color": "RGB",
-        "crackscan.trained_on": json.dumps([Path(p).name for p in cfg.data]),
-        "crackscan.metrics": json.dumps({k: v for k, v in val.items()
-                                         if isinstance(v, (int, float))}),
-        "crackscan.epoch": str(state.get("epoch")),
-    }
+class ExportError(UserError, RuntimeError):
+    """A checkpoint that cannot be exported (not a checkpoint, or an ONNX graph that does not
+    reproduce PyTorch)."""
 
 
 def export_checkpoint(checkpoint: Path, out: Path, threshold: float | None = None,
                       extra_metadata: dict[str, str] | None = None) -> dict[str, str]:
     """Write ``out`` (ONNX) from a ``best.pt`` / ``last.pt`` checkpoint; returns the metadata."""
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # not a torch.save file
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ExportError(f"{checkpoint} is not a crackscan training checkpoint ({reason})"
-                          ) from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ExportError(f"{checkpoint} is not a crackscan training checkpoint")
-    cfg = TrainConfig(**state["config"])
+        model, cfg, state = load_model(checkpoint)
+    except CheckpointNotFound:
+        raise  # a FileNotFoundError, as export has always raised for a missing file
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from None
     spec = get_spec(cfg.model)
-    model = build_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_params)
-    model.load_state_dict(state["model"])
-    model.eval()
 
     metadata = {**checkpoint_metadata(state, cfg, threshold), **(extra_metadata or {})}
 

@@ -15,18 +15,19 @@ from pathlib import Path
 
 import torch
 
+from crackscan.errors import UserError
 from training import data as ds
+from training.checkpoint import read_checkpoint
 from training.config import TrainConfig
+from training.loaders import load_folders
+from training.loop import calibrate_threshold, crack_label, init_weights
 from training.models import build_model, get_spec
-from training.train import (
-    calibrate_threshold,
-    crack_label,
-    init_weights,
-    load_folders,
-    read_checkpoint,
-)
 
 log = logging.getLogger(__name__)
+
+
+class InterpolationError(UserError, ValueError):
+    """Two models that cannot be blended, or a blend factor out of range."""
 
 
 def blend_state(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float
@@ -35,13 +36,13 @@ def blend_state(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], 
     other integer tensors are the fine-tuned model's."""
     if start.keys() != tuned.keys():
         missing = sorted(start.keys() ^ tuned.keys())[:3]
-        raise ValueError(f"the two models' tensors differ (e.g. {missing}): only a model and "
-                         "its own fine-tune can be blended")
+        raise InterpolationError(f"the two models' tensors differ (e.g. {missing}): only a "
+                                 "model and its own fine-tune can be blended")
     blended = {}
     for name, value in tuned.items():
         if start[name].shape != value.shape:
-            raise ValueError(f"{name}: shape {tuple(start[name].shape)} in the start model, "
-                             f"{tuple(value.shape)} in the fine-tuned one")
+            raise InterpolationError(f"{name}: shape {tuple(start[name].shape)} in the start "
+                                     f"model, {tuple(value.shape)} in the fine-tuned one")
         blended[name] = (torch.lerp(start[name].to(value.dtype), value, alpha)
                          if value.is_floating_point() else value.clone())
     return blended
@@ -55,13 +56,14 @@ def interpolate_checkpoint(checkpoint: Path, alpha: float, out: Path,
     folders, seed and fraction) over the threshold sweep, and that choice becomes its default
     threshold (``calibrate_threshold``, report beside ``out``). Returns the checkpoint's state."""
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in 0..1 (0: the start model, 1: the fine-tune): {alpha}")
+        raise InterpolationError(f"alpha must lie in 0..1 (0: the start model, 1: the "
+                                 f"fine-tune): {alpha}")
     state = read_checkpoint(checkpoint, "interpolate")
     cfg = TrainConfig(**state["config"])
     origin = Path(origin) if origin is not None else cfg.init_from
     if origin is None:
-        raise ValueError(f"{checkpoint} was trained from scratch (no init_from): name the model "
-                         "it started from")
+        raise InterpolationError(f"{checkpoint} was trained from scratch (no init_from): name "
+                                 "the model it started from")
     spec = get_spec(cfg.model)
     start = build_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_params)
     loaded = init_weights(start, cfg.model_copy(update={"init_from": origin}), spec)
@@ -82,4 +84,4 @@ def interpolate_checkpoint(checkpoint: Path, alpha: float, out: Path,
         pairs = [ds.load_pair(s, cfg.num_classes) for s in val_samples]
         calibrate_threshold(model, out, pairs, [s.dataset for s in val_samples], spec, cfg,
                             crack_label(cfg), report=out.with_suffix(".val_report.json"))
-    return torch.load(out, map_location="cpu", weights_only=False)
+    return read_checkpoint(out)

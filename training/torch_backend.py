@@ -1,4 +1,7 @@
-"""PyTorch backend: a training checkpoint behind the ``Segmenter`` interface.
+"""PyTorch backend: a training checkpoint behind ``inference``'s ``Segmenter`` interface.
+
+It lives in ``training`` because it rebuilds the architectures; the application registers it with
+``inference.backends.register_backend("torch", TorchSegmenter)``.
 
 Two uses. On a GPU it is the path that needs no TensorRT: CUDA, FP16 weights and activations,
 channels-last memory and optionally CUDA graphs, so the GPU can be measured and used where
@@ -7,6 +10,9 @@ through it every other backend) is compared with: same weights, same host half
 (``BatchedSegmenter``: uint8 images mirror-padded), and the fused graph's arithmetic
 (``inference.fused``: cast, colour order, normalisation, sigmoid or softmax at the crack
 channel) done here in torch on the model's device, so the maps are directly comparable.
+And training validates the model it trains through it (:meth:`TorchSegmenter.from_model`, in
+fitted tiles as ``open_segmenter`` runs a checkpoint), so validation scores the maps the
+pipeline will produce.
 
 ``info`` is what ``training.export`` would write into the ONNX model's metadata for the same
 checkpoint (same keys, same threshold rule), except that ``sha256`` is the checkpoint file's.
@@ -16,7 +22,6 @@ Needs torch (the ``train`` extra), which the ONNX Runtime path does not.
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +35,7 @@ from inference.segmenter import (
     crack_channel,
     model_info,
 )
-from training.config import TrainConfig
-from training.export import checkpoint_metadata
-from training.models import build_model
+from training.checkpoint import checkpoint_metadata, load_model
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +44,20 @@ CUDA_GRAPH_WARMUP = 3  # eager runs on a side stream before capture (cuDNN picks
 
 def load_checkpoint(checkpoint: Path) -> tuple[torch.nn.Module, ModelInfo]:
     """The model of a ``best.pt`` / ``last.pt`` training checkpoint (on the CPU, eval mode,
-    rebuilt from the checkpoint's own config as ``training.export`` does) and its ModelInfo."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise ModelError(f"checkpoint {checkpoint} does not exist")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:  # not a torch.save file
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"{checkpoint} is not a crackscan training checkpoint ({reason})"
-                         ) from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ModelError(f"{checkpoint} is not a crackscan training checkpoint")
-    cfg = TrainConfig(**state["config"])
-    model = build_model(cfg.model, num_classes=cfg.num_classes, **cfg.model_params)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return model, model_info(checkpoint, checkpoint_metadata(state, cfg))
+    rebuilt from the checkpoint's own config, ``training.checkpoint.load_model``) and its
+    ModelInfo. A missing or unusable file is a ModelError (``CheckpointError``)."""
+    model, cfg, state = load_model(checkpoint)
+    return model, model_info(Path(checkpoint), checkpoint_metadata(state, cfg))
+
+
+def in_memory_info(name: str, mean: tuple[float, ...], std: tuple[float, ...],
+                   size_multiple: int, classes: tuple[str, ...], threshold: float = 0.5
+                   ) -> ModelInfo:
+    """The ModelInfo of a model that has no file (one being trained or validated): the
+    pre-processing constants and classes an export would write, no path, no hash."""
+    return ModelInfo(path=Path("<in memory>"), name=name, sha256="", mean=tuple(mean),
+                     std=tuple(std), size_multiple=size_multiple, classes=tuple(classes),
+                     threshold=threshold, input_color="RGB", metadata={})
 
 
 def choose_device(device: str) -> torch.device:
@@ -105,30 +105,47 @@ class TorchSegmenter(BatchedSegmenter):
     def __init__(self, checkpoint: Path, device: str = "auto", fp16: bool | None = None,
                  cuda_graphs: bool = False, max_batch: int = 8) -> None:
         check_batch(max_batch)
-        self.device = choose_device(device)
-        on_cuda = self.device.type == "cuda"
-        self.fp16 = on_cuda if fp16 is None else fp16
-        if self.fp16 and not on_cuda:
+        chosen = choose_device(device)
+        on_cuda = chosen.type == "cuda"
+        fp16 = on_cuda if fp16 is None else fp16
+        if fp16 and not on_cuda:
             raise ModelError("fp16 needs a CUDA device; the CPU runs float32")
-        self.cuda_graphs = cuda_graphs and on_cuda
         if cuda_graphs and not on_cuda:
-            log.info("CUDA graphs ignored on %s", self.device)
-        self.max_batch = max_batch
-        model, self.info = load_checkpoint(checkpoint)
-        self.dtype = torch.float16 if self.fp16 else torch.float32
-        self.memory_format = torch.channels_last if on_cuda else torch.contiguous_format
-        self.model = model.to(self.device, dtype=self.dtype, memory_format=self.memory_format)
-        self.backend = f"torch-{self.device.type}"
-        shape = (1, 3, 1, 1)
-        self._mean = torch.tensor(self.info.mean, dtype=torch.float32,
-                                  device=self.device).reshape(shape)
-        self._std = torch.tensor(self.info.std, dtype=torch.float32,
-                                 device=self.device).reshape(shape)
-        self._crack_channel = crack_channel(self.info.classes)
-        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor,
-                                                  torch.Tensor]] = {}
+            log.info("CUDA graphs ignored on %s", chosen)
+        model, info = load_checkpoint(checkpoint)
+        dtype = torch.float16 if fp16 else torch.float32
+        memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+        self._start(model.to(chosen, dtype=dtype, memory_format=memory_format), info, chosen,
+                    dtype, memory_format, cuda_graphs and on_cuda, max_batch)
         log.info("backend %s (%s%s), model %s", self.backend, "fp16" if self.fp16 else "fp32",
                  ", CUDA graphs" if self.cuda_graphs else "", self.info.label)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, info: ModelInfo, max_batch: int = 8
+                   ) -> TorchSegmenter:
+        """A segmenter over a model in memory (training validates through it), with ``info``'s
+        constants and classes. It runs eagerly in float32 where the model's weights are, and
+        leaves the model as it is apart from switching it to eval mode."""
+        check_batch(max_batch)
+        segmenter = cls.__new__(cls)
+        segmenter._start(model.eval(), info, next(model.parameters()).device, torch.float32,
+                         torch.contiguous_format, False, max_batch)
+        return segmenter
+
+    def _start(self, model: torch.nn.Module, info: ModelInfo, device: torch.device,
+               dtype: torch.dtype, memory_format: torch.memory_format, cuda_graphs: bool,
+               max_batch: int) -> None:
+        """Set up around ``model``, already on ``device`` in ``dtype`` and ``memory_format``."""
+        self.model, self.info, self.device, self.dtype = model, info, device, dtype
+        self.memory_format, self.cuda_graphs, self.max_batch = memory_format, cuda_graphs, max_batch
+        self.fp16 = dtype == torch.float16
+        self.backend = f"torch-{device.type}"
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(info.mean, dtype=torch.float32, device=device).reshape(shape)
+        self._std = torch.tensor(info.std, dtype=torch.float32, device=device).reshape(shape)
+        self._crack_channel = crack_channel(info.classes)
+        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor,
+                                                  torch.Tensor]] = {}
 
     def run_batch(self, pixels: np.ndarray) -> np.ndarray:
         """N x H x W float32 crack probability of N x H x W x 3 uint8 padded BGR images."""

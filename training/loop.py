@@ -1,10 +1,14 @@
 """Training loop: plain functions that read top to bottom.
 
 ``main(cfg)`` loads the dataset folders, carves a validation split from their training ids, trains
-with random crops, validates every epoch on whole validation images, and keeps ``best.pt`` (best
-validation score, see ``select_by``) and ``last.pt``. A checkpoint holds model,
-optimizer, scheduler, epoch and the resolved config, so ``--resume`` continues a run exactly.
-After every epoch ``history.json`` and ``curves.png`` (loss and F1 per epoch) are rewritten.
+with random crops (``training.loaders``), validates every epoch on whole validation images, and
+keeps ``best.pt`` (best validation score, see ``select_by``) and ``last.pt``
+(``training.checkpoint``, which ``--resume`` reads back to continue a run exactly). After every
+epoch ``history.json`` and ``curves.png`` (loss and F1 per epoch) are rewritten.
+
+Validation runs the model in memory through the PyTorch backend's segmenter, in the fitted tiles
+the pipeline cuts (``val_tile``), exactly as ``crackscan eval`` would run the saved checkpoint, and
+scores its maps with the evaluator ``crackscan eval`` uses (``training.metrics.SetEvaluator``).
 
 Everything a recipe can ask for is switched on here by plain config values: layer groups with
 their own learning rates and a frozen first group, progressive resizing (``crop_schedule``),
@@ -36,10 +40,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from inference.segmenter import pad_for_model
-from inference.tiling import DEFAULT_OVERLAP, TileGrid, split, stitch
+from inference.segmenter import ModelInfo, Segmenter
+from inference.tiling import DEFAULT_OVERLAP, TiledSegmenter
 from training import data as ds
+from training.checkpoint import read_checkpoint, rebuild, restore, save_checkpoint
 from training.config import TrainConfig
+from training.loaders import CrackCrops, load_folders, make_loader
 from training.losses import distillation_loss, get_loss, median_frequency_weights
 from training.metrics import SetEvaluator
 from training.models import ModelSpec, build_model, get_spec, load_encoder_weights, param_groups
@@ -50,48 +56,11 @@ from training.onnx_weights import (
     load_onnx_weights,
     onnx_convolutions,
 )
+from training.torch_backend import TorchSegmenter, in_memory_info
 
 log = logging.getLogger(__name__)
 
 CPU = torch.device("cpu")
-
-
-class CrackCrops(torch.utils.data.Dataset):
-    """In-memory (image, mask) pairs, served as augmented random crops of side ``crop`` (set it
-    between epochs for progressive resizing). Binary masks come out as float (1, H, W), class
-    masks as int64 (H, W), as the losses expect."""
-
-    def __init__(self, pairs: list[tuple[np.ndarray, np.ndarray]], crop: int, mean, std,
-                 seed: int, cfg: TrainConfig | None = None) -> None:
-        self.pairs, self.crop, self.mean, self.std = pairs, crop, mean, std
-        self.rng = np.random.default_rng(seed)
-        self.cfg = cfg or TrainConfig()
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
-        image, mask = ds.augment(*self.pairs[index], self.crop, self.rng,
-                                 max_rotation=cfg.max_rotation, elastic_sigma=cfg.elastic_sigma,
-                                 elastic_grid=cfg.elastic_grid, border=cfg.border,
-                                 scale_range=cfg.scale_range,
-                                 contrast_range=cfg.contrast_range, gamma_range=cfg.gamma_range)
-        target = (torch.from_numpy(mask[None].astype(np.float32)) if cfg.num_classes == 1
-                  else torch.from_numpy(mask.astype(np.int64)))
-        return torch.from_numpy(ds.normalize(image, self.mean, self.std)), target
-
-
-def load_folders(cfg: TrainConfig) -> tuple[list[ds.Sample], list[ds.Sample]]:
-    if not cfg.data:
-        raise ds.DatasetError("no dataset folders: give --data DIR (or 'data:' in the config)")
-    train, val = [], []
-    for folder in cfg.data:
-        train_ids, val_ids = ds.train_val_split(folder, cfg.val_fraction, cfg.seed)
-        train += ds.samples(folder, train_ids)
-        val += ds.samples(folder, val_ids)
-        log.info("%s: %d train, %d validation images", folder, len(train_ids), len(val_ids))
-    return train, val
 
 
 # --- the run's setting: seed, device, processes ----------------------------------------------
@@ -229,17 +198,6 @@ class Teacher(nn.Module):
         return self.model(x * self.scale + self.shift)
 
 
-def read_checkpoint(path: Path, role: str) -> dict:
-    """A crackscan training checkpoint (model weights and the config that made them) that a run
-    uses as its ``role`` ("teacher", "init_from"); FileNotFoundError / ValueError otherwise."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{role} checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ValueError(f"{role} {path} is not a crackscan training checkpoint")
-    return state
-
-
 def init_weights(model: nn.Module, cfg: TrainConfig, spec: ModelSpec) -> str:
     """Load ``cfg.init_from`` (a crackscan checkpoint, or an exported crackscan ONNX model) into
     ``model`` to fine-tune it; returns what was loaded, for the log."""
@@ -281,9 +239,7 @@ def load_teacher(path: Path, cfg: TrainConfig, device: torch.device) -> Teacher:
     if teacher_cfg.num_classes != cfg.num_classes:
         raise ValueError(f"teacher {path} has {teacher_cfg.num_classes} output classes, the "
                          f"student {cfg.num_classes}: distillation needs the same classes")
-    model = build_model(teacher_cfg.model, num_classes=teacher_cfg.num_classes,
-                        **teacher_cfg.model_params)
-    model.load_state_dict(state["model"])
+    model = rebuild(teacher_cfg, state)
     log.info("teacher: %s from %s (epoch %s), alpha %g, temperature %g", teacher_cfg.model, path,
              state.get("epoch"), cfg.distill_alpha, cfg.distill_temperature)
     return Teacher(model, get_spec(cfg.model), get_spec(teacher_cfg.model)).to(device)
@@ -343,27 +299,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, epoch: int, *,
     return means
 
 
-@torch.no_grad()
-def predict(model, image: np.ndarray, mean, std, multiple: int, crack_channel: int = 0,
-            device: torch.device | None = None, tile: int = 0) -> np.ndarray:
-    """Crack probability (HxW float32) of one RGB image with the PyTorch model: the sigmoid of a
-    binary model's one channel, the softmax probability of ``crack_channel`` of a multi-class
-    model (``crack_channel`` is not used for a binary model). An image larger than ``tile`` px
-    (either side; 0: never) is segmented in fitted tiles and stitched, as inference does
-    (``inference.tiling``)."""
-    if tile and (image.shape[0] > tile or image.shape[1] > tile):
-        grid = TileGrid(image.shape[0], image.shape[1], tile, DEFAULT_OVERLAP, fit=True)
-        return stitch([predict(model, piece, mean, std, multiple, crack_channel, device)
-                       for piece in split(image, grid)], grid)
-    model.eval()
-    padded, (top, left, h, w) = pad_for_model(image, multiple)  # exactly as inference does
-    x = torch.from_numpy(ds.normalize(padded, mean, std))[None]
-    logits = model(x.to(device) if device is not None else x).float()
-    prob = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
-    channel = crack_channel if logits.shape[1] > 1 else 0
-    return prob[0, channel, top:top + h, left:left + w].cpu().numpy()
-
-
 def build_ema(cfg: TrainConfig, model: nn.Module) -> AveragedModel | None:
     """The moving average of ``model``'s weights that ``cfg.ema_decay`` asks for, or None. Its
     first update copies the model, so it starts from whatever the model holds then (initial,
@@ -374,31 +309,46 @@ def build_ema(cfg: TrainConfig, model: nn.Module) -> AveragedModel | None:
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, epoch: int, cfg: TrainConfig,
-                    metrics: dict, scaler: torch.amp.GradScaler | None = None,
-                    ema: AveragedModel | None = None) -> None:
-    """``model``'s weights (the ones export and ``init_from`` read) with the optimizer state;
-    ``ema``, when given, is kept beside them for ``--resume``."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "epoch": epoch,
-             "config": json.loads(cfg.model_dump_json()), "metrics": metrics}
-    if scaler is not None and scaler.is_enabled():
-        state["scaler"] = scaler.state_dict()
-    if ema is not None:
-        state["ema"] = ema.state_dict()
-    torch.save(state, path)
+# --- validation: the model in memory, segmented as the pipeline segments -----------------------
+
+def model_segmenter(model: nn.Module, info: ModelInfo, tile: int = 0) -> Segmenter:
+    """``model`` (in memory, on its own device) behind the Segmenter interface, as
+    ``inference.backends.open_segmenter`` opens a checkpoint: the PyTorch backend, in fitted
+    tiles of at most ``tile`` px with the pipeline's overlap where an image is larger (0: never).
+    Tiles run one at a time, so validation needs no more memory than one tile's pass."""
+    segmenter = TorchSegmenter.from_model(model, info, max_batch=1)
+    if not tile:
+        return segmenter
+    return TiledSegmenter(segmenter, tile=tile, overlap=DEFAULT_OVERLAP, max_batch=1, fit=True)
+
+
+def predict(model, image: np.ndarray, mean, std, multiple: int, crack_channel: int = 0,
+            tile: int = 0) -> np.ndarray:
+    """Crack probability (HxW float32) of one RGB image with the PyTorch model: the sigmoid of a
+    binary model's one channel, the softmax probability of ``crack_channel`` of a multi-class
+    model (``crack_channel`` is not used for a binary model). An image larger than ``tile`` px
+    (either side; 0: never) is segmented in fitted tiles and stitched (``model_segmenter``)."""
+    # the segmenter finds the crack channel by name: "crack" at ``crack_channel``
+    classes = tuple("crack" if i == crack_channel else f"class {i}"
+                    for i in range(crack_channel + 1))
+    info = in_memory_info("model", mean, std, multiple, classes)
+    bgr = np.ascontiguousarray(image[:, :, ::-1])  # segmenters take OpenCV's colour order
+    return model_segmenter(model, info, tile).segment([bgr])[0]
 
 
 def validate(model, val_pairs, val_sets: list[str], spec: ModelSpec, cfg: TrainConfig,
-             crack_class: int, device: torch.device | None = None, sweep: bool = False) -> dict:
+             crack_class: int, sweep: bool = False) -> dict:
     """Scores of the model on the validation pairs (``val_sets``: each pair's folder name): the
     pooled summary, per-folder summaries under ``sets``, the balanced ODS, and ``score``, the
     value ``cfg.select_by`` names. The threshold is swept when ``sweep`` is set or the score
-    needs it."""
+    needs it. ``crack_class``: the crack label in the masks (``crack_label``)."""
+    info = in_memory_info(cfg.model, spec.mean, spec.std, spec.size_multiple,
+                          tuple(cfg.classes), cfg.threshold)
+    segmenter = model_segmenter(model, info, cfg.val_tile)
     evaluator = SetEvaluator(cfg.tolerance, cfg.threshold, sweep=sweep or cfg.select_by != "f1")
     for (image, mask), name in zip(val_pairs, val_sets, strict=True):
-        evaluator.add(name, predict(model, image, spec.mean, spec.std, spec.size_multiple,
-                                    crack_class, device, cfg.val_tile), mask == crack_class)
+        bgr = np.ascontiguousarray(image[:, :, ::-1])
+        evaluator.add(name, segmenter.segment([bgr])[0], mask == crack_class)
     val = evaluator.summary()
     val["score"] = val[cfg.select_by]
     val["default_threshold"] = (evaluator.best_balanced_threshold()
@@ -418,16 +368,15 @@ def swept_scores(val: dict, cfg: TrainConfig) -> dict:
 
 
 def calibrate_threshold(model, best: Path, val_pairs, val_sets: list[str], spec,
-                        cfg: TrainConfig, crack_class: int,
-                        device: torch.device | None = None, report: Path | None = None) -> dict:
+                        cfg: TrainConfig, crack_class: int, report: Path | None = None) -> dict:
     """Score the best checkpoint on the validation split over the threshold sweep and keep the
     result (with its default threshold: the best pooled one, or the best balanced one when
     ``select_by`` is "balanced_ods") in the checkpoint: export makes that threshold the model's
     default. The threshold is chosen on validation images only, never on test images. The
     report goes to ``report`` (default: ``val_report.json`` beside the checkpoint)."""
-    state = torch.load(best, map_location="cpu", weights_only=False)
+    state = read_checkpoint(best)
     model.load_state_dict(state["model"])
-    val = validate(model, val_pairs, val_sets, spec, cfg, crack_class, device, sweep=True)
+    val = validate(model, val_pairs, val_sets, spec, cfg, crack_class, sweep=True)
     state["metrics"]["val"] = val
     torch.save(state, best)
     (report or best.parent / "val_report.json").write_text(json.dumps(
@@ -468,73 +417,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 # --- the run ---------------------------------------------------------------------------------
-
-def sampling_weights(datasets: list[str], rule: str) -> list[float]:
-    """Per-image draw weights so each dataset folder is drawn in proportion to its number of
-    images ("proportional"), to the square root of it ("sqrt") or equally ("balanced")."""
-    sizes = {name: datasets.count(name) for name in set(datasets)}
-    power = {"proportional": 1.0, "sqrt": 0.5, "balanced": 0.0}[rule]
-    return [sizes[name] ** power / sizes[name] for name in datasets]
-
-
-class WeightedShardSampler(torch.utils.data.Sampler):
-    """``len(weights)`` indices per epoch drawn with replacement by ``weights``, the same draw in
-    every process (seeded by seed and epoch), each process taking its ``rank::world`` share."""
-
-    def __init__(self, weights: list[float], rank: int, world: int, seed: int) -> None:
-        self.weights = torch.as_tensor(weights, dtype=torch.double)
-        self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        draw = torch.multinomial(self.weights, len(self.weights), True, generator=generator)
-        return iter(draw[self.rank::self.world].tolist())
-
-    def __len__(self) -> int:
-        return len(range(self.rank, len(self.weights), self.world))
-
-
-def make_loader(cfg: TrainConfig, crops: CrackCrops, rank: int, world: int,
-                device: torch.device, datasets: list[str] | None = None):
-    """(loader, sampler): shuffled batches, or this process's shard of them under DDP (sampler
-    None outside DDP); with ``cfg.sampling`` other than proportional, images are drawn by their
-    dataset's weight (``datasets``: each training image's folder name). The last short batch is
-    dropped when there is more than one batch, as batch norm cannot learn from a batch of one."""
-    if cfg.sampling != "proportional" and datasets:
-        sampler = WeightedShardSampler(sampling_weights(datasets, cfg.sampling), rank, world,
-                                       cfg.seed)
-    else:
-        sampler = (torch.utils.data.DistributedSampler(crops, world, rank, shuffle=True,
-                                                       seed=cfg.seed) if world > 1 else None)
-    per_process = math.ceil(len(crops) / world)
-    loader = torch.utils.data.DataLoader(
-        crops, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-        drop_last=per_process > cfg.batch_size, pin_memory=device.type == "cuda")
-    return loader, sampler
-
-
-def restore(path: Path, model, optimizer, scheduler, scaler, device: torch.device,
-            ema: AveragedModel | None = None) -> tuple[int, list[dict]]:
-    """Load a checkpoint for ``--resume``; returns (the next epoch, the history so far). A
-    checkpoint saved without a moving average starts one from the resumed weights."""
-    checkpoint = torch.load(path, map_location=device, weights_only=False)
-    model.load_state_dict(checkpoint["model"])
-    if ema is not None and "ema" in checkpoint:
-        ema.load_state_dict(checkpoint["ema"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    # position, learning rates and momentum come from the checkpoint; the schedule length is
-    # this run's, so a run resumed with more epochs than it was saved with can go on
-    length = {k: v for k, v in scheduler.state_dict().items()
-              if k in ("total_steps", "_schedule_phases")}
-    scheduler.load_state_dict({**checkpoint["scheduler"], **length})
-    if "scaler" in checkpoint:
-        scaler.load_state_dict(checkpoint["scaler"])
-    log.info("resumed from %s at epoch %d", path, checkpoint["epoch"] + 1)
-    return checkpoint["epoch"] + 1, checkpoint["metrics"].get("history", [])
-
 
 def main(cfg: TrainConfig, resume: Path | None = None) -> dict:
     rank, world, device = start_processes(cfg)
@@ -611,7 +493,7 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
                                  progress=writer)
         stop = bool(cfg.max_minutes and (time.monotonic() - started) / 60 >= cfg.max_minutes)
         if writer:
-            val = (validate(validated, val_pairs, val_sets, spec, cfg, crack_label(cfg), device)
+            val = (validate(validated, val_pairs, val_sets, spec, cfg, crack_label(cfg))
                    if val_pairs else {"f1": math.nan, "iou": math.nan, "score": math.nan})
             history.append({"epoch": epoch, **losses, "val_f1": val["f1"], "val_iou": val["iou"],
                             "val_score": val["score"], **swept_scores(val, cfg),
@@ -643,7 +525,7 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
                       best_val_f1=chosen[0]["val_f1"] if chosen else math.nan)
     if writer and val_pairs and (cfg.out / "best.pt").is_file():
         val = calibrate_threshold(model, cfg.out / "best.pt", val_pairs, val_sets, spec, cfg,
-                                  crack_label(cfg), device)
+                                  crack_label(cfg))
         result.update(val_ods=val["ods"], val_ods_threshold=val["ods_threshold"],
                       val_balanced_ods=val["balanced_ods"],
                       default_threshold=val["default_threshold"])

@@ -1,0 +1,285 @@
+"""Commands that make and score models: train, train-compare, eval, parity, export,
+build-engine."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from crackscan.cli.common import (
+    BACKENDS,
+    UserError,
+    add,
+    print_json,
+)
+from crackscan.config import PipelineConfig
+
+log = logging.getLogger("crackscan")
+
+
+def _torch_module(name: str):
+    """A training module that needs torch (the 'train' extra), imported on demand so the runtime
+    path never needs torch installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise UserError(f"this command needs the 'train' extra ({exc.name} is missing): "
+                        "pip install -e '.[train]'") from None
+
+
+def cmd_train(args) -> int:
+    from pydantic import ValidationError
+
+    from training.config import load_config
+
+    train = _torch_module("training.loop")
+    try:
+        cfg = load_config(Path(args.config), data=args.data, epochs=args.epochs, out=args.out,
+                          teacher=args.teacher, max_minutes=args.max_minutes,
+                          init_from=args.init_from)
+    except (ValidationError, ValueError, OSError) as exc:
+        first = str(exc).splitlines()
+        raise UserError(f"training config {args.config}: {' '.join(first[:3])}") from None
+    result = train.main(cfg, resume=Path(args.resume) if args.resume else None)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one result document, not N
+        print_json(result)
+    return 0
+
+
+def cmd_train_compare(args) -> int:
+    from pydantic import ValidationError
+
+    compare = _torch_module("training.compare")
+    if args.retime:
+        try:
+            rows = compare.retime(Path(args.out), threads=args.threads)
+        except FileNotFoundError as exc:
+            raise UserError(f"train-compare --retime: {exc}") from None
+        print_json({"out": args.out, "rows": rows})
+        return 0
+    if not (args.config and args.data and args.epochs):
+        raise UserError("train-compare needs --config (one or more), --data and --epochs")
+    for path in args.config:
+        if not Path(path).is_file():
+            raise UserError(f"recipe {path} does not exist")
+    try:
+        rows = compare.compare([Path(c) for c in args.config], [Path(d) for d in args.data],
+                               args.epochs, Path(args.out), crop=args.crop,
+                               batch_size=args.batch_size, threads=args.threads)
+    except (ValidationError, FileNotFoundError) as exc:
+        raise UserError(f"train-compare: {str(exc).splitlines()[0]}") from None
+    print_json({"out": args.out, "rows": rows})
+    return 0
+
+
+def _tile_option(tile: int | None, defaults) -> int:
+    """``--tile`` of eval and parity: the pipeline's ``inference.tile`` when not given, 0 for
+    whole images, else a valid tile (UserError otherwise)."""
+    tile = defaults.tile if tile is None else tile
+    if tile:
+        from crackscan.config import TilingError, check_tiling
+
+        try:
+            check_tiling(tile, defaults.tile_overlap)
+        except TilingError as exc:
+            raise UserError(f"--tile: {exc}") from None
+    return tile
+
+
+def cmd_eval(args) -> int:
+    from inference.backends import open_segmenter
+    from training.evaluate import evaluate_model
+
+    if args.gamma <= 0:
+        raise UserError(f"--gamma must be positive, got {args.gamma}")
+    # Scored as the pipeline segments by default: the same tiles (configs/pipeline.yaml).
+    defaults = PipelineConfig().inference
+    tile = _tile_option(args.tile, defaults)
+    segmenter = open_segmenter(args.model, "auto", tta=args.tta, tile=tile,
+                               tile_overlap=defaults.tile_overlap, max_batch=defaults.max_batch)
+    summary = evaluate_model(segmenter, [Path(d) for d in args.data], args.split, args.tolerance,
+                             args.threshold, args.val_fraction, args.seed, args.gamma)
+    summary["tile"] = tile
+    if args.format == "json":
+        print_json(summary)
+        return 0
+    sets = summary.pop("sets")
+    for key, value in summary.items():
+        print(f"{key:22s} {value:.4f}" if isinstance(value, float) else f"{key:22s} {value}")
+    if len(sets) > 1:
+        print(f"\n{'set':16s} {'images':>6s} {'P':>6s} {'R':>6s} {'F1':>6s} {'ODS':>6s} "
+              f"{'OIS':>6s} {'IoU':>6s}  (each at the threshold above; ODS, OIS swept)")
+        for name, s in sets.items():
+            print(f"{name:16s} {s['images']:6d} {s['precision']:6.3f} {s['recall']:6.3f} "
+                  f"{s['f1']:6.3f} {s['ods']:6.3f} {s['ois']:6.3f} {s['iou']:6.3f}")
+    return 0
+
+
+def cmd_parity(args) -> int:
+    from inference.backends import open_segmenter
+    from training.evaluate import backend_parity
+
+    defaults = PipelineConfig().inference
+    tile = _tile_option(args.tile, defaults)
+    options = dict(tile=tile, tile_overlap=defaults.tile_overlap, max_batch=defaults.max_batch)
+    other = open_segmenter(args.model, args.backend, **options)
+    reference = open_segmenter(args.against_model or args.model, args.against, **options)
+    summary = backend_parity(reference, other, [Path(d) for d in args.data], args.split,
+                             args.val_fraction, args.seed)
+    summary["tile"] = tile
+    if args.format == "json":
+        print_json(summary)
+        return 0
+    for key, value in summary.items():
+        print(f"{key:20s} {value:.6g}" if isinstance(value, float) else f"{key:20s} {value}")
+    return 0
+
+
+def cmd_build_engine(args) -> int:
+    from inference.backends import bundled_model_path
+    from inference.tensorrt_build import build_engine
+
+    if args.int8 and not (args.calib or (args.calib_cache and Path(args.calib_cache).is_file())):
+        raise UserError("--int8 needs --calib DIR (images to calibrate on) or an existing "
+                        "--calib-cache FILE")
+    onnx_path = Path(args.onnx) if args.onnx else bundled_model_path()
+    if not onnx_path.is_file():
+        raise UserError(f"ONNX model {onnx_path} does not exist")
+    plan = build_engine(onnx_path, Path(args.out), fp16=args.fp16, int8=args.int8,
+                        calib_dir=Path(args.calib) if args.calib else None,
+                        calib_cache=Path(args.calib_cache) if args.calib_cache else None,
+                        timing_cache=Path(args.timing_cache) if args.timing_cache else None,
+                        max_batch=args.max_batch, tile=args.tile)
+    log.info("wrote %s", plan)
+    return 0
+
+
+def cmd_export(args) -> int:
+    export = _torch_module("training.export")
+    if not Path(args.checkpoint).is_file():
+        raise UserError(f"checkpoint {args.checkpoint} does not exist")
+    checkpoint, extra = Path(args.checkpoint), {}
+    try:
+        if args.interpolate is not None:
+            checkpoint, extra = interpolated(args, checkpoint)
+        metadata = export.export_checkpoint(checkpoint, Path(args.out), threshold=args.threshold,
+                                            extra_metadata=extra)
+    except UserError as exc:  # ExportError, CheckpointError, InterpolationError: their first line
+        raise UserError(str(exc).splitlines()[0]) from None
+    log.info("wrote %s (threshold %s)", args.out, metadata["crackscan.threshold"])
+    return 0
+
+
+def interpolated(args, checkpoint: Path) -> tuple[Path, dict[str, str]]:
+    """``--interpolate``: the blended checkpoint written beside ``checkpoint`` (its threshold
+    calibrated on the run's validation split unless ``--threshold`` is given), and the metadata
+    that says what was blended."""
+    from inference.segmenter import file_sha256
+
+    wise = _torch_module("training.interpolate")
+    blended = checkpoint.with_name(f"{checkpoint.stem}.wise{args.interpolate:.2f}.pt")
+    state = wise.interpolate_checkpoint(checkpoint, args.interpolate, blended,
+                                        args.interpolate_from, calibrate=args.threshold is None)
+    origin = Path(state["interpolated"]["origin"])
+    log.info("blended %s with %s at alpha %.2f: %s", checkpoint, origin, args.interpolate, blended)
+    return blended, {"crackscan.interpolated": json.dumps(
+        {"alpha": args.interpolate, "origin": origin.name,
+         "origin_sha256": file_sha256(origin)[:8]})}
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = add(sub, "train", cmd_train, "train a segmentation model")
+    p.add_argument("--config", required=True, help="recipe YAML (configs/train/)")
+    p.add_argument("--data", action="append", help="dataset folder (repeatable)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--out")
+    p.add_argument("--resume", help="checkpoint to resume from (last.pt)")
+    p.add_argument("--teacher", help="knowledge distillation: the teacher's checkpoint (best.pt)")
+    p.add_argument("--init-from", help="fine-tune from this model: a checkpoint (.pt) or an "
+                   "exported crackscan ONNX model (.onnx, with freeze_bn: true)")
+    p.add_argument("--max-minutes", type=float,
+                   help="stop after the epoch that passes this wall-clock budget")
+
+    p = add(sub, "train-compare", cmd_train_compare,
+            "train several recipes with the same budget and tabulate their scores and speed")
+    p.add_argument("--config", action="append",
+                   help="recipe YAML (repeatable; a distillation recipe after its teacher's)")
+    p.add_argument("--data", action="append", help="dataset folder (repeatable)")
+    p.add_argument("--epochs", type=int, help="the budget: epochs for every recipe")
+    p.add_argument("--retime", action="store_true",
+                   help="only measure the speed of the models in --out again (on an idle "
+                        "machine) and rewrite its tables")
+    p.add_argument("--crop", type=int, help="one crop size for every recipe (default: each "
+                   "recipe's own, progressive resizing included)")
+    p.add_argument("--batch-size", type=int, help="one batch size for every recipe")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    p.add_argument("--out", default="runs/compare")
+
+    p = add(sub, "eval", cmd_eval, "score a model on a labelled dataset")
+    p.add_argument("--model", help="ONNX model (default: the bundled model)")
+    p.add_argument("--data", action="append", required=True, help="dataset folder (repeatable)")
+    p.add_argument("--split", help="ids of SPLIT.txt (default: all images); 'carved': the "
+                   "validation ids that training carves from train.txt")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="with --split carved: the training run's val_fraction (default 0.1)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="with --split carved: the training run's seed (default 0)")
+    p.add_argument("--tolerance", type=float, default=2.0, help="pixels; 0 = strict")
+    p.add_argument("--threshold", type=float, help="default: the model's own")
+    p.add_argument("--gamma", type=float, default=1.0,
+                   help="score the images as another exposure gives them: each pixel value "
+                        "v becomes 255 * (v / 255) ** GAMMA (above 1 darker, as laser-lit "
+                        "line-scan images; below 1 brighter; default 1: as they are)")
+    p.add_argument("--tta", choices=["none", "hflip", "flips"], default="none",
+                   help="test-time augmentation: average each image's probabilities with its "
+                        "left-right mirror (hflip) or all three mirror images (flips)")
+    p.add_argument("--tile", type=int,
+                   help="images larger than this (px, either side) are segmented in overlapping "
+                        "tiles of at most this size, as the pipeline does; 0: whole images "
+                        "(default: the pipeline's inference.tile, 512)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = add(sub, "parity", cmd_parity, "compare one backend's crack maps with another's on real "
+            "images (a TensorRT engine against ONNX Runtime)")
+    p.add_argument("--model", help="model for --backend: ONNX, TensorRT plan or checkpoint "
+                   "(default: the bundled model)")
+    p.add_argument("--backend", choices=BACKENDS,
+                   default="auto", help="the backend to check (default: auto)")
+    p.add_argument("--against", choices=BACKENDS,
+                   default="onnxruntime", help="the reference backend (default: onnxruntime)")
+    p.add_argument("--against-model", help="model for --against (default: --model)")
+    p.add_argument("--data", action="append", required=True, help="dataset folder (repeatable)")
+    p.add_argument("--split", help="ids of SPLIT.txt (default: all images); 'carved': the "
+                   "validation ids that training carves from train.txt")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", type=int, help="tile side as in eval (default: the pipeline's "
+                   "inference.tile; 0: whole images)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = add(sub, "build-engine", cmd_build_engine,
+            "compile an ONNX model into a TensorRT plan (NVIDIA GPU with TensorRT)")
+    p.add_argument("--onnx", help="ONNX model (default: the bundled model)")
+    p.add_argument("--out", required=True, help="the plan to write (FILE.plan; FILE.json beside)")
+    p.add_argument("--fp16", action="store_true", help="allow FP16 kernels")
+    p.add_argument("--int8", action="store_true", help="INT8, calibrated on --calib images")
+    p.add_argument("--calib", metavar="DIR", help="folder of images for INT8 calibration")
+    p.add_argument("--calib-cache", metavar="FILE", help="INT8 calibration cache (read/written)")
+    p.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache (read/written)")
+    p.add_argument("--tile", type=int, default=512, help="tile side the engine serves (px)")
+    p.add_argument("--max-batch", type=int, default=8)
+
+    p = add(sub, "export", cmd_export, "export a training checkpoint to ONNX")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float, help="default threshold stored in the model")
+    p.add_argument("--interpolate", type=float, metavar="ALPHA",
+                   help="export (1 - ALPHA) x the model the checkpoint was fine-tuned from + "
+                        "ALPHA x the checkpoint (WiSE-FT); its default threshold is chosen "
+                        "again on the run's validation split unless --threshold is given")
+    p.add_argument("--interpolate-from", type=Path, metavar="MODEL",
+                   help="with --interpolate: the start model (default: the recipe's init_from)")

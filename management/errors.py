@@ -1,0 +1,18 @@
+"""The errors of the management stage; all are ``crackscan.errors.UserError``: one line that says
+what failed and what to do."""
+
+from __future__ import annotations
+
+from crackscan.errors import UserError
+
+
+class DatabaseError(UserError, ValueError):
+    """The database cannot be used; the message is one line: what failed and what to do."""
+
+
+class QueryError(UserError, ValueError):
+    """A query parameter that cannot be used; the message names it and what would work."""
+
+
+class RunNotFound(UserError, LookupError):
+    """No run of that id in the database."""

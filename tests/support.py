@@ -1,0 +1,291 @@
+"""Helpers that several test modules share: running ``crackscan`` as a user does, the hand-made
+wire messages of stored runs, synthetic crack datasets, test videos and the acquisition test
+consumer. Fixtures live in ``conftest.py``; test modules import these with ``from support import
+...`` (``tests/`` is on ``sys.path`` through pytest's ``pythonpath`` setting), never from one
+another.
+
+torch is imported only inside the helpers that need it, so the runtime tests never load it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+import zmq
+
+from acquisition.service import run_acquisition
+from crackscan.config import PipelineConfig, SeverityConfig
+from crackscan.wire import (
+    CrackRecord,
+    EndOfStreamMessage,
+    FrameMessage,
+    ResultMessage,
+    RunStartMessage,
+    decode,
+)
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def crackscan(*args: object, check: bool = True, timeout: float = 300
+              ) -> subprocess.CompletedProcess:
+    """``python -m crackscan ARGS`` as a user runs it, from the repository root, without the
+    caller's ``CRACKSCAN_DB`` and with one OpenMP thread (several processes share a small CPU;
+    the stages set their own thread counts). With ``check``, a nonzero exit fails the test with
+    the end of the command's stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CRACKSCAN_DB", None)
+    command = [str(arg) for arg in args]
+    result = subprocess.run([sys.executable, "-m", "crackscan", *command], capture_output=True,
+                            text=True, timeout=timeout, cwd=ROOT, env=env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"crackscan {' '.join(command)} failed ({result.returncode}):\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+def crackscan_concurrently(*commands: Sequence[object], check: bool = True,
+                           timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Several independent ``crackscan`` commands at once (each as :func:`crackscan` runs it);
+    their results in the order given. Most of a short command is its start-up on one core, so
+    on a machine with two cores two commands take about the time of one."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        running = [pool.submit(crackscan, *command, check=check, timeout=timeout)
+                   for command in commands]
+        return [future.result() for future in running]
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the body with ``count`` intra-op threads, then restore the previous setting. 64-px
+    inputs gain nothing from more threads, and on a small shared CPU they lose a lot to them."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+# --- training data ------------------------------------------------------------------------------
+
+DARK, BRIGHT = 20, (180, 230)  # line and background grey levels of the synthetic images
+
+
+def write_crack_dataset(root: Path, count: int = 6, size: int = 64, colour: bool = False,
+                        seed: int = 0, test_count: int = 2) -> list[str]:
+    """``root/images/<id>.png`` (noise with a dark 2-px line), ``root/masks/<id>.png`` (the line,
+    255 on 0), ``train.txt`` (all but the last ``test_count`` ids) and ``test.txt``; returns the
+    ids. ``colour`` draws independent noise per channel instead of grey."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    ids = [f"crack{i:02d}" for i in range(count)]
+    for sample_id in ids:
+        shape = (size, size, 3) if colour else (size, size)
+        image = rng.integers(*BRIGHT, shape, dtype=np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        start = (0, int(rng.integers(size // 4, size // 2)))
+        end = (size - 1, int(rng.integers(size // 2, 3 * size // 4)))
+        cv2.line(image, start, end, (DARK, DARK, DARK), 2)
+        cv2.line(mask, start, end, 255, 2)
+        cv2.imwrite(str(root / "images" / f"{sample_id}.png"), image)
+        cv2.imwrite(str(root / "masks" / f"{sample_id}.png"), mask)
+    (root / "train.txt").write_text("\n".join(ids[:-test_count]) + "\n")
+    (root / "test.txt").write_text("\n".join(ids[-test_count:]) + "\n")
+    return ids
+
+
+def tiny_config(data: Path, out: Path, epochs: int) -> TrainConfig:
+    """The smallest real training: 64-px crops, batches of two, a quarter held out."""
+    from training.config import TrainConfig
+
+    return TrainConfig(data=[data], out=out, epochs=epochs, crop=64, batch_size=2,
+                       val_fraction=0.25, seed=0)
+
+
+def cracked_wall_with_truth(height: int, width: int, seed: int = 0, lines: int = 14
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy grey concrete with dark straight 'cracks' 2-3 px wide at random, so that many cross
+    tile seams; and the cracks' mask (the same lines drawn without anti-aliasing)."""
+    rng = np.random.default_rng(seed)
+    grey = np.clip(rng.normal(140, 12, (height, width)), 0, 255).astype(np.uint8)
+    image = cv2.cvtColor(cv2.GaussianBlur(grey, (3, 3), 0), cv2.COLOR_GRAY2BGR)
+    truth = np.zeros((height, width), np.uint8)
+    for _ in range(lines):
+        start = tuple(int(v) for v in rng.integers((0, 0), (width, height)))
+        end = tuple(int(v) for v in rng.integers((0, 0), (width, height)))
+        shade = int(rng.integers(40, 70))
+        thickness = int(rng.integers(2, 4))
+        cv2.line(image, start, end, (shade, shade, shade), thickness, cv2.LINE_AA)
+        cv2.line(truth, start, end, 1, thickness)
+    return image, truth > 0
+
+
+# --- stored runs: the wire messages of hand-made inspections -------------------------------------
+
+T0 = 1_795_000_000.0  # unix seconds, 2026-11-18: the capture clock of the hand-made runs
+MODEL = "mobilenet_aspp@3f2a9c01"
+SEVERITY = SeverityConfig()
+
+
+def crack_record(index: int, chainage_m: float, width_max_mm: float, length_mm: float,
+                 crack_type: str = "longitudinal", span_m: tuple[float, float] | None = None,
+                 arc_mm: float = 1500.0, *, bbox_px: tuple[int, int, int, int] | None = None,
+                 polyline_px: tuple[tuple[float, float], ...] = (
+                     (10.0, 25.0), (110.0, 27.5), (210.0, 26.0))) -> CrackRecord:
+    """A detection at ``chainage_m`` (over ``span_m``, by default 10 cm around it) at 0.5 mm per
+    pixel, its widths in the proportions the geometry measures and its severity classified."""
+    start, end = span_m or (chainage_m - 0.05, chainage_m + 0.05)
+    return CrackRecord(
+        index=index, length_px=length_mm / 0.5, length_mm=length_mm,
+        width_mean_mm=round(width_max_mm * 0.5, 4), width_max_mm=width_max_mm,
+        width_p95_mm=round(width_max_mm * 0.875, 4), width_max_px=width_max_mm / 0.5,
+        orientation_deg=7.5, type=crack_type, severity=SEVERITY.classify(width_max_mm),
+        area_px=int(length_mm * 4), area_mm2=length_mm * width_max_mm * 0.5,
+        bbox_px=bbox_px or (10 + index, 20, 200, 12), chainage_m=chainage_m,
+        chainage_start_m=start, chainage_end_m=end, arc_mm=arc_mm, score_mean=0.8125,
+        polyline_px=polyline_px,
+        polyline=((start, arc_mm - 2.0), (chainage_m, arc_mm), (end, arc_mm + 1.5)))
+
+
+def result_message(run_id: str, seq: int, cracks: tuple[CrackRecord, ...] = (),
+                   camera: str = "cam0", chainage_m: float | None = None,
+                   worker: str = "worker-0", *, model: str = MODEL, inference_ms: float = 12.5,
+                   mask: np.ndarray | None = None) -> ResultMessage:
+    """Frame ``seq`` of a run: captured at T0 + seq / 10 s, by default at chainage 100 + seq m,
+    with an empty 48x32 mask unless given one."""
+    return ResultMessage(
+        run_id=run_id, camera_id=camera, seq=seq, capture_time=T0 + seq * 0.1,
+        chainage_m=100.0 + seq if chainage_m is None else chainage_m, inference_ms=inference_ms,
+        model=model, worker=worker, cracks=cracks,
+        mask=np.zeros((32, 48), np.uint8) if mask is None else mask)
+
+
+def run_start_message(run_id: str, started_at: float = T0, cameras: tuple[str, ...] = ("cam0",),
+                      source: str = "drive.mp4", *, config: dict | None = None
+                      ) -> RunStartMessage:
+    """A replay's start; its config by default says only the camera's 0.5 mm per pixel."""
+    return RunStartMessage(run_id=run_id, source=source, mode="replay", started_at=started_at,
+                           cameras=cameras,
+                           config={"camera": {"mm_per_px_along": 0.5}} if config is None
+                           else config)
+
+
+def end_message(run_id: str, camera: str = "cam0", frames_sent: int = 3,
+                reason: str = "end_of_source", *, frames_bad: int = 1) -> EndOfStreamMessage:
+    """A camera's end of stream a minute after T0: every frame read was sent or bad."""
+    return EndOfStreamMessage(run_id=run_id, camera_id=camera, ended_at=T0 + 60.0,
+                              frames_read=frames_sent + frames_bad, frames_sent=frames_sent,
+                              frames_dropped=0, frames_bad=frames_bad, reason=reason)
+
+
+# --- acquisition: test videos and a consumer in place of workers and management -----------------
+
+def frame_image(index: int, size: tuple[int, int] = (64, 48)) -> np.ndarray:
+    """A test frame (BGR, size = (width, height)) that shows its index as six bright/dark
+    stripes, a code that survives lossy video codecs."""
+    width, height = size
+    image = np.full((height, width, 3), 40, np.uint8)
+    for bit in range(6):
+        if index >> bit & 1:
+            image[:, bit * width // 6:(bit + 1) * width // 6] = 200
+    return image
+
+
+def index_of(image: np.ndarray) -> int:
+    """The index a :func:`frame_image` shows (grey or BGR)."""
+    width = image.shape[1]
+    return sum(1 << bit for bit in range(6)
+               if image[:, bit * width // 6 + 2:(bit + 1) * width // 6 - 2].mean() > 120)
+
+
+def write_video(path: Path, count: int, size: tuple[int, int] = (64, 48), fps: float = 12.5,
+                fourcc: str = "mp4v") -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
+    assert writer.isOpened()
+    for index in range(count):
+        writer.write(frame_image(index, size))
+    writer.release()
+    return path
+
+
+class Consumer:
+    """A test's inference worker (PULL on the frame stream) and management (PULL on control)."""
+
+    def __init__(self, tmp_path: Path, read_frames: bool = True, delay_s: float = 0.0) -> None:
+        self.frames_spec = f"push+bind:ipc://{tmp_path}/f"
+        self.control_spec = f"push+connect:ipc://{tmp_path}/c"
+        self.context = zmq.Context()
+        self.control = self.context.socket(zmq.PULL)
+        self.control.bind(f"ipc://{tmp_path}/c")
+        self.frames = self.context.socket(zmq.PULL)
+        self.frames.setsockopt(zmq.RCVHWM, 1)  # a busy worker: its queue fills at once
+        self.frames.setsockopt(zmq.RECONNECT_IVL, 10)
+        self.frames.connect(f"ipc://{tmp_path}/f")
+        self.read_frames, self.delay_s = read_frames, delay_s
+        self.start: RunStartMessage | None = None
+        self.end: EndOfStreamMessage | None = None
+        self.received: list[FrameMessage] = []
+        self.received_before_end = -1
+
+    def collect(self, timeout_s: float = 20.0) -> None:
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        if self.read_frames:
+            poller.register(self.frames, zmq.POLLIN)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.end is not None and (not self.read_frames
+                                         or len(self.received) >= self.end.frames_sent):
+                return
+            events = dict(poller.poll(50))
+            if self.control in events:
+                message = decode(self.control.recv_multipart())
+                if isinstance(message, RunStartMessage):
+                    # no order between the two sockets: a frame may overtake the run_start
+                    assert self.start is None
+                    self.start = message
+                else:
+                    self.end = message
+                    self.received_before_end = len(self.received)
+            if self.frames in events:
+                self.received.append(FrameMessage.from_frames(self.frames.recv_multipart()))
+                time.sleep(self.delay_s)
+        raise AssertionError(f"the run did not finish in time: start {self.start}, end {self.end}, "
+                             f"frames {[m.seq for m in self.received]}")
+
+    def close(self) -> None:
+        self.frames.close(linger=0)
+        self.control.close(linger=0)
+        self.context.term()
+
+
+def run_in_thread(consumer: Consumer, source, mode: str, config: PipelineConfig,
+                  stop: threading.Event | None = None, **kwargs) -> EndOfStreamMessage:
+    stop = stop or threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run_acquisition, source, consumer.frames_spec,
+                             consumer.control_spec, "run-1", mode, config, stop, **kwargs)
+        try:
+            consumer.collect()
+        finally:
+            stop.set()  # the consumer has all it waits for: end the drain (or a failed run)
+        return future.result(timeout=10)

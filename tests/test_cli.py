@@ -1,0 +1,92 @@
+"""The command's contract: its one-line help, exit statuses (0 ok, 1 run incomplete, 2 user
+error, 3 internal error) and read commands that never create a database."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from crackscan import cli
+from crackscan.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR
+
+READ_COMMANDS = (
+    ("runs",),
+    ("query", "--min-width-mm", "0.2"),
+    ("compare", "run-a", "run-b"),
+    ("report", "--run", "run-a", "--out", "REPORT"),
+    ("db", "current"),
+    ("db", "merge"),
+)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crackscan", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_top_level_help_says_what_crackscan_is_in_one_line():
+    done = run_cli("--help")
+    assert done.returncode == 0
+    description = done.stdout.split("\n\n")[1]
+    assert description.replace("\n", " ").startswith("crackscan: real-time crack inspection")
+    assert description.rstrip().endswith(".")
+
+
+@pytest.mark.parametrize("command", READ_COMMANDS, ids=" ".join)
+def test_read_commands_never_create_a_missing_database(tmp_path, command):
+    url = f"sqlite:///{tmp_path}/no/such/dir/x.db"
+    args = [part.replace("REPORT", str(tmp_path / "r.html")) for part in command]
+    done = run_cli(*args, "--db", url)
+    assert done.returncode == EXIT_USER_ERROR, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0] and "Traceback" not in done.stderr
+    assert done.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor the file
+
+
+def test_read_command_refuses_a_file_without_crackscan_tables(tmp_path):
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    done = run_cli("query", "--db", f"sqlite:///{empty}")
+    assert done.returncode == EXIT_USER_ERROR
+    assert "holds no crackscan tables" in done.stderr.strip().splitlines()[-1]
+    assert empty.stat().st_size == 0  # nothing was created in it
+
+
+def test_writers_still_create_the_database(tmp_path):
+    db = tmp_path / "new" / "x.db"
+    done = run_cli("db", "upgrade", "--db", f"sqlite:///{db}")
+    assert done.returncode == 0, done.stderr
+    assert db.is_file()
+    assert run_cli("runs", "--db", f"sqlite:///{db}").returncode == 0
+
+
+def test_a_bad_flag_value_is_a_user_error():
+    done = run_cli("synth", "--out", "unused.mp4", "--seconds", "0")
+    assert done.returncode == EXIT_USER_ERROR
+    assert done.stderr.strip() == "crackscan: error: seconds must be a positive number, got 0.0"
+
+
+def test_an_unexpected_exception_is_an_internal_error(tmp_path, monkeypatch, capsys):
+    import management.store
+
+    url = f"sqlite:///{tmp_path}/x.db"
+    assert cli.main(["db", "upgrade", "--db", url]) == 0
+
+    def broken(session):
+        raise ValueError("a bug, not the user's input")
+
+    monkeypatch.setattr(management.store, "list_runs", broken)
+    assert cli.main(["runs", "--db", url]) == EXIT_INTERNAL_ERROR
+    assert "crackscan: error" not in capsys.readouterr().err  # not shown as the user's fault
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["--debug", "runs", "--db", url])
+
+
+def test_the_backend_flag_offers_every_backend_the_factory_knows():
+    from crackscan.cli.common import BACKENDS
+    from inference.backends import BACKENDS as FACTORY_BACKENDS
+
+    assert BACKENDS == FACTORY_BACKENDS
