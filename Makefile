@@ -15,7 +15,7 @@ $(VENV)/.runtime: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e .
 	touch $@
 
-# runtime + dev (pytest, ruff, psycopg) + train (torch==2.13.0 CPU, onnx)
+# runtime + dev (pytest, ruff, import-linter, psycopg) + train (torch==2.13.0 CPU, onnx)
 $(VENV)/.dev: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[dev,train,postgres]"
 	touch $@ $(VENV)/.runtime
@@ -28,6 +28,7 @@ test: $(VENV)/.dev
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf crackscan-demo .pytest_cache

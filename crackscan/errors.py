@@ -4,7 +4,8 @@ Every error a user can cause (a bad flag, file, config value, model, dataset or 
 :class:`UserError`; each stage subclasses it with its own name (``ConfigError``, ``ModelError``,
 ``SourceError``, ...). The CLI maps them to exit statuses in one place (``crackscan.cli``): a
 ``UserError`` is one line on stderr and exit 2; any other exception is a bug, reported as an
-internal error with exit 3. Errors a stage counts and survives (a malformed message on a socket,
+internal error with exit 3. A :class:`RunIncomplete` (a stage of a run failed) is one line and
+exit 1. Errors a stage counts and survives (a malformed message on a socket,
 ``crackscan.wire.WireError``) are ``CrackscanError`` too, but never reach the CLI.
 
 Stage errors keep ``ValueError`` (or ``RuntimeError``) as a second base where callers have always
@@ -27,3 +28,7 @@ class CrackscanError(Exception):
 
 class UserError(CrackscanError):
     """A failure the user can fix; the CLI shows its message as one line and exits 2."""
+
+
+class RunIncomplete(CrackscanError):
+    """A run that ended without storing everything it read (a stage failed); exit status 1."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from acquisition.service import new_run_id, position_model
 from acquisition.sources import open_source
 from crackscan.config import PipelineConfig, load_pipeline_config
+from crackscan.errors import RunIncomplete, UserError
 from inference.backends import bundled_model_path, open_segmenter
 from management.db import make_engine, resolve_url, session_factory
 from management.store import list_runs
@@ -136,7 +137,6 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
     plus wall time, fps, backend and workers). ``config``: the run's config when the caller
     changed it (source flags); ``acquire_args``: those flags, passed on to acquisition (which
     also takes ``--record``)."""
-    from crackscan.errors import UserError
 
     if workers < 1:
         raise UserError("--workers must be at least 1")
@@ -198,7 +198,7 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
                                          config.management.drain_timeout_s + STOP_GRACE_S,
                                          signals)
             except StageFailed as exc:
-                raise UserError(f"run {run_id} failed: {exc}") from None
+                raise RunIncomplete(f"run {run_id} failed: {exc}") from None
             finally:
                 for process in [acquirer, *pool, manager]:
                     if process is not None:
@@ -213,7 +213,7 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
         summary = next((r for r in list_runs(session) if r["id"] == run_id), None)
     engine.dispose()
     if summary is None:
-        raise UserError(f"run {run_id} left no record in {db_url}")
+        raise RunIncomplete(f"run {run_id} left no record in {db_url}")
     summary.update(wall_s=wall_s, fps=summary["frames"] / wall_s if wall_s else 0.0,
                    backend=backend_name, workers=workers, db=db_url, interrupted=stopping)
     return summary

@@ -5,49 +5,18 @@ from __future__ import annotations
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import zmq
+from support import Consumer, frame_image, index_of, run_in_thread, write_video
 
 from acquisition.frames import SourceError, SourceFrame
 from acquisition.service import STOPPED_DRAIN_S, new_run_id, run_acquisition
 from acquisition.sources import open_source
 from crackscan.config import AcquisitionConfig, PipelineConfig
-from crackscan.wire import EndOfStreamMessage, FrameMessage, RunStartMessage, decode
 
 CONFIG = PipelineConfig()
-
-
-def frame_image(index: int, size: tuple[int, int] = (64, 48)) -> np.ndarray:
-    """A test frame (BGR, size = (width, height)) that shows its index as six bright/dark
-    stripes, a code that survives lossy video codecs."""
-    width, height = size
-    image = np.full((height, width, 3), 40, np.uint8)
-    for bit in range(6):
-        if index >> bit & 1:
-            image[:, bit * width // 6:(bit + 1) * width // 6] = 200
-    return image
-
-
-def index_of(image: np.ndarray) -> int:
-    """The index a :func:`frame_image` shows (grey or BGR)."""
-    width = image.shape[1]
-    return sum(1 << bit for bit in range(6)
-               if image[:, bit * width // 6 + 2:(bit + 1) * width // 6 - 2].mean() > 120)
-
-
-def write_video(path: Path, count: int, size: tuple[int, int] = (64, 48), fps: float = 12.5,
-                fourcc: str = "mp4v") -> Path:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
-    assert writer.isOpened()
-    for index in range(count):
-        writer.write(frame_image(index, size))
-    writer.release()
-    return path
 
 
 def avi_frame_chunks(data: bytes) -> list[tuple[int, int]]:
@@ -182,70 +151,6 @@ def test_synthetic_source(tmp_path):
 
 # --- the service --------------------------------------------------------------------------------
 
-class Consumer:
-    """A test's inference worker (PULL on the frame stream) and management (PULL on control)."""
-
-    def __init__(self, tmp_path: Path, read_frames: bool = True, delay_s: float = 0.0) -> None:
-        self.frames_spec = f"push+bind:ipc://{tmp_path}/f"
-        self.control_spec = f"push+connect:ipc://{tmp_path}/c"
-        self.context = zmq.Context()
-        self.control = self.context.socket(zmq.PULL)
-        self.control.bind(f"ipc://{tmp_path}/c")
-        self.frames = self.context.socket(zmq.PULL)
-        self.frames.setsockopt(zmq.RCVHWM, 1)  # a busy worker: its queue fills at once
-        self.frames.setsockopt(zmq.RECONNECT_IVL, 10)
-        self.frames.connect(f"ipc://{tmp_path}/f")
-        self.read_frames, self.delay_s = read_frames, delay_s
-        self.start: RunStartMessage | None = None
-        self.end: EndOfStreamMessage | None = None
-        self.received: list[FrameMessage] = []
-        self.received_before_end = -1
-
-    def collect(self, timeout_s: float = 20.0) -> None:
-        poller = zmq.Poller()
-        poller.register(self.control, zmq.POLLIN)
-        if self.read_frames:
-            poller.register(self.frames, zmq.POLLIN)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.end is not None and (not self.read_frames
-                                         or len(self.received) >= self.end.frames_sent):
-                return
-            events = dict(poller.poll(50))
-            if self.control in events:
-                message = decode(self.control.recv_multipart())
-                if isinstance(message, RunStartMessage):
-                    # no order between the two sockets: a frame may overtake the run_start
-                    assert self.start is None
-                    self.start = message
-                else:
-                    self.end = message
-                    self.received_before_end = len(self.received)
-            if self.frames in events:
-                self.received.append(FrameMessage.from_frames(self.frames.recv_multipart()))
-                time.sleep(self.delay_s)
-        raise AssertionError(f"the run did not finish in time: start {self.start}, end {self.end}, "
-                             f"frames {[m.seq for m in self.received]}")
-
-    def close(self) -> None:
-        self.frames.close(linger=0)
-        self.control.close(linger=0)
-        self.context.term()
-
-
-def run_in_thread(consumer: Consumer, source, mode: str, config: PipelineConfig,
-                  stop: threading.Event | None = None, **kwargs) -> EndOfStreamMessage:
-    stop = stop or threading.Event()
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(run_acquisition, source, consumer.frames_spec,
-                             consumer.control_spec, "run-1", mode, config, stop, **kwargs)
-        try:
-            consumer.collect()
-        finally:
-            stop.set()  # the consumer has all it waits for: end the drain (or a failed run)
-        return future.result(timeout=10)
-
-
 def test_replay_sends_every_frame_once_in_order_to_a_slow_consumer(tmp_path):
     count, fps = 30, 25.0
     path = write_video(tmp_path / "drive.mp4", count, size=(320, 240), fps=fps)
@@ -332,7 +237,7 @@ def test_live_mode_drops_frames_a_busy_consumer_cannot_take(tmp_path):
     assert elapsed >= (count - 1) / fps * 0.9  # a recording played live keeps its frame rate
 
 
-@pytest.mark.parametrize("finish_after_s", [1.0, None])
+@pytest.mark.parametrize("finish_after_s", [1.0, pytest.param(None, marks=pytest.mark.slow)])
 def test_stop_ends_a_blocked_replay_with_reason_stopped(tmp_path, finish_after_s):
     """A stop ends reading at once; the frames already sent are kept flowing until ``finish``
     (the pipeline's second signal, once management has them) or, without it, for at most

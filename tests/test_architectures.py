@@ -7,8 +7,6 @@ Inputs stay at 64 px or less and one torch thread, so the file runs in seconds o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -31,14 +29,7 @@ CASES = [pytest.param(name, {}, id=name) for name in MODELS] + [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(name: str, params: dict, num_classes: int = 1) -> nn.Module:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_pipeline import crackscan
+from support import crackscan
 
 from crackscan.bench import vehicle_speed_kmh
 from crackscan.config import PipelineConfig
@@ -15,6 +15,7 @@ KEYS = {"model_fps", "pipeline_fps", "latency_ms_p50", "latency_ms_p99", "backen
         "pipeline_efficiency", "speed_kmh", "memory_mb_model", "memory_mb_stage_max"}
 
 
+@pytest.mark.slow
 def test_bench_json_measures_model_and_pipeline_on_the_same_frames():
     result = json.loads(crackscan("bench", "--source", "synthetic:1.2", "--frames", "4",
                                   "--format", "json").stdout)
@@ -58,6 +59,7 @@ def test_build_engine_without_tensorrt_says_where_it_comes_from():
     assert result.returncode == 2 and "--calib" in result.stderr
 
 
+@pytest.mark.slow
 def test_bench_repeats_and_reports_the_median_repeat():
     result = json.loads(crackscan("bench", "--source", "synthetic:0.6", "--frames", "2",
                                   "--repeat", "3", "--format", "json").stdout)
@@ -73,6 +75,7 @@ def test_bench_repeats_and_reports_the_median_repeat():
         efficiencies[0], efficiencies[2])
 
 
+@pytest.mark.slow
 def test_bench_measures_the_model_as_the_config_runs_it(tmp_path):
     """With test-time augmentation in the pipeline config, the bare-model rate is measured with
     it too (the workers run it), so the efficiency still compares like with like."""

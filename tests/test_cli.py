@@ -3,10 +3,8 @@ error, 3 internal error) and read commands that never create a database."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from support import crackscan
 
 from crackscan import cli
 from crackscan.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR
@@ -21,13 +19,8 @@ READ_COMMANDS = (
 )
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "crackscan", *args], capture_output=True,
-                          text=True, timeout=120)
-
-
 def test_top_level_help_says_what_crackscan_is_in_one_line():
-    done = run_cli("--help")
+    done = crackscan("--help", check=False)
     assert done.returncode == 0
     description = done.stdout.split("\n\n")[1]
     assert description.replace("\n", " ").startswith("crackscan: real-time crack inspection")
@@ -38,7 +31,7 @@ def test_top_level_help_says_what_crackscan_is_in_one_line():
 def test_read_commands_never_create_a_missing_database(tmp_path, command):
     url = f"sqlite:///{tmp_path}/no/such/dir/x.db"
     args = [part.replace("REPORT", str(tmp_path / "r.html")) for part in command]
-    done = run_cli(*args, "--db", url)
+    done = crackscan(*args, "--db", url, check=False)
     assert done.returncode == EXIT_USER_ERROR, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not exist" in lines[0] and "Traceback" not in done.stderr
@@ -49,7 +42,7 @@ def test_read_commands_never_create_a_missing_database(tmp_path, command):
 def test_read_command_refuses_a_file_without_crackscan_tables(tmp_path):
     empty = tmp_path / "empty.db"
     empty.touch()
-    done = run_cli("query", "--db", f"sqlite:///{empty}")
+    done = crackscan("query", "--db", f"sqlite:///{empty}", check=False)
     assert done.returncode == EXIT_USER_ERROR
     assert "holds no crackscan tables" in done.stderr.strip().splitlines()[-1]
     assert empty.stat().st_size == 0  # nothing was created in it
@@ -57,14 +50,14 @@ def test_read_command_refuses_a_file_without_crackscan_tables(tmp_path):
 
 def test_writers_still_create_the_database(tmp_path):
     db = tmp_path / "new" / "x.db"
-    done = run_cli("db", "upgrade", "--db", f"sqlite:///{db}")
+    done = crackscan("db", "upgrade", "--db", f"sqlite:///{db}", check=False)
     assert done.returncode == 0, done.stderr
     assert db.is_file()
-    assert run_cli("runs", "--db", f"sqlite:///{db}").returncode == 0
+    assert crackscan("runs", "--db", f"sqlite:///{db}", check=False).returncode == 0
 
 
 def test_a_bad_flag_value_is_a_user_error():
-    done = run_cli("synth", "--out", "unused.mp4", "--seconds", "0")
+    done = crackscan("synth", "--out", "unused.mp4", "--seconds", "0", check=False)
     assert done.returncode == EXIT_USER_ERROR
     assert done.stderr.strip() == "crackscan: error: seconds must be a positive number, got 0.0"
 
@@ -90,3 +83,36 @@ def test_the_backend_flag_offers_every_backend_the_factory_knows():
     from inference.backends import BACKENDS as FACTORY_BACKENDS
 
     assert BACKENDS == FACTORY_BACKENDS
+
+
+def test_a_run_that_fails_midway_is_exit_1_in_one_line(monkeypatch, capsys):
+    import crackscan.pipeline
+    from crackscan.errors import EXIT_INCOMPLETE, RunIncomplete
+
+    def stage_failed(**kwargs):
+        raise RunIncomplete("run r1 failed: management exited with status 3")
+
+    monkeypatch.setattr(crackscan.pipeline, "run_pipeline", stage_failed)
+    assert cli.main(["run", "--source", "synthetic:1"]) == EXIT_INCOMPLETE
+    assert capsys.readouterr().err.strip() == (
+        "crackscan: error: run r1 failed: management exited with status 3")
+
+
+def test_signals_stop_a_stage_then_end_it_now():
+    import os
+    import signal
+    import threading
+
+    from crackscan.cli.common import stop_on_signals
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        again = threading.Event()
+        stop = stop_on_signals(again=again)
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        assert stop.wait(10) and not again.is_set()  # signalled while waiting on the event
+        os.kill(os.getpid(), signal.SIGINT)
+        assert again.wait(10)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

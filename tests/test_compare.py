@@ -5,20 +5,23 @@ Postgres) and on a real pipeline run of a synthetic drive whose cracks then grew
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from support import (
+    SEVERITY,
+    T0,
+    crackscan,
+    crackscan_concurrently,
+    result_message,
+    run_start_message,
+)
 
-from crackscan.config import SeverityConfig
-from crackscan.wire import CrackRecord, ResultMessage, RunStartMessage
+from crackscan.wire import CrackRecord, ResultMessage
 from management import store
 from management.compare import CHANGE_COLUMNS, change_rows, compare_runs
 from management.db import make_engine, session_factory
 
-SEVERITY = SeverityConfig()
-T0 = 1_795_000_000.0
 EARLIER = "20261121-100000-aaaa"
 LATER = "20271121-100000-bbbb"
 
@@ -191,15 +194,6 @@ def test_empty_runs_and_bad_parameters():
 
 # --- through the database and the command --------------------------------------------------------
 
-def crackscan(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "crackscan", *args], capture_output=True,
-                            text=True, timeout=120)
-    if check and result.returncode != 0:
-        raise AssertionError(f"crackscan {' '.join(args)} failed ({result.returncode}):\n"
-                             f"{result.stderr[-3000:]}")
-    return result
-
-
 def record(index: int, start_m: float, end_m: float, arc_mm: float, width: float,
            length_mm: float | None = None) -> CrackRecord:
     """A straight detection from (start_m, arc_mm) to (end_m, arc_mm + 5)."""
@@ -216,24 +210,14 @@ def record(index: int, start_m: float, end_m: float, arc_mm: float, width: float
         polyline=((start_m, arc_mm), (middle, arc_mm + 2.5), (end_m, arc_mm + 5.0)))
 
 
-def result(run_id: str, seq: int, cracks: tuple[CrackRecord, ...] = ()) -> ResultMessage:
-    return ResultMessage(run_id=run_id, camera_id="cam0", seq=seq, capture_time=T0 + seq * 0.1,
-                         chainage_m=100.0 + seq * 0.1, inference_ms=10.0, model="m@1",
-                         worker="w", cracks=cracks, mask=np.zeros((32, 48), np.uint8))
-
-
-def run_start(run_id: str, started_at: float) -> RunStartMessage:
-    return RunStartMessage(run_id=run_id, source="drive.mp4", mode="replay",
-                           started_at=started_at, cameras=("cam0",), config={})
-
-
 def store_run(url: str, run_id: str, started_at: float, frames: list[tuple[CrackRecord, ...]]
               ) -> None:
     engine = make_engine(url)
     try:
         with session_factory(engine).begin() as session:
-            store.start_run(session, run_start(run_id, started_at))
-            store.store_results(session, [result(run_id, seq, cracks)
+            store.start_run(session, run_start_message(run_id, started_at))
+            store.store_results(session, [result_message(run_id, seq, cracks,
+                                                         chainage_m=100.0 + seq * 0.1)
                                           for seq, cracks in enumerate(frames)])
             store.merge_run(session, run_id)
     finally:
@@ -280,19 +264,21 @@ def test_compare_two_stored_inspections(db_url):
 def test_compare_table_csv_and_one_line_errors(tmp_path):
     db = f"sqlite:///{tmp_path / 'cracks.db'}"
     store_inspections(db)
-    table = crackscan("compare", EARLIER, LATER, "--db", db).stdout
+    table, csv_lines = (done.stdout for done in crackscan_concurrently(
+        ("compare", EARLIER, LATER, "--db", db),
+        ("compare", EARLIER, LATER, "--db", db, "--format", "csv")))
+    missing, bad = crackscan_concurrently(
+        ("compare", EARLIER, "no-such-run", "--db", db),
+        ("compare", EARLIER, LATER, "--db", db, "--tolerance-mm", "0"), check=False)
     assert "2 matched (2 grown), 1 new, 1 gone" in table
     assert [line.split()[0] for line in table.splitlines()[1:]] == ["change", "grown", "grown",
                                                                     "gone", "new"]
-    csv_lines = crackscan("compare", EARLIER, LATER, "--db", db, "--format",
-                          "csv").stdout.splitlines()
+    csv_lines = csv_lines.splitlines()
     assert csv_lines[0] == ",".join(CHANGE_COLUMNS) and len(csv_lines) == 5
     assert csv_lines[1].startswith("grown,1,1,")
 
-    missing = crackscan("compare", EARLIER, "no-such-run", "--db", db, check=False)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "no-such-run" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
-    bad = crackscan("compare", EARLIER, LATER, "--db", db, "--tolerance-mm", "0", check=False)
     assert bad.returncode == 2 and "--tolerance-mm must be" in bad.stderr
 
 
@@ -326,6 +312,7 @@ def later_drive(cracks: list[dict], run_id: str, offset_m: float, grow: set[int]
                          mask=np.zeros((8, 8), np.uint8), cracks=tuple(records))
 
 
+@pytest.mark.slow
 def test_two_synthetic_drives_where_cracks_grew(tmp_path):
     """The real pipeline on a short synthetic drive, then a later drive of it built from the
     stored physical cracks on an odometer 0.25 m short: the longest crack was repaired, every
@@ -344,7 +331,7 @@ def test_two_synthetic_drives_where_cracks_grew(tmp_path):
             assert len(kept) >= 2, "the synthetic drive gave too few cracks to compare"
             grow = {c["number"] for c in kept[::2]}
             opened = physical(0, [(0.5, 1500.0), (0.6, 1520.0)], width=0.2)
-            store.start_run(session, run_start(LATER, T0 + 365 * 86400))
+            store.start_run(session, run_start_message(LATER, T0 + 365 * 86400))
             store.store_results(session, [later_drive(kept + [opened], LATER, 0.25, grow)])
             store.merge_run(session, LATER)
     finally:

@@ -2,7 +2,8 @@
 norm frozen while training, and ``init_from`` in recipes and on the command line.
 
 Every model here is trained for one epoch on 64-px synthetic images and exported for real, so
-the ONNX files are what ``crackscan export`` writes.
+the ONNX files are what ``crackscan export`` writes; the model they start from is the session's
+``tiny_model``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from pydantic import ValidationError
-from test_training import run_crackscan, tiny_config, torch_threads, write_crack_dataset
+from support import crackscan_concurrently, tiny_config
 
 from training.config import TrainConfig
 from training.export import export_checkpoint
@@ -26,23 +27,7 @@ from training.loop import main as train_main
 from training.models import build_model, get_spec
 from training.onnx_weights import freeze_batch_norm, grow, load_onnx_weights
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict:
-    """A mobilenet_aspp trained one epoch (batch norm statistics moved away from their start)
-    and exported: its dataset, checkpoint and ONNX file."""
-    root = tmp_path_factory.mktemp("exported")
-    data = root / "cracks"
-    write_crack_dataset(data)
-    train_main(tiny_config(data, root / "run", epochs=1))
-    export_checkpoint(root / "run" / "best.pt", root / "model.onnx")
-    return {"data": data, "checkpoint": root / "run" / "best.pt", "onnx": root / "model.onnx"}
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def onnx_logits(path, x: np.ndarray) -> np.ndarray:
@@ -50,38 +35,38 @@ def onnx_logits(path, x: np.ndarray) -> np.ndarray:
     return session.run(["logits"], {"image": x})[0]
 
 
-def test_onnx_weights_reproduce_the_exported_model(exported):
-    state = torch.load(exported["checkpoint"], map_location="cpu", weights_only=False)
+def test_onnx_weights_reproduce_the_exported_model(tiny_model):
+    state = torch.load(tiny_model.checkpoint, map_location="cpu", weights_only=False)
     norm = state["model"]["encoder.features.0.1.running_var"]
     assert not torch.allclose(norm, torch.ones_like(norm))  # real statistics were folded
 
     model = build_model("mobilenet_aspp")  # fresh: random weights, default statistics
-    assert load_onnx_weights(model, exported["onnx"], 32) == 66
+    assert load_onnx_weights(model, tiny_model.model, 32) == 66
     x = np.random.default_rng(3).normal(size=(1, 3, 96, 64)).astype(np.float32)
     with torch.no_grad():
         got = model.eval()(torch.from_numpy(x)).numpy()
-    expected = onnx_logits(exported["onnx"], x)
+    expected = onnx_logits(tiny_model.model, x)
     assert np.abs(got - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
     # the batch norms are the identity plus the folded shift
     first_norm = model.encoder.features[0][1]
     assert torch.all(first_norm.running_mean == 0) and torch.all(first_norm.weight == 1)
 
 
-def test_onnx_weights_of_another_architecture_are_refused(exported):
+def test_onnx_weights_of_another_architecture_are_refused(tiny_model):
     with pytest.raises(ValueError, match="convolutions"):
-        load_onnx_weights(build_model("resnet18_aspp"), exported["onnx"], 32)
+        load_onnx_weights(build_model("resnet18_aspp"), tiny_model.model, 32)
     with pytest.raises(ValueError, match="shape"):  # same layers, other width
-        load_onnx_weights(build_model("mobilenet_aspp", width_mult=0.5), exported["onnx"], 32)
+        load_onnx_weights(build_model("mobilenet_aspp", width_mult=0.5), tiny_model.model, 32)
 
 
-def test_frozen_batch_norm_keeps_its_statistics_while_the_rest_learns(exported, tmp_path):
+def test_frozen_batch_norm_keeps_its_statistics_while_the_rest_learns(tiny_model, tmp_path):
     out = tmp_path / "ft"
-    cfg = tiny_config(exported["data"], out, epochs=1).model_copy(
-        update={"init_from": exported["onnx"], "freeze_bn": True})
+    cfg = tiny_config(tiny_model.data, out, epochs=1).model_copy(
+        update={"init_from": tiny_model.model, "freeze_bn": True})
     train_main(cfg)
     tuned = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["model"]
     start = build_model("mobilenet_aspp")
-    load_onnx_weights(start, exported["onnx"], 32)
+    load_onnx_weights(start, tiny_model.model, 32)
     before = start.state_dict()
     for name, value in tuned.items():
         if name.endswith(("running_mean", "running_var")):
@@ -105,38 +90,40 @@ def test_an_onnx_init_needs_frozen_batch_norm():
     TrainConfig(init_from="best.pt")  # a checkpoint has its statistics: no need
 
 
-def test_init_from_a_checkpoint_starts_where_it_ended(exported, tmp_path):
+def test_init_from_a_checkpoint_starts_where_it_ended(tiny_model, tmp_path):
     out = tmp_path / "from_pt"
-    cfg = tiny_config(exported["data"], out, epochs=1).model_copy(
-        update={"init_from": exported["checkpoint"], "lr": 1e-9})  # a step too small to move
+    cfg = tiny_config(tiny_model.data, out, epochs=1).model_copy(
+        update={"init_from": tiny_model.checkpoint, "lr": 1e-9})  # a step too small to move
     train_main(cfg)
-    start = torch.load(exported["checkpoint"], map_location="cpu", weights_only=False)["model"]
+    start = torch.load(tiny_model.checkpoint, map_location="cpu", weights_only=False)["model"]
     tuned = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["model"]
     weight = "decoder.fuse.1.3.weight"
     assert torch.allclose(tuned[weight], start[weight], atol=1e-6)
 
 
-def test_crackscan_train_init_from_the_command_line(exported, tmp_path):
+@pytest.mark.slow
+def test_crackscan_train_init_from_the_command_line(tiny_model, tmp_path):
     recipe = tmp_path / "ft.yaml"
     recipe.write_text(yaml.safe_dump({"model": "mobilenet_aspp", "crop": 64, "batch_size": 2,
                                       "epochs": 1, "num_threads": 1, "freeze_bn": True}))
-    done = run_crackscan("train", "--config", recipe, "--data", exported["data"],
-                         "--init-from", exported["onnx"], "--out", tmp_path / "run")
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"model": "resnet18_aspp", "freeze_bn": True, "epochs": 1}))
+    done, refused = crackscan_concurrently(
+        ("train", "--config", recipe, "--data", tiny_model.data, "--init-from", tiny_model.model,
+         "--out", tmp_path / "run"),
+        ("train", "--config", other, "--data", tiny_model.data, "--init-from", tiny_model.model,
+         "--out", tmp_path / "bad"), check=False)
     assert done.returncode == 0, done.stderr
     assert "66 convolutions from" in done.stderr and "batch norm frozen" in done.stderr
     assert json.loads(done.stdout)["epochs"] == 1
 
-    other = tmp_path / "other.yaml"
-    other.write_text(yaml.safe_dump({"model": "resnet18_aspp", "freeze_bn": True, "epochs": 1}))
-    done = run_crackscan("train", "--config", other, "--data", exported["data"],
-                         "--init-from", exported["onnx"], "--out", tmp_path / "bad")
-    assert done.returncode != 0
-    assert "is a 'mobilenet_aspp' model, the recipe trains 'resnet18_aspp'" in done.stderr
+    assert refused.returncode != 0
+    assert "is a 'mobilenet_aspp' model, the recipe trains 'resnet18_aspp'" in refused.stderr
 
 
-def test_a_stride_2_refinement_grown_on_an_onnx_model_starts_as_that_model(exported):
+def test_a_stride_2_refinement_grown_on_an_onnx_model_starts_as_that_model(tiny_model):
     cfg = TrainConfig(model="mobilenet_aspp", model_params={"fine_skip": True},
-                      init_from=exported["onnx"], freeze_bn=True)
+                      init_from=tiny_model.model, freeze_bn=True)
     model = build_model("mobilenet_aspp", fine_skip=True)
     assert "new stride-2 refinement (12 tensors)" in init_weights(model, cfg,
                                                                    get_spec("mobilenet_aspp"))
@@ -151,14 +138,14 @@ def test_a_stride_2_refinement_grown_on_an_onnx_model_starts_as_that_model(expor
         once = F.interpolate(stride4, size=image.shape[-2:], mode="bilinear")
     assert torch.allclose(got, twice, atol=1e-6)
     # and those stride-4 logits are the ONNX model's (which upsamples x4 in one step)
-    expected = onnx_logits(exported["onnx"], x)
+    expected = onnx_logits(tiny_model.model, x)
     assert np.abs(once.numpy() - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
 
 
-def test_a_refined_model_trains_its_refinement_and_round_trips_through_onnx(exported, tmp_path):
+def test_a_refined_model_trains_its_refinement_and_round_trips_through_onnx(tiny_model, tmp_path):
     out = tmp_path / "fine"
-    cfg = tiny_config(exported["data"], out, epochs=1).model_copy(
-        update={"model_params": {"fine_skip": True}, "init_from": exported["onnx"],
+    cfg = tiny_config(tiny_model.data, out, epochs=1).model_copy(
+        update={"model_params": {"fine_skip": True}, "init_from": tiny_model.model,
                 "freeze_bn": True})
     train_main(cfg)
     tuned = torch.load(out / "last.pt", map_location="cpu", weights_only=False)["model"]
@@ -180,17 +167,17 @@ def test_grow_refuses_a_model_that_differs_beyond_its_new_part():
              "refine.")
 
 
-def test_interpolation_runs_the_straight_line_from_start_to_fine_tune(exported, tmp_path):
+def test_interpolation_runs_the_straight_line_from_start_to_fine_tune(tiny_model, tmp_path):
     """WiSE-FT: alpha 0 is the start model (ONNX Runtime gives its logits), 1 the fine-tune,
     0.5 the mean of every weight; the blend's threshold is chosen on the run's validation split."""
     from training.interpolate import interpolate_checkpoint
 
-    cfg = tiny_config(exported["data"], tmp_path / "ft", epochs=1).model_copy(
-        update={"init_from": exported["onnx"], "freeze_bn": True, "lr": 0.01})
+    cfg = tiny_config(tiny_model.data, tmp_path / "ft", epochs=1).model_copy(
+        update={"init_from": tiny_model.model, "freeze_bn": True, "lr": 0.01})
     train_main(cfg)
     tuned = torch.load(tmp_path / "ft" / "best.pt", map_location="cpu", weights_only=False)
     start = build_model("mobilenet_aspp")
-    load_onnx_weights(start, exported["onnx"], 32)
+    load_onnx_weights(start, tiny_model.model, 32)
     x = np.random.default_rng(5).normal(size=(1, 3, 64, 96)).astype(np.float32)
 
     zero = interpolate_checkpoint(tmp_path / "ft" / "best.pt", 0.0, tmp_path / "a0.pt",
@@ -199,7 +186,7 @@ def test_interpolation_runs_the_straight_line_from_start_to_fine_tune(exported, 
     model.load_state_dict(zero["model"])
     with torch.no_grad():
         got = model.eval()(torch.from_numpy(x)).numpy()
-    expected = onnx_logits(exported["onnx"], x)
+    expected = onnx_logits(tiny_model.model, x)
     assert np.abs(got - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
 
     one = interpolate_checkpoint(tmp_path / "ft" / "best.pt", 1.0, tmp_path / "a1.pt",
@@ -218,22 +205,24 @@ def test_interpolation_runs_the_straight_line_from_start_to_fine_tune(exported, 
     assert half["interpolated"]["alpha"] == 0.5
 
 
-def test_crackscan_export_interpolate(exported, tmp_path):
-    cfg = tiny_config(exported["data"], tmp_path / "ft", epochs=1).model_copy(
-        update={"init_from": exported["onnx"], "freeze_bn": True})
+@pytest.mark.slow
+def test_crackscan_export_interpolate(tiny_model, tmp_path):
+    cfg = tiny_config(tiny_model.data, tmp_path / "ft", epochs=1).model_copy(
+        update={"init_from": tiny_model.model, "freeze_bn": True})
     train_main(cfg)
     out = tmp_path / "blend.onnx"
-    done = run_crackscan("export", "--checkpoint", tmp_path / "ft" / "best.pt",
-                         "--interpolate", 0.25, "--out", out)
+    done, scratch = crackscan_concurrently(
+        ("export", "--checkpoint", tmp_path / "ft" / "best.pt", "--interpolate", 0.25, "--out",
+         out),
+        ("export", "--checkpoint", tiny_model.checkpoint, "--interpolate", 0.5, "--out",
+         tmp_path / "never.onnx"), check=False)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "ft" / "best.wise0.25.pt").is_file()
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     blend = json.loads(metadata["crackscan.interpolated"])
-    assert blend["alpha"] == 0.25 and blend["origin"] == exported["onnx"].name
+    assert blend["alpha"] == 0.25 and blend["origin"] == tiny_model.model.name
     report = json.loads((tmp_path / "ft" / "best.wise0.25.val_report.json").read_text())
     assert float(metadata["crackscan.threshold"]) == report["default_threshold"]
 
-    scratch = run_crackscan("export", "--checkpoint", exported["checkpoint"], "--interpolate",
-                            0.5, "--out", tmp_path / "never.onnx")
     assert scratch.returncode != 0 and "trained from scratch" in scratch.stderr
     assert "Traceback" not in scratch.stderr

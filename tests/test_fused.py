@@ -126,7 +126,8 @@ def test_a_worker_loads_the_model_without_importing_the_onnx_package() -> None:
     still works on that graph."""
     script = textwrap.dedent("""
         import sys
-        from inference.segmenter import OnnxRuntimeSegmenter, bundled_model_path, load_onnx_model
+        from inference.backends import bundled_model_path
+        from inference.onnxruntime_backend import OnnxRuntimeSegmenter, load_onnx_model
         from inference.fused import fuse_io
         segmenter = OnnxRuntimeSegmenter(bundled_model_path(), threads=1)
         assert "onnx" not in sys.modules and "ml_dtypes" not in sys.modules, "onnx imported"

@@ -12,63 +12,30 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
-import numpy as np
 import pytest
 import zmq
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
+from support import (
+    MODEL,
+    T0,
+    crack_record,
+    end_message,
+    result_message,
+    run_start_message,
+)
 
-from crackscan.config import ManagementConfig, SeverityConfig
+from crackscan.config import ManagementConfig
 from crackscan.sockets import SocketSpec
-from crackscan.wire import CrackRecord, EndOfStreamMessage, ResultMessage, RunStartMessage
+from crackscan.wire import ResultMessage, RunStartMessage
 from management import store
 from management.db import DEFAULT_URL, DatabaseError, make_engine, resolve_url, session_factory
 from management.formats import render
 from management.models import Crack, Frame, Tunnel
 from management.service import ManagementStats, run_management
 
-T0 = 1_795_000_000.0  # unix seconds, 2026-11-18
 RUN_A = "20261121-100000-aaaa"
 RUN_B = "20261121-110000-bbbb"
-MODEL = "mobilenet_aspp@3f2a9c01"
-SEVERITY = SeverityConfig()
-
-
-def crack(index: int, chainage_m: float, width_max_mm: float, length_mm: float,
-          crack_type: str = "longitudinal", span_m: tuple[float, float] | None = None,
-          arc_mm: float = 1500.0) -> CrackRecord:
-    start, end = span_m or (chainage_m - 0.05, chainage_m + 0.05)
-    return CrackRecord(
-        index=index, length_px=length_mm / 0.5, length_mm=length_mm,
-        width_mean_mm=round(width_max_mm * 0.5, 4), width_max_mm=width_max_mm,
-        width_p95_mm=round(width_max_mm * 0.875, 4), width_max_px=width_max_mm / 0.5,
-        orientation_deg=7.5, type=crack_type, severity=SEVERITY.classify(width_max_mm),
-        area_px=int(length_mm * 4), area_mm2=length_mm * width_max_mm * 0.5,
-        bbox_px=(10 + index, 20, 200, 12), chainage_m=chainage_m, chainage_start_m=start,
-        chainage_end_m=end, arc_mm=arc_mm, score_mean=0.8125,
-        polyline_px=((10.0, 25.0), (110.0, 27.5), (210.0, 26.0)),
-        polyline=((start, arc_mm - 2.0), (chainage_m, arc_mm), (end, arc_mm + 1.5)))
-
-
-def result(run_id: str, seq: int, cracks: tuple[CrackRecord, ...] = (), camera: str = "cam0",
-           chainage_m: float | None = None, worker: str = "worker-0") -> ResultMessage:
-    return ResultMessage(
-        run_id=run_id, camera_id=camera, seq=seq, capture_time=T0 + seq * 0.1,
-        chainage_m=100.0 + seq if chainage_m is None else chainage_m, inference_ms=12.5,
-        model=MODEL, worker=worker, cracks=cracks, mask=np.zeros((32, 48), np.uint8))
-
-
-def run_start(run_id: str, started_at: float = T0, cameras: tuple[str, ...] = ("cam0",),
-              source: str = "drive.mp4") -> RunStartMessage:
-    return RunStartMessage(run_id=run_id, source=source, mode="replay", started_at=started_at,
-                           cameras=cameras, config={"camera": {"mm_per_px_along": 0.5}})
-
-
-def end(run_id: str, camera: str = "cam0", frames_sent: int = 3,
-        reason: str = "end_of_source") -> EndOfStreamMessage:
-    return EndOfStreamMessage(run_id=run_id, camera_id=camera, ended_at=T0 + 60.0,
-                              frames_read=frames_sent + 1, frames_sent=frames_sent,
-                              frames_dropped=0, frames_bad=1, reason=reason)
 
 
 @pytest.fixture
@@ -91,17 +58,24 @@ def populate(session: Session) -> None:
               seq 1 at 101 m: a 0.5 mm diagonal crack spanning 100.8..101.3 m; seq 2: none.
     B (cam0): seq 0 at 100.5 m: a 3.2 mm network; seq 1 at 250 m: a 0.25 mm longitudinal.
     """
-    store.start_run(session, run_start(RUN_B, started_at=T0 + 3600))
-    store.start_run(session, run_start(RUN_A))
+    store.start_run(session, run_start_message(RUN_B, started_at=T0 + 3600))
+    store.start_run(session, run_start_message(RUN_A))
     store.store_results(session, [
-        result(RUN_A, 0, (crack(0, 100.0, 0.1, 20.0),
-                          crack(1, 100.2, 0.35, 120.0, "circumferential"))),
-        result(RUN_A, 1, (crack(0, 101.0, 0.5, 300.0, "diagonal", span_m=(100.8, 101.3)),)),
-        result(RUN_A, 2),
-        result(RUN_B, 0, (crack(0, 100.5, 3.2, 800.0, "network"),), chainage_m=100.5),
-        result(RUN_B, 1, (crack(0, 250.0, 0.25, 60.0),), chainage_m=250.0),
+        result_message(RUN_A, 0, (crack_record(0, 100.0, 0.1, 20.0),
+                                  crack_record(1, 100.2, 0.35, 120.0, "circumferential"))),
+        result_message(RUN_A, 1, (crack_record(0, 101.0, 0.5, 300.0, "diagonal",
+                                               span_m=(100.8, 101.3)),)),
+        result_message(RUN_A, 2),
+        result_message(RUN_B, 0, (crack_record(0, 100.5, 3.2, 800.0, "network"),),
+                       chainage_m=100.5),
+        result_message(RUN_B, 1, (crack_record(0, 250.0, 0.25, 60.0),), chainage_m=250.0),
     ])
     session.commit()
+
+
+def frame_with_a_crack(seq: int) -> ResultMessage:
+    """Frame ``seq`` of run A: one 0.3 mm wide, 80 mm long crack at its chainage, 100 + seq m."""
+    return result_message(RUN_A, seq, (crack_record(0, 100.0 + seq, 0.3, 80.0),))
 
 
 def keys(records: list[dict]) -> list[tuple[str, int, int]]:
@@ -111,9 +85,10 @@ def keys(records: list[dict]) -> list[tuple[str, int, int]]:
 # --- store -------------------------------------------------------------------------------------
 
 def test_results_round_trip_with_every_crack_field(session):
-    store.start_run(session, run_start(RUN_A))
-    first = crack(0, 100.0, 0.35, 120.0, "circumferential")
-    assert store.store_results(session, [result(RUN_A, 0, (first,)), result(RUN_A, 1)]) == (2, 0)
+    store.start_run(session, run_start_message(RUN_A))
+    first = crack_record(0, 100.0, 0.35, 120.0, "circumferential")
+    assert store.store_results(session, [result_message(RUN_A, 0, (first,)),
+                                         result_message(RUN_A, 1)]) == (2, 0)
     session.commit()
 
     [record] = store.query_cracks(session, run=RUN_A)
@@ -131,12 +106,13 @@ def test_results_round_trip_with_every_crack_field(session):
 
 
 def test_a_duplicate_result_is_stored_once_and_counted(session):
-    store.start_run(session, run_start(RUN_A))
-    cracks = (crack(0, 100.0, 0.4, 50.0), crack(1, 100.1, 0.2, 30.0))
-    assert store.store_results(session, [result(RUN_A, 0, cracks), result(RUN_A, 0, cracks)]) \
-        == (1, 1)
+    store.start_run(session, run_start_message(RUN_A))
+    cracks = (crack_record(0, 100.0, 0.4, 50.0), crack_record(1, 100.1, 0.2, 30.0))
+    assert store.store_results(session, [result_message(RUN_A, 0, cracks),
+                                         result_message(RUN_A, 0, cracks)]) == (1, 1)
     session.commit()
-    assert store.store_results(session, [result(RUN_A, 0, cracks), result(RUN_A, 1)]) == (1, 1)
+    assert store.store_results(session, [result_message(RUN_A, 0, cracks),
+                                         result_message(RUN_A, 1)]) == (1, 1)
     session.commit()
 
     assert session.scalar(select(func.count(Frame.id))) == 2
@@ -146,14 +122,14 @@ def test_a_duplicate_result_is_stored_once_and_counted(session):
 
 
 def test_a_result_before_its_run_start_creates_the_run_lazily(session):
-    store.store_results(session, [result(RUN_A, 0, (crack(0, 100.0, 0.4, 50.0),))])
+    store.store_results(session, [result_message(RUN_A, 0, (crack_record(0, 100.0, 0.4, 50.0),))])
     session.commit()
     [run] = store.list_runs(session)
     assert (run["id"], run["source"], run["status"], run["frames"]) == (
         RUN_A, "unknown", "running", 1)
     assert store.run_progress(session, RUN_A)["expected"] is None
 
-    store.start_run(session, run_start(RUN_A, started_at=T0 - 5))
+    store.start_run(session, run_start_message(RUN_A, started_at=T0 - 5))
     session.commit()
     [run] = store.list_runs(session)
     assert (run["source"], run["mode"], run["cameras"], run["frames"]) == (
@@ -162,14 +138,15 @@ def test_a_result_before_its_run_start_creates_the_run_lazily(session):
 
 
 def test_end_counts_each_camera_once_and_expected_waits_for_all_cameras(session):
-    store.start_run(session, run_start(RUN_A, cameras=("cam0", "cam1")))
-    store.store_results(session, [result(RUN_A, 0), result(RUN_A, 0, camera="cam1")])
-    assert store.end_stream(session, end(RUN_A, "cam0", frames_sent=3))
+    store.start_run(session, run_start_message(RUN_A, cameras=("cam0", "cam1")))
+    store.store_results(session, [result_message(RUN_A, 0),
+                                  result_message(RUN_A, 0, camera="cam1")])
+    assert store.end_stream(session, end_message(RUN_A, "cam0", frames_sent=3))
     session.commit()
     assert store.run_progress(session, RUN_A)["expected"] is None
 
-    assert not store.end_stream(session, end(RUN_A, "cam0", frames_sent=3))
-    assert store.end_stream(session, end(RUN_A, "cam1", frames_sent=2, reason="stopped"))
+    assert not store.end_stream(session, end_message(RUN_A, "cam0", frames_sent=3))
+    assert store.end_stream(session, end_message(RUN_A, "cam1", frames_sent=2, reason="stopped"))
     session.commit()
     progress = store.run_progress(session, RUN_A)
     assert (progress["expected"], progress["stored"], progress["missing"]) == (5, 2, 3)
@@ -179,7 +156,7 @@ def test_end_counts_each_camera_once_and_expected_waits_for_all_cameras(session)
 
 
 def test_finish_run_sets_status_and_end_time(session):
-    store.start_run(session, run_start(RUN_A))
+    store.start_run(session, run_start_message(RUN_A))
     session.commit()
     store.finish_run(session, RUN_A, "incomplete")
     session.commit()
@@ -192,7 +169,7 @@ def test_finish_run_sets_status_and_end_time(session):
 
 def test_list_runs_oldest_first_with_counts(session):
     populate(session)
-    store.end_stream(session, end(RUN_A, frames_sent=3))
+    store.end_stream(session, end_message(RUN_A, frames_sent=3))
     store.finish_run(session, RUN_A, "complete")
     session.commit()
 
@@ -453,17 +430,17 @@ def runs_by_id(engine: Engine) -> dict[str, dict]:
 def test_management_stores_each_frame_once_and_completes_the_run(engine, management):
     service = management(ManagementConfig(batch_size=3, batch_seconds=0.05))
     acquisition, worker_a, worker_b = service.pusher(), service.pusher(), service.pusher()
-    acquisition.send_multipart(run_start(RUN_A, cameras=("cam0", "cam1")).to_frames())
+    acquisition.send_multipart(run_start_message(RUN_A, cameras=("cam0", "cam1")).to_frames())
     wait_for(lambda: RUN_A in runs_by_id(engine))
 
-    cam0 = [result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),), worker="a")
+    cam0 = [result_message(RUN_A, seq, (crack_record(0, 100.0 + seq, 0.3, 80.0),), worker="a")
             for seq in range(4)]
-    cam1 = [result(RUN_A, seq, camera="cam1", worker="b") for seq in range(3)]
+    cam1 = [result_message(RUN_A, seq, camera="cam1", worker="b") for seq in range(3)]
     for message in cam0[:2] + cam1[:1]:
         worker_a.send_multipart(message.to_frames())
     # Both ends arrive while results are still in flight; the run must wait for them.
-    acquisition.send_multipart(end(RUN_A, "cam0", frames_sent=4).to_frames())
-    acquisition.send_multipart(end(RUN_A, "cam1", frames_sent=3).to_frames())
+    acquisition.send_multipart(end_message(RUN_A, "cam0", frames_sent=4).to_frames())
+    acquisition.send_multipart(end_message(RUN_A, "cam1", frames_sent=3).to_frames())
     broken = cam0[2].to_frames()
     header = json.loads(broken[0])
     header["seq"] = "two"
@@ -490,13 +467,13 @@ def test_management_finishes_a_run_with_a_missing_result_as_incomplete(engine, m
     service = management(ManagementConfig(batch_size=50, batch_seconds=0.05,
                                           drain_timeout_s=0.5))
     push = service.pusher()
-    push.send_multipart(run_start(RUN_A).to_frames())
+    push.send_multipart(run_start_message(RUN_A).to_frames())
     for seq in (0, 1, 3):  # seq 2 never comes
-        push.send_multipart(result(RUN_A, seq).to_frames())
+        push.send_multipart(result_message(RUN_A, seq).to_frames())
     # Out of the 64-bit range: refused by the wire checks, counted as malformed, the rest kept.
-    push.send_multipart(result(RUN_A, 2**70).to_frames())
+    push.send_multipart(result_message(RUN_A, 2**70).to_frames())
     started = time.monotonic()
-    push.send_multipart(end(RUN_A, frames_sent=4).to_frames())
+    push.send_multipart(end_message(RUN_A, frames_sent=4).to_frames())
 
     assert service.join() == [RUN_A]
     assert time.monotonic() - started >= 0.5
@@ -509,10 +486,10 @@ def test_management_finishes_a_run_with_a_missing_result_as_incomplete(engine, m
 def test_management_marks_a_run_stopped_by_the_operator(engine, management):
     service = management(ManagementConfig(batch_seconds=0.05))
     push = service.pusher()
-    push.send_multipart(run_start(RUN_A).to_frames())
+    push.send_multipart(run_start_message(RUN_A).to_frames())
     for seq in range(2):
-        push.send_multipart(result(RUN_A, seq).to_frames())
-    push.send_multipart(end(RUN_A, frames_sent=2, reason="stopped").to_frames())
+        push.send_multipart(result_message(RUN_A, seq).to_frames())
+    push.send_multipart(end_message(RUN_A, frames_sent=2, reason="stopped").to_frames())
 
     assert service.join() == [RUN_A]
     assert runs_by_id(engine)[RUN_A]["status"] == "stopped"
@@ -524,10 +501,10 @@ def test_stop_stores_every_buffered_result_and_leaves_a_streaming_run_running(en
     service = management(ManagementConfig(batch_size=1000, batch_seconds=600),
                          exit_after_runs=None)
     push = service.pusher()
-    push.send_multipart(run_start(RUN_A).to_frames())
+    push.send_multipart(run_start_message(RUN_A).to_frames())
     wait_for(lambda: RUN_A in runs_by_id(engine))
     for seq in range(5):
-        push.send_multipart(result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),)).to_frames())
+        push.send_multipart(frame_with_a_crack(seq).to_frames())
     wait_for(lambda: service.stats.results == 5)
     assert runs_by_id(engine)[RUN_A]["frames"] == 0
 
@@ -571,15 +548,15 @@ def test_a_database_outage_mid_run_loses_nothing_and_the_run_says_so(db_url, eng
                          ManagementConfig(batch_size=2, batch_seconds=0.05), exit_after_runs=1)
     try:
         push = service.pusher()
-        push.send_multipart(run_start(RUN_A).to_frames())
+        push.send_multipart(run_start_message(RUN_A).to_frames())
         for seq in range(4):
-            push.send_multipart(result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),)).to_frames())
+            push.send_multipart(frame_with_a_crack(seq).to_frames())
         wait_for(lambda: runs_by_id(engine).get(RUN_A, {}).get("frames") == 4)
 
         back = outage()
         for seq in range(4, 10):
-            push.send_multipart(result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),)).to_frames())
-        push.send_multipart(end(RUN_A, frames_sent=10).to_frames())
+            push.send_multipart(frame_with_a_crack(seq).to_frames())
+        push.send_multipart(end_message(RUN_A, frames_sent=10).to_frames())
         wait_for(lambda: service.stats.database_errors >= 2, timeout=20)
         assert service.thread.is_alive() and service.finished_calls == []
         back()
@@ -603,9 +580,9 @@ def test_a_restarted_management_resumes_the_run(engine, management):
     config = ManagementConfig(batch_size=2, batch_seconds=0.05)
     first = management(config, exit_after_runs=None)
     push = first.pusher()
-    push.send_multipart(run_start(RUN_A).to_frames())
+    push.send_multipart(run_start_message(RUN_A).to_frames())
     for seq in range(5):
-        push.send_multipart(result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),)).to_frames())
+        push.send_multipart(frame_with_a_crack(seq).to_frames())
     wait_for(lambda: first.stats.stored == 5)
     first.close()
     assert runs_by_id(engine)[RUN_A]["status"] == "running"
@@ -613,13 +590,14 @@ def test_a_restarted_management_resumes_the_run(engine, management):
     second = management(config, exit_after_runs=1)
     push = second.pusher()
     for seq in range(3, 8):  # 3 and 4 again: a worker re-sending what it was not sure of
-        push.send_multipart(result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),)).to_frames())
-    push.send_multipart(end(RUN_A, frames_sent=8).to_frames())
+        push.send_multipart(frame_with_a_crack(seq).to_frames())
+    push.send_multipart(end_message(RUN_A, frames_sent=8).to_frames())
     assert second.join() == [RUN_A]
     run = runs_by_id(engine)[RUN_A]
     assert (run["status"], run["frames"], run["frames_duplicate"]) == ("complete", 8, 2)
 
 
+@pytest.mark.slow
 def test_a_killed_management_process_is_restarted_and_the_run_completes(tmp_path):
     """``crackscan manage`` killed with SIGKILL mid-run and started again on the same endpoint:
     what it had committed stays; a sender blocks while nobody listens (back-pressure, nothing
@@ -642,18 +620,17 @@ def test_a_killed_management_process_is_restarted_and_the_run_completes(tmp_path
     push.setsockopt(zmq.SNDTIMEO, 30_000)
     process = start()
     try:
-        push.send_multipart(run_start(RUN_A).to_frames())
+        push.send_multipart(run_start_message(RUN_A).to_frames())
         for seq in range(5):
-            push.send_multipart(result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),)).to_frames())
+            push.send_multipart(frame_with_a_crack(seq).to_frames())
         wait_for(lambda: runs_by_id(reader).get(RUN_A, {}).get("frames") == 5, timeout=30)
         process.send_signal(signal.SIGKILL)
         process.wait(10)
 
         def send_the_rest() -> None:
             for seq in range(5, 9):
-                push.send_multipart(
-                    result(RUN_A, seq, (crack(0, 100.0 + seq, 0.3, 80.0),)).to_frames())
-            push.send_multipart(end(RUN_A, frames_sent=9).to_frames())
+                push.send_multipart(frame_with_a_crack(seq).to_frames())
+            push.send_multipart(end_message(RUN_A, frames_sent=9).to_frames())
 
         sender = threading.Thread(target=send_the_rest)
         sender.start()
@@ -675,9 +652,9 @@ def test_a_killed_management_process_is_restarted_and_the_run_completes(tmp_path
 
 
 def test_list_runs_counts_sequence_gaps_per_camera(session):
-    store.start_run(session, run_start(RUN_A, cameras=("cam0", "cam1")))
-    store.store_results(session, [result(RUN_A, seq) for seq in (0, 1, 3, 4, 7)]
-                        + [result(RUN_A, seq, camera="cam1") for seq in (5, 7)])
+    store.start_run(session, run_start_message(RUN_A, cameras=("cam0", "cam1")))
+    store.store_results(session, [result_message(RUN_A, seq) for seq in (0, 1, 3, 4, 7)]
+                        + [result_message(RUN_A, seq, camera="cam1") for seq in (5, 7)])
     session.commit()
     (run,) = store.list_runs(session)
     assert run["seq_gaps"] == 3 + 1  # cam0 misses 2, 5, 6; cam1 misses 6
@@ -691,8 +668,8 @@ def test_runs_name_their_tunnel_and_vehicle_and_queries_filter_by_tunnel(session
     store.start_run(session, north)
     store.start_run(session, south)
     store.start_run(session, north)  # again: still one tunnel of that name
-    store.store_results(session, [result(RUN_A, 0, (crack(0, 100.0, 0.3, 80.0),)),
-                                  result(RUN_B, 0, (crack(0, 100.0, 0.3, 80.0),))])
+    store.store_results(session, [result_message(RUN_A, 0, (crack_record(0, 100.0, 0.3, 80.0),)),
+                                  result_message(RUN_B, 0, (crack_record(0, 100.0, 0.3, 80.0),))])
     session.commit()
     runs = {run["id"]: run for run in store.list_runs(session)}
     assert (runs[RUN_A]["tunnel"], runs[RUN_A]["vehicle"]) == ("North", "V1")

@@ -15,7 +15,6 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -25,7 +24,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 from skimage.morphology import skeletonize
-from test_training import DARK, run_crackscan, tiny_config, torch_threads, write_crack_dataset
+from support import (
+    DARK,
+    crackscan,
+    crackscan_concurrently,
+    tiny_config,
+    torch_threads,
+    write_crack_dataset,
+)
 
 from training import data as ds
 from training import loaders
@@ -45,10 +51,7 @@ RECIPES = sorted((Path(__file__).parents[1] / "configs" / "train").glob("*.yaml"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -504,6 +507,7 @@ def test_distillation_term_changes_the_loss(dataset, tmp_path, teacher_checkpoin
     assert not torch.equal(weights[0.0]["head.weight"], weights[0.7]["head.weight"])
 
 
+@pytest.mark.slow
 def test_crackscan_train_takes_a_teacher_flag(dataset, tmp_path, teacher_checkpoint):
     from crackscan.cli import build_parser
 
@@ -515,8 +519,8 @@ def test_crackscan_train_takes_a_teacher_flag(dataset, tmp_path, teacher_checkpo
     recipe.write_text(yaml.safe_dump({"model": "mobilenet_aspp", "crop": 64, "batch_size": 2,
                                       "epochs": 1, "num_threads": 1, "distill_alpha": 0.5}))
     out = tmp_path / "kd"
-    done = run_crackscan("train", "--config", recipe, "--data", dataset, "--out", out,
-                         "--teacher", teacher_checkpoint)
+    done = crackscan("train", "--config", recipe, "--data", dataset, "--out", out,
+                     "--teacher", teacher_checkpoint, check=False)
     assert done.returncode == 0, done.stderr
     config = torch.load(out / "last.pt", weights_only=False)["config"]
     assert Path(config["teacher"]) == teacher_checkpoint
@@ -557,6 +561,7 @@ def test_amp_bfloat16_run_on_cpu_finishes_and_its_checkpoint_loads(dataset, tmp_
     assert math.isfinite(checkpoint["metrics"]["history"][0]["loss"])
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_on_cpu_writes_one_checkpoint_that_loads(dataset, tmp_path):
     recipe = tmp_path / "ddp.yaml"
     recipe.write_text(yaml.safe_dump({"model": "mobilenet_aspp", "crop": 64, "batch_size": 2,
@@ -584,6 +589,7 @@ def test_torchrun_ddp_on_cpu_writes_one_checkpoint_that_loads(dataset, tmp_path)
 
 # --- same-budget comparison -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_compare_trains_scores_and_tabulates_teacher_then_student(dataset, tmp_path):
     """``crackscan train-compare`` with the Song et al. pair: the distilled student gets the
     teacher this comparison trained, and every row is scored on the carved validation ids by
@@ -591,9 +597,9 @@ def test_train_compare_trains_scores_and_tabulates_teacher_then_student(dataset,
     out = tmp_path / "compare"
     teacher, student = (RECIPES[0].parent / f"{name}.yaml"
                         for name in ("song2019_resnet18_aspp", "song2019_mobilenet_aspp_kd"))
-    done = run_crackscan("train-compare", "--config", teacher, "--config", student,
-                         "--data", dataset, "--epochs", 1, "--crop", 64, "--batch-size", 2,
-                         "--threads", 1, "--out", out, timeout=300)
+    done = crackscan("train-compare", "--config", teacher, "--config", student,
+                     "--data", dataset, "--epochs", 1, "--crop", 64, "--batch-size", 2,
+                     "--threads", 1, "--out", out, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)["rows"]
     assert [r["recipe"] for r in rows] == ["song2019_resnet18_aspp", "song2019_mobilenet_aspp_kd"]
@@ -614,20 +620,20 @@ def test_train_compare_trains_scores_and_tabulates_teacher_then_student(dataset,
 
     # Started again with the same arguments: the rows are kept, nothing is trained again; with
     # the table lost, the finished trainings are scored again without training.
-    again = run_crackscan("train-compare", "--config", teacher, "--config", student,
-                          "--data", dataset, "--epochs", 1, "--crop", 64, "--batch-size", 2,
-                          "--threads", 1, "--out", out, timeout=300)
+    again = crackscan("train-compare", "--config", teacher, "--config", student,
+                      "--data", dataset, "--epochs", 1, "--crop", 64, "--batch-size", 2,
+                      "--threads", 1, "--out", out, timeout=300, check=False)
     assert again.returncode == 0 and json.loads(again.stdout)["rows"] == rows
     assert again.stderr.count("compare.json already") == 2
     (out / "compare.json").unlink()
-    rescored = run_crackscan("train-compare", "--config", teacher, "--config", student,
-                             "--data", dataset, "--epochs", 1, "--crop", 64, "--batch-size", 2,
-                             "--threads", 1, "--out", out, timeout=300)
+    rescored = crackscan("train-compare", "--config", teacher, "--config", student,
+                         "--data", dataset, "--epochs", 1, "--crop", 64, "--batch-size", 2,
+                         "--threads", 1, "--out", out, timeout=300, check=False)
     assert rescored.returncode == 0 and rescored.stderr.count("already trained to epoch 1") == 2
     rows = json.loads(rescored.stdout)["rows"]  # the same scores (minutes from the history)
     assert [r["f1_2px"] for r in rows] == [r["f1_2px"] for r in json.loads(again.stdout)["rows"]]
 
-    retimed = run_crackscan("train-compare", "--retime", "--threads", 1, "--out", out)
+    retimed = crackscan("train-compare", "--retime", "--threads", 1, "--out", out, check=False)
     assert retimed.returncode == 0, retimed.stderr
     again = json.loads(retimed.stdout)["rows"]
     assert [r["cpu_ms_512"] > 0 for r in again] == [True, True]
@@ -637,16 +643,18 @@ def test_train_compare_trains_scores_and_tabulates_teacher_then_student(dataset,
     assert saved["rows"] == again and saved["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_train_compare_refuses_a_student_without_its_teacher(dataset, tmp_path):
     recipe = yaml.safe_load((RECIPES[0].parent / "song2019_mobilenet_aspp_kd.yaml").read_text())
     recipe["teacher"] = str(tmp_path / "nowhere" / "best.pt")
     student = tmp_path / "student.yaml"
     student.write_text(yaml.safe_dump(recipe))
-    done = run_crackscan("train-compare", "--config", student, "--data", dataset,
-                         "--epochs", 1, "--out", tmp_path / "c")
+    done, nothing, missing = crackscan_concurrently(
+        ("train-compare", "--config", student, "--data", dataset, "--epochs", 1, "--out",
+         tmp_path / "c"),
+        ("train-compare", "--retime", "--out", tmp_path / "none"),
+        ("train-compare", "--data", dataset, "--out", tmp_path / "c"), check=False)
     assert done.returncode == 2 and "list its recipe before this one" in done.stderr
     assert "Traceback" not in done.stderr
-    nothing = run_crackscan("train-compare", "--retime", "--out", tmp_path / "none")
     assert nothing.returncode == 2 and "run the comparison first" in nothing.stderr
-    missing = run_crackscan("train-compare", "--data", dataset, "--out", tmp_path / "c")
     assert missing.returncode == 2 and "needs --config" in missing.stderr

@@ -7,18 +7,21 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
-import subprocess
-import sys
 from html.parser import HTMLParser
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from support import (
+    SEVERITY,
+    crack_record,
+    crackscan,
+    end_message,
+    result_message,
+    run_start_message,
+)
 
-from crackscan.config import SeverityConfig
-from crackscan.wire import CrackRecord, EndOfStreamMessage, ResultMessage, RunStartMessage
+from crackscan.wire import CrackRecord, ResultMessage
 from management import store
 from management.db import make_engine, session_factory
 from management.report import (
@@ -30,12 +33,9 @@ from management.report import (
     class_colours,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-T0 = 1_795_000_000.0
 RUN = "20261121-100000-aaaa"
 OTHER = "20261121-110000-bbbb"
 SOURCE = '<script>alert("x")</script> & co.mp4'
-SEVERITY = SeverityConfig()
 COLOURS = dict(zip(SEVERITY.names, class_colours(len(SEVERITY.names)), strict=True))  # RGB
 
 
@@ -44,65 +44,47 @@ def bgr(name: str) -> tuple[int, int, int]:
     return b, g, r
 
 
-def crack(index: int, chainage_m: float, width_max_mm: float, length_mm: float,
-          bbox: tuple[int, int, int, int], crack_type: str = "longitudinal",
-          arc_mm: float = 1500.0) -> CrackRecord:
-    start, end = chainage_m - 0.05, chainage_m + 0.05
-    return CrackRecord(
-        index=index, length_px=length_mm / 0.5, length_mm=length_mm,
-        width_mean_mm=round(width_max_mm * 0.5, 4), width_max_mm=width_max_mm,
-        width_p95_mm=round(width_max_mm * 0.875, 4), width_max_px=width_max_mm / 0.5,
-        orientation_deg=7.5, type=crack_type, severity=SEVERITY.classify(width_max_mm),
-        area_px=int(length_mm * 4), area_mm2=length_mm * width_max_mm * 0.5, bbox_px=bbox,
-        chainage_m=chainage_m, chainage_start_m=start, chainage_end_m=end, arc_mm=arc_mm,
-        score_mean=0.8125, polyline_px=((0.0, 0.0), (1.0, 1.0)),
-        polyline=((start, arc_mm - 2.0), (chainage_m, arc_mm), (end, arc_mm + 1.5)))
-
-
-def result(run_id: str, seq: int, chainage_m: float, cracks: tuple[CrackRecord, ...] = ()
-           ) -> ResultMessage:
+def result_with_mask(run_id: str, seq: int, chainage_m: float,
+                     cracks: tuple[CrackRecord, ...] = ()) -> ResultMessage:
     """A frame whose mask has a 3 px line of crack pixels across each crack's bounding box."""
     mask = np.zeros((64, 256), np.uint8)
     for record in cracks:
         x, y, w, h = record.bbox_px
         cv2.line(mask, (x, y + h // 2), (x + w - 1, y + h // 2), 255, 3)
-    return ResultMessage(run_id=run_id, camera_id="cam0", seq=seq, capture_time=T0 + seq * 0.1,
-                         chainage_m=chainage_m, inference_ms=12.5, model="model@1234",
-                         worker="worker-0", cracks=cracks, mask=mask)
-
-
-def run_start(run_id: str, source: str = SOURCE) -> RunStartMessage:
-    return RunStartMessage(run_id=run_id, source=source, mode="replay", started_at=T0,
-                           cameras=("cam0",), config={"severity": SEVERITY.model_dump()})
-
-
-def end(run_id: str, frames_sent: int) -> EndOfStreamMessage:
-    return EndOfStreamMessage(run_id=run_id, camera_id="cam0", ended_at=T0 + 60.0,
-                              frames_read=frames_sent, frames_sent=frames_sent, frames_dropped=0,
-                              frames_bad=0, reason="end_of_source")
+    return result_message(run_id, seq, cracks, chainage_m=chainage_m, model="model@1234",
+                          mask=mask)
 
 
 # The known run: 8 detections, 7 physical cracks (F is seen by frames 2 and 3, its longer view
 # in frame 3), frames from 101 to 135 m, so sections 100, 110, 120 and 130 (empty).
 FRAMES = [
-    (0, 101.0, (crack(0, 101.0, 0.1, 200.0, (0, 0, 40, 10), arc_mm=1000.0),             # A 1
-                crack(1, 102.0, 0.25, 400.0, (50, 0, 40, 12), "circumferential", 2000.0))),  # B 2
-    (1, 112.0, (crack(0, 112.0, 1.0, 900.0, (0, 0, 60, 14), "diagonal", 1000.0),       # C 3
-                crack(1, 113.0, 2.0, 400.0, (70, 0, 30, 16), arc_mm=3000.0))),           # G 4
-    (2, 123.0, (crack(0, 123.5, 4.0, 1500.0, (0, 0, 80, 20), "network", 1500.0),        # D 5
-                crack(1, 125.0, 6.0, 300.0, (90, 0, 20, 8), arc_mm=2500.0),              # E 6
-                crack(2, 127.0, 0.5, 500.0, (120, 0, 40, 10), arc_mm=4000.0))),          # F 7
-    (3, 128.0, (crack(0, 127.0, 0.6, 700.0, (0, 20, 64, 18), arc_mm=4000.0),),),       # F 7
+    (0, 101.0, (crack_record(0, 101.0, 0.1, 200.0, arc_mm=1000.0,                      # A 1
+                             bbox_px=(0, 0, 40, 10)),
+                crack_record(1, 102.0, 0.25, 400.0, "circumferential", arc_mm=2000.0,  # B 2
+                             bbox_px=(50, 0, 40, 12)))),
+    (1, 112.0, (crack_record(0, 112.0, 1.0, 900.0, "diagonal", arc_mm=1000.0,          # C 3
+                             bbox_px=(0, 0, 60, 14)),
+                crack_record(1, 113.0, 2.0, 400.0, arc_mm=3000.0,                      # G 4
+                             bbox_px=(70, 0, 30, 16)))),
+    (2, 123.0, (crack_record(0, 123.5, 4.0, 1500.0, "network", arc_mm=1500.0,          # D 5
+                             bbox_px=(0, 0, 80, 20)),
+                crack_record(1, 125.0, 6.0, 300.0, arc_mm=2500.0,                      # E 6
+                             bbox_px=(90, 0, 20, 8)),
+                crack_record(2, 127.0, 0.5, 500.0, arc_mm=4000.0,                      # F 7
+                             bbox_px=(120, 0, 40, 10)))),
+    (3, 128.0, (crack_record(0, 127.0, 0.6, 700.0, arc_mm=4000.0,                      # F 7
+                             bbox_px=(0, 20, 64, 18)),)),
     (4, 135.0, ()),
 ]
 
 
 def store_run(session, run_id: str, frames, merged: bool = True, source: str = SOURCE) -> None:
-    store.start_run(session, run_start(run_id, source))
-    store.store_results(session, [result(run_id, seq, chainage, cracks)
+    store.start_run(session, run_start_message(run_id, source=source,
+                                               config={"severity": SEVERITY.model_dump()}))
+    store.store_results(session, [result_with_mask(run_id, seq, chainage, cracks)
                                   for seq, chainage, cracks in frames])
     if merged:
-        store.end_stream(session, end(run_id, len(frames)))
+        store.end_stream(session, end_message(run_id, frames_sent=len(frames), frames_bad=0))
         store.finish_run(session, run_id, "complete")
         store.merge_run(session, run_id)
     session.commit()
@@ -246,7 +228,8 @@ def test_report_of_a_known_run(session, tmp_path):
 
 
 def test_a_run_not_merged_yet_and_one_class_only(session, tmp_path):
-    store_run(session, OTHER, [(0, 50.0, (crack(0, 50.0, 0.1, 120.0, (0, 0, 30, 6)),)),
+    store_run(session, OTHER, [(0, 50.0, (crack_record(0, 50.0, 0.1, 120.0,
+                                                       bbox_px=(0, 0, 30, 6)),)),
                                (1, 51.0, ())], merged=False, source="drive.mp4")
     out = tmp_path / "other.html"
     summary = build_report(session, OTHER, out, section_m=2.5)
@@ -283,7 +266,7 @@ def test_an_empty_run_and_bad_arguments(session, tmp_path):
 
 def test_a_long_run_is_drawn_in_strips(session, tmp_path):
     frames = [(seq, 1000.0 + 100.0 * seq,
-               (crack(0, 1000.0 + 100.0 * seq, 0.35, 300.0, (0, 0, 20, 6)),))
+               (crack_record(0, 1000.0 + 100.0 * seq, 0.35, 300.0, bbox_px=(0, 0, 20, 6)),))
               for seq in range(11)]  # 1000 .. 2000 m; the first crack reaches back to 999.95 m
     store_run(session, RUN, frames)
     out = tmp_path / "long.html"
@@ -298,17 +281,11 @@ def test_a_long_run_is_drawn_in_strips(session, tmp_path):
     assert "largest" not in page.tables
 
     # 0 .. 5000 m would be 32 windows of 160 m: 12 strips of 420 m instead
-    store_run(session, OTHER, [(0, 0.5, (crack(0, 0.5, 0.35, 300.0, (0, 0, 20, 6)),)),
+    store_run(session, OTHER, [(0, 0.5, (crack_record(0, 0.5, 0.35, 300.0,
+                                                      bbox_px=(0, 0, 20, 6)),)),
                                (1, 5000.0, ())])
     summary = build_report(session, OTHER, out)
     assert (summary["strips"], summary["sections"]) == (12, 501)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("CRACKSCAN_DB", None)
-    return subprocess.run([sys.executable, "-m", "crackscan", *args], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=120)
 
 
 def test_cli_report(db_url, tmp_path):
@@ -317,8 +294,8 @@ def test_cli_report(db_url, tmp_path):
         store_run(session, RUN, FRAMES)
     engine.dispose()
     out = tmp_path / "cli.html"
-    done = run_cli("report", "--run", RUN, "--out", str(out), "--db", db_url,
-                   "--section-m", "20", "--largest", "3")
+    done = crackscan("report", "--run", RUN, "--out", str(out), "--db", db_url,
+                     "--section-m", "20", "--largest", "3", check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines() == [
         f"report of run {RUN}: 7 physical cracks (from 8 detections) -> {out}"]
@@ -326,8 +303,8 @@ def test_cli_report(db_url, tmp_path):
     assert len([i for i in page.images if i.get("class") == "crop"]) == 3
     assert [row[0] for row in page.tables["sections"][1:-1]] == ["100 .. 120", "120 .. 140"]
 
-    done = run_cli("report", "--run", "no-such-run", "--out", str(tmp_path / "x.html"),
-                   "--db", db_url)
+    done = crackscan("report", "--run", "no-such-run", "--out", str(tmp_path / "x.html"),
+                     "--db", db_url, check=False)
     assert done.returncode != 0 and done.stdout == ""
     [line] = done.stderr.strip().splitlines()
     assert "no-such-run" in line and "crackscan runs" in line

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
+from support import cracked_wall_with_truth
 
 from inference.backends import bundled_model_path
 from inference.onnxruntime_backend import OnnxRuntimeSegmenter
@@ -46,24 +46,6 @@ class MeanChannelSegmenter:
 
 def noise(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def cracked_wall_with_truth(height: int, width: int, seed: int = 0, lines: int = 14
-                            ) -> tuple[np.ndarray, np.ndarray]:
-    """Noisy grey concrete with dark straight 'cracks' 2-3 px wide at random, so that many cross
-    tile seams; and the cracks' mask (the same lines drawn without anti-aliasing)."""
-    rng = np.random.default_rng(seed)
-    grey = np.clip(rng.normal(140, 12, (height, width)), 0, 255).astype(np.uint8)
-    image = cv2.cvtColor(cv2.GaussianBlur(grey, (3, 3), 0), cv2.COLOR_GRAY2BGR)
-    truth = np.zeros((height, width), np.uint8)
-    for _ in range(lines):
-        start = tuple(int(v) for v in rng.integers((0, 0), (width, height)))
-        end = tuple(int(v) for v in rng.integers((0, 0), (width, height)))
-        shade = int(rng.integers(40, 70))
-        thickness = int(rng.integers(2, 4))
-        cv2.line(image, start, end, (shade, shade, shade), thickness, cv2.LINE_AA)
-        cv2.line(truth, start, end, 1, thickness)
-    return image, truth > 0
 
 
 def cracked_wall(height: int, width: int, seed: int = 0, lines: int = 14) -> np.ndarray:

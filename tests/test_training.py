@@ -8,19 +8,16 @@ seconds on a CPU.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
+from support import BRIGHT, DARK, crackscan, tiny_config, write_crack_dataset
 
 from training import data as ds
 from training.config import TrainConfig
@@ -30,61 +27,7 @@ from training.loop import predict as train_predict
 from training.losses import dice_loss, get_loss
 from training.models import MODELS, build_model
 
-DARK, BRIGHT = 20, (180, 230)  # line and background grey levels of the synthetic images
-
-
-def write_crack_dataset(root: Path, count: int = 6, size: int = 64, colour: bool = False,
-                        seed: int = 0, test_count: int = 2) -> list[str]:
-    """``root/images/<id>.png`` (noise with a dark 2-px line), ``root/masks/<id>.png`` (the line,
-    255 on 0), ``train.txt`` (all but the last ``test_count`` ids) and ``test.txt``; returns the
-    ids. ``colour`` draws independent noise per channel instead of grey."""
-    rng = np.random.default_rng(seed)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(exist_ok=True)
-    ids = [f"crack{i:02d}" for i in range(count)]
-    for sample_id in ids:
-        shape = (size, size, 3) if colour else (size, size)
-        image = rng.integers(*BRIGHT, shape, dtype=np.uint8)
-        mask = np.zeros((size, size), np.uint8)
-        start = (0, int(rng.integers(size // 4, size // 2)))
-        end = (size - 1, int(rng.integers(size // 2, 3 * size // 4)))
-        cv2.line(image, start, end, (DARK, DARK, DARK), 2)
-        cv2.line(mask, start, end, 255, 2)
-        cv2.imwrite(str(root / "images" / f"{sample_id}.png"), image)
-        cv2.imwrite(str(root / "masks" / f"{sample_id}.png"), mask)
-    (root / "train.txt").write_text("\n".join(ids[:-test_count]) + "\n")
-    (root / "test.txt").write_text("\n".join(ids[-test_count:]) + "\n")
-    return ids
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the body with ``count`` intra-op threads, then restore the previous setting. 64-px
-    inputs gain nothing from more threads, and on a small shared CPU they lose a lot to them."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def run_crackscan(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python -m crackscan ARGS`` as a user runs it (one OpenMP thread, for the same reason)."""
-    return subprocess.run([sys.executable, "-m", "crackscan", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def tiny_config(data: Path, out: Path, epochs: int) -> TrainConfig:
-    return TrainConfig(data=[data], out=out, epochs=epochs, crop=64, batch_size=2,
-                       val_fraction=0.25, seed=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -413,11 +356,8 @@ def test_best_checkpoint_is_the_epoch_with_the_best_swept_score(tmp_path, select
     assert result["default_threshold"] == report["default_threshold"]
 
 
-def test_the_default_threshold_is_chosen_on_validation_and_exported(dataset, tmp_path):
-    from training.export import export_checkpoint
-
-    out = tmp_path / "run"
-    result = train_main(tiny_config(dataset, out, epochs=1))
+def test_the_default_threshold_is_chosen_on_validation_and_exported(tiny_model):
+    out, result = tiny_model.checkpoint.parent, tiny_model.result
     report = json.loads((out / "val_report.json").read_text())
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
     # the sweep's best threshold is stored with the checkpoint and reported
@@ -426,17 +366,18 @@ def test_the_default_threshold_is_chosen_on_validation_and_exported(dataset, tmp
     assert report["ods"] >= report["f1"] - 1e-9  # the best of the sweep beats the fixed 0.5
     # the default is the best interior threshold: never 'everything' (0) or 'nothing' (1)
     assert 0.05 <= report["default_threshold"] <= 0.95
-    metadata = export_checkpoint(out / "best.pt", tmp_path / "m.onnx")
+    metadata = {p.key: p.value for p in onnx.load(str(tiny_model.model)).metadata_props}
     assert float(metadata["crackscan.threshold"]) == report["default_threshold"]
 
 
+@pytest.mark.slow
 def test_crackscan_train_command(dataset, tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({"model": "mobilenet_aspp", "crop": 64, "batch_size": 2,
                                       "epochs": 5, "num_threads": 1}))
     out = tmp_path / "cli_run"
-    done = run_crackscan("train", "--config", recipe, "--data", dataset, "--epochs", 1,
-                         "--out", out)
+    done = crackscan("train", "--config", recipe, "--data", dataset, "--epochs", 1,
+                     "--out", out, check=False)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["epochs"] == 1  # --epochs overrides the recipe's 5

@@ -16,8 +16,14 @@ import numpy as np
 import pytest
 import yaml
 import zmq
-from test_acquisition import Consumer, frame_image, run_in_thread, write_video
-from test_pipeline import crackscan
+from support import (
+    Consumer,
+    crackscan,
+    crackscan_concurrently,
+    frame_image,
+    run_in_thread,
+    write_video,
+)
 
 from acquisition.frames import SourceError
 from acquisition.recording import Recorder, RecordingSource, is_recording
@@ -42,14 +48,17 @@ def sqlite_rows(db: str, sql: str) -> list[tuple]:
         return connection.execute(sql).fetchall()
 
 
-def crack_records(db: str) -> list[tuple]:
-    records = json.loads(crackscan("query", "--db", db, "--detections", "--format",
-                                   "json").stdout)
-    return sorted(tuple(record[f] for f in CRACK_FIELDS) for record in records)
+def crack_records(*dbs: str) -> list[list[tuple]]:
+    """The detections stored in each database, as sorted tuples of CRACK_FIELDS."""
+    queries = crackscan_concurrently(*(("query", "--db", db, "--detections", "--format", "json")
+                                       for db in dbs))
+    return [sorted(tuple(record[f] for f in CRACK_FIELDS) for record in json.loads(done.stdout))
+            for done in queries]
 
 
 # --- recording and replay -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_recorded_run_replays_to_identical_crack_records(drive, tmp_path):
     recording = tmp_path / "recording"
     first, second = (f"sqlite:///{tmp_path / name}" for name in ("first.db", "second.db"))
@@ -59,21 +68,23 @@ def test_a_recorded_run_replays_to_identical_crack_records(drive, tmp_path):
     assert is_recording(recording)
     manifest = json.loads((recording / "manifest.json").read_text())
     assert manifest["complete"] and manifest["frames"] == 30
-    (run,) = json.loads(crackscan("runs", "--db", first, "--format", "json").stdout)
-    assert run["frames_recorded"] == 30
-
     # the office replays the recording with another position setting: the recording's own
     # timestamps and chainages win
-    replayed = json.loads(crackscan("run", "--source", str(recording), "--db", second,
-                                    "--chainage-file", str(write_chainage_file(tmp_path)),
-                                    "--format", "json").stdout)
+    runs, replayed = crackscan_concurrently(
+        ("runs", "--db", first, "--format", "json"),
+        ("run", "--source", recording, "--db", second, "--chainage-file",
+         write_chainage_file(tmp_path), "--format", "json"))
+    (run,) = json.loads(runs.stdout)
+    assert run["frames_recorded"] == 30
+
+    replayed = json.loads(replayed.stdout)
     assert replayed["status"] == "complete" and replayed["frames"] == 30
     assert replayed["id"] != original["id"]
     frames_sql = "select camera_id, seq, capture_time, chainage_m from frames order by seq"
     assert sqlite_rows(second, frames_sql) == sqlite_rows(first, frames_sql)
-    records = crack_records(first)
+    records, replayed_records = crack_records(first, second)
     assert records, "the synthetic drive has cracks"
-    assert crack_records(second) == records
+    assert replayed_records == records
 
 
 def write_chainage_file(folder: Path) -> Path:
@@ -113,6 +124,7 @@ def test_live_run_against_a_slow_consumer_drops_frames_but_records_them_all(tmp_
         assert np.abs(frame.image.astype(int) - frame_image(frame.index, (160, 120))).mean() < 8
 
 
+@pytest.mark.slow
 def test_live_realtime_run_counts_drops_with_bounded_latency_and_a_complete_recording(
         tmp_path):
     """``crackscan run --mode live --realtime --record`` on a 30 fps video (no CPU keeps up):
@@ -135,6 +147,7 @@ def test_live_realtime_run_counts_drops_with_bounded_latency_and_a_complete_reco
 
 # --- a rig of two cameras -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_rig_of_two_cameras_measures_each_with_its_own_scale(drive, tmp_path):
     """The same drive seen by two cameras, the second with twice the mm per pixel: one run,
     both cameras stored, and the second camera's cracks twice as long in mm."""

@@ -4,7 +4,8 @@ The ``crackscan`` command. Each command group has its module (``stages``: the pi
 services; ``records``: the crack records; ``models``: training, scoring and building models);
 this module assembles the parser and maps errors to exit statuses, in this one place:
 
-- 0: success; 1: a run that did not store everything it read (the command returns it);
+- 0: success; 1: a run that did not store everything it read (``RunIncomplete``, or the
+  command's own status);
 - 2: a user error (``crackscan.errors.UserError``, a missing or unreadable file): one line on
   stderr, what failed and what to do;
 - 3: an internal error (any other exception: a bug), one line unless ``--debug``;
@@ -22,9 +23,11 @@ import sys
 from crackscan.cli import models, records, stages
 from crackscan.cli.common import setup_logging
 from crackscan.errors import (
+    EXIT_INCOMPLETE,
     EXIT_INTERNAL_ERROR,
     EXIT_INTERRUPTED,
     EXIT_USER_ERROR,
+    RunIncomplete,
     UserError,
 )
 
@@ -70,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("crackscan: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except RunIncomplete as exc:
+        if args.debug:
+            raise
+        print(f"crackscan: error: {exc}", file=sys.stderr)
+        return EXIT_INCOMPLETE
     except (UserError, *USER_OS_ERRORS) as exc:
         if args.debug:
             raise

@@ -90,16 +90,23 @@ def setup_logging(verbose: bool, stage: str | None = None) -> None:
 
 def stop_on_signals(again: threading.Event | None = None) -> threading.Event:
     """SIGTERM and SIGINT set the returned event: every stage's loop ends cleanly on it. A
-    second signal sets ``again`` (acquisition: stop draining, exit now)."""
+    second signal sets ``again`` (acquisition: stop draining, exit now).
+
+    The handler runs in the main thread between two bytecodes, possibly while that thread is
+    inside ``stop.wait()`` holding the event's lock; ``Event.set`` takes that lock, so the handler
+    leaves the setting to a short-lived thread instead of deadlocking on it."""
     stop = threading.Event()
+    received: list[int] = []
 
     def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-        if stop.is_set() and again is not None:
+        received.append(signum)
+        if len(received) > 1 and again is not None:
             log.info("signal %d again: ending now", signum)
-            again.set()
-            return
-        log.info("signal %d: stopping", signum)
-        stop.set()
+            target = again
+        else:
+            log.info("signal %d: stopping", signum)
+            target = stop
+        threading.Thread(target=target.set, name="stop-signal", daemon=True).start()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
