@@ -137,7 +137,6 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
     plus wall time, fps, backend and workers). ``config``: the run's config when the caller
     changed it (source flags); ``acquire_args``: those flags, passed on to acquisition (which
     also takes ``--record``)."""
-
     if workers < 1:
         raise UserError("--workers must be at least 1")
     if config is None:
