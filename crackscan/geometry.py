@@ -38,6 +38,10 @@ from crackscan.wire import CrackRecord
 
 CLOSING_KERNEL = np.ones((3, 3), np.uint8)  # rejoins a crack broken by one or two pixels
 DIRECTION_RADIUS_PX = 5  # local skeleton direction from the skeleton pixels within this window
+# The maximum width is the largest width sustained over a stretch of the skeleton: the median over
+# the skeleton pixels within this window round each one (an 11 px stretch), so a one-pixel spike
+# (a branch point's blob, a ragged edge) does not set the crack's severity (docs/geometry.md).
+SUSTAINED_RADIUS_PX = 5
 POLYLINE_EPSILON_PX = 1.5  # cv2.approxPolyDP tolerance of the reported polyline
 JUNCTION_MERGE_PX = 2.9  # branch points up to 2 px apart (2.83 diagonally) are one junction
 
@@ -225,19 +229,27 @@ def longest_path(graph: SkeletonGraph) -> np.ndarray:
     return np.stack([graph.x[path], graph.y[path]], axis=1)
 
 
+def _windows(graph: SkeletonGraph, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every node, the (2 radius + 1)^2 window round it on a padded grid: (N x W flat grid
+    indices, the flat index of every node, offsets dx and dy of the W window cells)."""
+    offsets = np.arange(-radius, radius + 1)
+    dx, dy = (a.ravel() for a in np.meshgrid(offsets, offsets))
+    width = graph.x.max() + 2 * radius + 1
+    flat = (graph.y + radius) * width + graph.x + radius
+    return flat[:, None] + (dy * width + dx)[None, :], flat, np.stack([dx, dy])
+
+
 def skeleton_directions(graph: SkeletonGraph, radius: int = DIRECTION_RADIUS_PX) -> np.ndarray:
     """Local direction of the skeleton at every node, radians in pixel space (0 along +x, pi/2
     along +y, range [-pi/2, pi/2]): the principal axis of the skeleton pixels within the
     (2 radius + 1)^2 window round the node, from window moments (one gather, one matmul)."""
     if len(graph) == 0:
         return np.zeros(0)
-    offsets = np.arange(-radius, radius + 1)
-    dx, dy = (a.ravel() for a in np.meshgrid(offsets, offsets))
-    width = graph.x.max() + 2 * radius + 1
-    present = np.zeros((graph.y.max() + 2 * radius + 1) * width, np.float32)
-    flat = (graph.y + radius) * width + graph.x + radius
+    cells, flat, (dx, dy) = _windows(graph, radius)
+    present = np.zeros((graph.y.max() + 2 * radius + 1) * (graph.x.max() + 2 * radius + 1),
+                       np.float32)
     present[flat] = 1.0
-    window = present[flat[:, None] + (dy * width + dx)[None, :]]  # N x (2 radius + 1)^2
+    window = present[cells]  # N x (2 radius + 1)^2
     moments = window @ np.stack([np.ones_like(dx), dx, dy, dx * dx, dy * dy, dx * dy],
                                 axis=1).astype(np.float32)
     moments = moments.astype(np.float64)
@@ -247,6 +259,18 @@ def skeleton_directions(graph: SkeletonGraph, radius: int = DIRECTION_RADIUS_PX)
     cov_yy = moments[:, 4] / count - mean_y**2
     cov_xy = moments[:, 5] / count - mean_x * mean_y
     return 0.5 * np.arctan2(2 * cov_xy, cov_xx - cov_yy)
+
+
+def local_median(graph: SkeletonGraph, values: np.ndarray,
+                 radius: int = SUSTAINED_RADIUS_PX) -> np.ndarray:
+    """Per node, the median of ``values`` over the skeleton nodes within the (2 radius + 1)^2
+    window round it: a width profile along the crack without its one-pixel spikes."""
+    if len(graph) == 0:
+        return np.zeros(0)
+    cells, flat, _ = _windows(graph, radius)
+    grid = np.full((graph.y.max() + 2 * radius + 1) * (graph.x.max() + 2 * radius + 1), np.nan)
+    grid[flat] = values
+    return np.nanmedian(grid[cells], axis=1)
 
 
 def distance_to_background(component: np.ndarray) -> np.ndarray:
@@ -325,6 +349,8 @@ class ComponentGeometry:
     length_mm: float
     width_px: np.ndarray  # per skeleton pixel
     width_mm: np.ndarray  # per skeleton pixel
+    sustained_px: np.ndarray  # per skeleton pixel: local_median of width_px
+    sustained_mm: np.ndarray  # per skeleton pixel: local_median of width_mm
     skeleton_xy: np.ndarray  # Nx2
     junctions: int
     path_xy: np.ndarray  # the longest path, Nx2, unsimplified
@@ -349,6 +375,7 @@ def measure_component(component: np.ndarray, origin: tuple[int, int] = (0, 0), s
     # Thinning stops about half the local width short of each end of a stroke (the skeleton ends
     # where the tip is as far away as the sides), so each endpoint gets half its local width back,
     # along the local direction. An isolated pixel is both ends of a crack.
+    width_mm = width_px * width_mm_factor(theta, sx, sy)
     ends = np.where(degree == 0, 2, np.where(degree == 1, 1, 0))
     tip_px = ends * width_px / 2
     shift = np.asarray(origin)
@@ -357,7 +384,9 @@ def measure_component(component: np.ndarray, origin: tuple[int, int] = (0, 0), s
         length_mm=float(graph.edge_lengths(sx, sy).sum()
                         + (tip_px * step_mm_factor(theta, sx, sy)).sum()),
         width_px=width_px,
-        width_mm=width_px * width_mm_factor(theta, sx, sy),
+        width_mm=width_mm,
+        sustained_px=local_median(graph, width_px),
+        sustained_mm=local_median(graph, width_mm),
         skeleton_xy=np.stack([graph.x, graph.y], axis=1) + shift,
         junctions=count_junctions(graph),
         path_xy=longest_path(graph) + shift,
@@ -412,7 +441,7 @@ def measure_cracks(prob: np.ndarray, threshold: float, camera: CameraConfig, cha
         orientation, eigen_ratio = orientation_deg(crack.skeleton_xy, camera)
         # type and severity from the rounded values, so the record agrees with itself
         orientation = _round(orientation, 2) % 180.0
-        width_max_mm = _round(crack.width_mm.max(), 4)
+        width_max_mm = _round(crack.sustained_mm.max(), 4)
         polyline_px = cv2.approxPolyDP(crack.path_xy.reshape(-1, 1, 2).astype(np.int32),
                                        POLYLINE_EPSILON_PX, False).reshape(-1, 2).astype(float)
         line_chainage, line_arc = to_tunnel(polyline_px[:, 0], polyline_px[:, 1], shape, camera,
@@ -428,7 +457,7 @@ def measure_cracks(prob: np.ndarray, threshold: float, camera: CameraConfig, cha
             width_mean_mm=_round(crack.width_mm.mean(), 4),
             width_max_mm=width_max_mm,
             width_p95_mm=_round(np.percentile(crack.width_mm, 95), 4),
-            width_max_px=_round(crack.width_px.max(), 3),
+            width_max_px=_round(crack.sustained_px.max(), 3),
             orientation_deg=orientation,
             type=classify_type(orientation, crack.junctions, eigen_ratio),
             severity=severity.classify(width_max_mm),

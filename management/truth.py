@@ -4,8 +4,9 @@ A physical crack belongs to the true crack that lies within ``near_mm`` of most 
 (resampled every 2 mm), when that is at least half of it; otherwise it is "other" (a ring joint,
 a stain, a false detection). Per true crack: found (one or more physical cracks belong to it), the
 number of them (1 is the goal: a crack merged whole), and for the longest of them the relative
-error of its length against the truth polyline's and of its mean width against the truth's
-length-weighted mean width.
+error of its length against the truth polyline's, of its mean width against the truth's
+length-weighted mean width, and of its maximum width (what severity is graded by) against the
+truth's maximum width.
 """
 
 from __future__ import annotations
@@ -47,11 +48,15 @@ def score_against_truth(truth_cracks: list[dict[str, Any]], physical: list[dict[
             row.update(found_length_mm=main["length_mm"], found_width_mm=main["width_mean_mm"],
                        length_error=main["length_mm"] / true["length_mm"] - 1,
                        width_error=main["width_mean_mm"] / true["width_mm"] - 1)
+            if true.get("width_max_mm"):
+                row.update(found_width_max_mm=main["width_max_mm"],
+                           width_max_error=main["width_max_mm"] / true["width_max_mm"] - 1)
         rows.append(row)
     found = [row for row in rows if row["physical_cracks"]]
 
     def median(key: str) -> float | None:
-        return statistics.median(row[key] for row in found) if found else None
+        values = [row[key] for row in found if key in row]
+        return statistics.median(values) if values else None
 
     return {
         "true_cracks": len(rows), "found": len(found),
@@ -63,5 +68,6 @@ def score_against_truth(truth_cracks: list[dict[str, Any]], physical: list[dict[
         "median_width_error": median("width_error"),
         "median_abs_width_error": (statistics.median(abs(row["width_error"]) for row in found)
                                    if found else None),
+        "median_width_max_error": median("width_max_error"),
         "other_physical_cracks": other, "cracks": rows,
     }

@@ -393,3 +393,21 @@ def test_orientation_is_measured_in_millimetres():
                                                             mm_per_px_across=3.0))
     assert stretched == pytest.approx(math.degrees(math.atan2(3, 1)))
     assert ratio == pytest.approx(0.0, abs=1e-12)
+
+
+# --- the maximum width a crack is graded by -----------------------------------------------
+
+def test_a_branch_point_does_not_set_the_maximum_width():
+    stroke = np.maximum(bar(100, 80, 200, 5), bar(198, 40, 90, 5, vertical=True))  # a cross
+    crack = one_crack(stroke)
+    raw = measure_component(stroke > 0.5)
+    assert raw.width_px.max() >= 6.5  # the inscribed circle at the crossing is wider
+    assert crack.width_max_px == 5 and crack.width_max_mm == pytest.approx(2.5)
+
+
+def test_a_wide_stretch_sets_the_maximum_width():
+    stroke = bar(100, 80, 200, 5)
+    stroke[78:87, 180:220] = 1.0  # 40 px of the stroke are 9 px wide
+    crack = one_crack(stroke)
+    assert crack.width_max_px == 9 and crack.width_max_mm == pytest.approx(4.5)
+    assert crack.width_p95_mm == pytest.approx(4.5)

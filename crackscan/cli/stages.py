@@ -1,5 +1,5 @@
 """Commands that run the pipeline or one of its stages: demo, run, acquire, infer, manage, keys,
-synth, bench."""
+synth (a drive video, or lining training tiles), bench."""
 
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def cmd_demo(args) -> int:
     print(f"true cracks in the synthetic drive: {score['true_cracks']}, found: {score['found']}, "
           f"physical cracks per found crack: {_maybe(score['physical_per_found_crack'], '.2f')}")
     print(f"median error against the truth: length {_maybe(score['median_length_error'], '+.1%')}"
-          f", mean width {_maybe(score['median_width_error'], '+.1%')}; "
+          f", mean width {_maybe(score['median_width_error'], '+.1%')}, maximum width "
+          f"{_maybe(score['median_width_max_error'], '+.1%')}; "
           f"{score['other_physical_cracks']} physical cracks on no true crack (joints, stains, "
           "false detections)")
     longest = sorted(physical, key=lambda r: r["length_mm"], reverse=True)[:5]
@@ -285,6 +286,15 @@ def cmd_manage(args) -> int:
 
 
 def cmd_synth(args) -> int:
+    if (args.out is None) == (args.dataset is None):
+        raise UserError("synth writes either a drive video (--out FILE.mp4) or a lining training "
+                        "dataset (--dataset DIR --images N): give exactly one of --out and "
+                        "--dataset")
+    if args.dataset is not None:
+        return synth_dataset(args)
+    if args.images is not None or args.size is not None:
+        raise UserError("--images and --size are for --dataset DIR (training tiles), not for "
+                        "--out (a drive video)")
     from acquisition.synth import synthesize_drive
 
     config = load_pipeline_config(args.config)
@@ -292,6 +302,20 @@ def cmd_synth(args) -> int:
                              width=args.width, height=args.height, config=config,
                              truth=Path(args.truth) if args.truth else None)
     log.info("wrote %s: %d frames, %d cracks", args.out, truth["frames"], len(truth["cracks"]))
+    return 0
+
+
+def synth_dataset(args) -> int:
+    from training.lining import write_lining_dataset
+
+    if args.images is None:
+        raise UserError("--dataset DIR needs --images N (how many tiles to write)")
+    summary = write_lining_dataset(Path(args.dataset), images=args.images,
+                                   size=256 if args.size is None else args.size, seed=args.seed)
+    print(f"wrote {summary['images']} lining tiles of {summary['size']} px to "
+          f"{summary['dataset']} ({summary['train']} train, {summary['val']} val, "
+          f"{summary['no_crack']} without a crack) in {summary['seconds']:.1f} s, "
+          f"{summary['tiles_per_s']:.1f} tiles/s")
     return 0
 
 
@@ -370,8 +394,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tile", type=int, default=512, help="tile side for --batches (px)")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
-    p = add(sub, "synth", cmd_synth, "write a synthetic tunnel drive (mp4) and its ground truth")
-    p.add_argument("--out", required=True)
+    p = add(sub, "synth", cmd_synth, "write a synthetic tunnel drive (mp4) and its ground "
+            "truth, or (--dataset) labelled lining tiles for training")
+    p.add_argument("--out", metavar="FILE.mp4", help="the drive video (video mode)")
+    p.add_argument("--dataset", metavar="DIR", help="instead: a new folder of lining tiles with "
+                   "class masks (images/, masks/, classes.json, train.txt, val.txt, truth.json)")
+    p.add_argument("--images", type=int, metavar="N", help="tiles to write (with --dataset)")
+    p.add_argument("--size", type=int, metavar="PX", help="tile side (with --dataset; "
+                   "default 256)")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--truth", help="write the ground-truth JSON here")
