@@ -10,15 +10,22 @@ Masks, by the number of classes the recipe lists (``classes:`` in the training c
   ``classes`` (conventionally 0 = background); a value of C or more is refused, so a 0/255
   binary mask given to a multi-class recipe fails loudly instead of training on garbage.
 
+A folder with ``classes.json`` (a JSON list of class names in index order, as
+``crackscan synth --dataset`` writes) holds class-index masks, whatever the recipe: a binary
+recipe (or ``eval``) reads its ``crack`` class as the crack mask and every other class as
+background; a multi-class recipe must list as many classes as the file (in the same order).
+
 Transforms take and return the (image, mask) pair: images interpolate bilinearly, masks with
 nearest neighbour only, so a mask never holds a value that is not a label.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import cv2
@@ -27,6 +34,7 @@ import numpy as np
 from crackscan.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+CLASSES_FILE = "classes.json"  # beside masks/: the masks hold class indices into this list
 
 
 class DatasetError(UserError, ValueError):
@@ -111,16 +119,43 @@ def load_image(path: Path) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+@lru_cache(maxsize=64)
+def folder_classes(folder: Path) -> tuple[str, ...] | None:
+    """The class names of a dataset folder whose masks hold class indices (its
+    ``classes.json``), or None for a folder of 0/255 crack masks."""
+    path = Path(folder) / CLASSES_FILE
+    if not path.is_file():
+        return None
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise DatasetError(f"{path} must be a JSON list of class names in index order")
+    if "crack" not in names:
+        raise DatasetError(f"{path} lists no 'crack' class: {names}")
+    return tuple(names)
+
+
 def load_mask(path: Path, shape: tuple[int, int], num_classes: int = 1) -> np.ndarray:
     """A mask as HxW uint8, checked against the image's height and width: {0, 1} for a binary
-    model (``num_classes`` 1, file 0/255), class indices 0 .. num_classes-1 otherwise."""
+    model (``num_classes`` 1, file 0/255, or the ``crack`` class of a folder with
+    ``classes.json``), class indices 0 .. num_classes-1 otherwise."""
     mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise DatasetError(f"cannot read mask {path}")
     if mask.shape != shape:
         raise DatasetError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]}, "
                            f"its image is {shape[1]}x{shape[0]}")
-    if num_classes == 1:
+    classes = folder_classes(Path(path).parent.parent)
+    if classes is not None:
+        if num_classes == 1:
+            return (mask == classes.index("crack")).astype(np.uint8)
+        if num_classes != len(classes):
+            raise DatasetError(f"{Path(path).parent.parent} has class masks of {len(classes)} "
+                               f"classes {list(classes)}, but the recipe lists {num_classes}: "
+                               "list the folder's classes in the recipe, in the same order")
+    elif num_classes == 1:
         return (mask > 127).astype(np.uint8)
     if mask.max() >= num_classes:
         raise DatasetError(f"mask {path} has value {mask.max()}, but the recipe lists "
