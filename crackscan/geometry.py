@@ -393,20 +393,40 @@ def measure_component(component: np.ndarray, origin: tuple[int, int] = (0, 0), s
     )
 
 
+def chord_deviation(path_xy: np.ndarray) -> float:
+    """The largest distance (px) of a path's points from the straight line through its two ends:
+    about a pixel for a joint or a cable edge hundreds of pixels long, a few percent of the length
+    for a crack (its median over the labelled crack sets is 4-5 %, docs/geometry.md)."""
+    path = np.asarray(path_xy, np.float64)
+    if len(path) < 3:
+        return 0.0
+    chord = path[-1] - path[0]
+    norm = float(np.hypot(*chord))
+    if norm == 0.0:
+        return float(np.hypot(*(path - path[0]).T).max())
+    offsets = path - path[0]
+    return float(np.abs(offsets[:, 0] * chord[1] - offsets[:, 1] * chord[0]).max() / norm)
+
+
 def _round(value: float, digits: int) -> float:
     return float(round(float(value), digits))
 
 
 def measure_cracks(prob: np.ndarray, threshold: float, camera: CameraConfig, chainage_m: float,
                    severity: SeverityConfig, min_area_px: int = 40, min_length_mm: float = 0.0,
-                   min_elongation: float = 0.0) -> tuple[np.ndarray, list[CrackRecord]]:
+                   min_elongation: float = 0.0, straight_max_deviation: float = 0.0,
+                   straight_min_length_px: int = 100) -> tuple[np.ndarray, list[CrackRecord]]:
     """Measured cracks of one frame.
 
     ``prob`` is HxW float in 0..1; a pixel is crack where ``prob >= threshold``. The binary map is
     closed with a 3x3 square (a crack broken by one or two pixels stays one crack), split into
     8-connected components, and components smaller than ``min_area_px``, shorter than
     ``min_length_mm`` or less elongated than ``min_elongation`` (length / mean width: a crack is
-    a line, a blob such as a bolt pocket or a spall is not) are dropped. ``chainage_m`` is the
+    a line, a blob such as a bolt pocket or a spall is not) are dropped, and so are straight lines:
+    components at least ``straight_min_length_px`` long whose longest path keeps within
+    ``straight_max_deviation`` x its length of the chord between its ends (ring and segment
+    joints, cable and pipe edges, formwork lines; a crack wanders: :func:`chord_deviation`).
+    ``chainage_m`` is the
     chainage of the image centre.
 
     Returns (HxW uint8 mask, 0 / 255, of the kept cracks; their records, indexed 0..n-1 in order
@@ -435,6 +455,9 @@ def measure_cracks(prob: np.ndarray, threshold: float, camera: CameraConfig, cha
         if crack.length_mm < min_length_mm:
             continue
         if crack.length_mm < min_elongation * float(crack.width_mm.mean()):
+            continue
+        if (straight_max_deviation > 0 and crack.length_px >= straight_min_length_px
+                and chord_deviation(crack.path_xy) <= straight_max_deviation * crack.length_px):
             continue
         keep[label] = 255
 

@@ -62,7 +62,9 @@ def process_frames(frames: list[FrameMessage], segmenter: Segmenter, config: Pip
                                       frame.chainage_m, config.severity,
                                       config.inference.min_crack_area_px,
                                       config.inference.min_crack_length_mm,
-                                      config.inference.min_crack_elongation)
+                                      config.inference.min_crack_elongation,
+                                      config.inference.straight_max_deviation,
+                                      config.inference.straight_min_length_px)
         results.append(ResultMessage(
             run_id=frame.run_id, camera_id=frame.camera_id, seq=frame.seq,
             capture_time=frame.capture_time, chainage_m=frame.chainage_m,

@@ -16,6 +16,7 @@ import pytest
 from crackscan.config import CameraConfig, SeverityConfig
 from crackscan.geometry import (
     SkeletonGraph,
+    chord_deviation,
     classify_type,
     distance_to_background,
     longest_path,
@@ -411,3 +412,39 @@ def test_a_wide_stretch_sets_the_maximum_width():
     crack = one_crack(stroke)
     assert crack.width_max_px == 9 and crack.width_max_mm == pytest.approx(4.5)
     assert crack.width_p95_mm == pytest.approx(4.5)
+
+
+# --- straight lines are joints and cable edges, not cracks -------------------------------------
+
+def wavy_crack(amplitude_px: float, length_px: int = 240, width: int = 3) -> np.ndarray:
+    """A crack that wanders ``amplitude_px`` either side of a horizontal line."""
+    prob = np.zeros(FRAME, np.float32)
+    xs = np.arange(100, 100 + length_px)
+    ys = 150 + amplitude_px * np.sin(np.linspace(0, 3 * np.pi, len(xs)))
+    points = np.stack([xs, ys], axis=1).round().astype(np.int32)
+    cv2.polylines(prob, [points.reshape(-1, 1, 2)], False, 1.0, width)
+    return prob
+
+
+def test_chord_deviation_of_straight_and_bent_paths():
+    straight = np.stack([np.arange(0, 100), np.full(100, 7)], axis=1)
+    assert chord_deviation(straight) == 0.0
+    bent = np.array([[0, 0], [50, 10], [100, 0]])
+    assert chord_deviation(bent) == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("vertical", [False, True], ids=["horizontal", "vertical"])
+def test_a_long_straight_line_is_not_a_crack(vertical):
+    joint = bar(100, 40, 300, 5, vertical=vertical)
+    _, records = measure_cracks(joint, 0.5, SQUARE, 0.0, SEVERITY, straight_max_deviation=0.01)
+    assert records == []
+    assert len(one_crack(joint, straight_max_deviation=0.0).bbox_px) == 4  # the filter off
+
+
+def test_a_wandering_crack_and_a_short_straight_one_stay_cracks():
+    for amplitude in (8.0, 15.0):  # 3-6 % of its length off the chord, as labelled cracks are
+        one_crack(wavy_crack(amplitude), straight_max_deviation=0.01)
+    one_crack(bar(100, 80, 80, 3), straight_max_deviation=0.01, straight_min_length_px=100)
+    _, records = measure_cracks(wavy_crack(1.0), 0.5, SQUARE, 0.0, SEVERITY,
+                                straight_max_deviation=0.01)
+    assert records == []  # 1 px of wander over 240 px is a line
