@@ -185,3 +185,65 @@ def test_bad_requests_are_one_line_and_exit_2(tmp_path):
         assert len(lines) == 1 and expected in lines[0], (expected, result.stderr)
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
     assert [p.name for p in full.iterdir()] == ["x"]
+
+
+# --- hard negatives: lining features pasted onto real crack images --------------------------------
+
+def real_crack_pair() -> tuple[np.ndarray, np.ndarray]:
+    """A crack image as the real sets give them: grainy grey surface, one dark wandering crack."""
+    rng = np.random.default_rng(5)
+    image = np.clip(rng.normal(120, 12, (96, 128, 3)), 0, 255).astype(np.uint8)
+    mask = np.zeros((96, 128), np.uint8)
+    xs = np.arange(5, 123)
+    ys = (48 + 10 * np.sin(xs / 15)).round().astype(np.int32)
+    cv2.polylines(mask, [np.stack([xs, ys], 1).reshape(-1, 1, 2)], False, 1, 3)
+    image[mask > 0] = 40
+    return image, mask
+
+
+def test_pasted_features_keep_the_real_crack_and_label_themselves():
+    from training.lining import CLASS_INDEX, CLASSES, OPAQUE, paste_distractors
+
+    image, mask = real_crack_pair()
+    labelled = 0
+    for seed in range(12):
+        out, classes = paste_distractors(image, mask, np.random.default_rng(seed), len(CLASSES))
+        assert out.shape == image.shape and out.dtype == np.uint8
+        assert not np.array_equal(out, image)
+        features = (classes > 1)
+        labelled += int(features.any())
+        hidden = np.isin(classes, [CLASS_INDEX[name] for name in OPAQUE])
+        # a crack stays a crack unless a cable or paint covers it
+        assert np.all((classes == CLASS_INDEX["crack"]) == ((mask > 0) & ~hidden))
+        assert np.all(classes[(mask == 0) & ~features] == 0)
+        binary_out, binary = paste_distractors(image, mask, np.random.default_rng(seed))
+        assert np.array_equal(binary_out, out)  # the same features for the same draws
+        assert np.array_equal(binary, ((mask > 0) & ~hidden).astype(np.uint8))
+    assert labelled >= 10  # nearly every paste leaves a labelled feature in the crop
+
+
+def test_distractor_share_is_a_recipe_setting_used_by_the_loader(monkeypatch):
+    import training.lining
+    from training.config import TrainConfig
+    from training.loaders import CrackCrops
+
+    with pytest.raises(ValueError):
+        TrainConfig(distractor_p=1.5)
+    pasted = []
+    real_paste = training.lining.paste_distractors
+
+    def counting(image, mask, rng, num_classes=1, count=None):
+        out, out_mask = real_paste(image, mask, rng, num_classes, count)
+        pasted.append(not np.array_equal(out, image))
+        return out, out_mask
+
+    monkeypatch.setattr(training.lining, "paste_distractors", counting)
+    image, mask = real_crack_pair()
+    for share, expected in ((0.0, 0), (1.0, 6)):
+        crops = CrackCrops([(image, mask)], 64, (0.5,) * 3, (0.25,) * 3, seed=3,
+                           cfg=TrainConfig(distractor_p=share))
+        pasted.clear()
+        for _ in range(6):
+            x, y = crops[0]
+            assert tuple(x.shape) == (3, 64, 64) and set(np.unique(y.numpy())) <= {0.0, 1.0}
+        assert len(pasted) == expected and all(pasted)

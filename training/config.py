@@ -83,6 +83,10 @@ class TrainConfig(BaseModel):
     # None: no gamma
     contrast_range: tuple[float, float] = (0.7, 1.3)
     gamma_range: tuple[float, float] | None = None
+    # hard negatives: the share of training crops that get 1-2 tunnel-lining features (joints,
+    # stains, holes, spalling, cables, paint, scratches) drawn on them (training.lining
+    # .paste_distractors); a binary model learns them as background; 0: off
+    distractor_p: float = Field(0.0, ge=0, le=1)
     # how often each --data folder is drawn: "proportional" to its training images (plain
     # shuffling), "sqrt" (to the square root: small sets count more) or "balanced" (equally)
     sampling: Literal["proportional", "sqrt", "balanced"] = "proportional"

@@ -729,6 +729,47 @@ def render_tile(seed: int, index: int, size: int = 256, photometric: bool = True
     return LiningTile(image, scene.mask, truth)
 
 
+# Distractors pasted onto real crack images (hard negatives): drawn over the real surface, opaque
+# ones (cables, paint) hide what is under them, the others (joints, stains, holes, spalling,
+# scratches) darken or lighten it and leave a crack under them a crack.
+DISTRACTORS = ("joint", "stain", "spalling", "hole", "cable", "marking", "scratch")
+OPAQUE = ("cable", "marking")
+
+
+def paste_distractors(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+                      num_classes: int = 1, count: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` (HxWx3 uint8 BGR, a real crack image or crop) with 1-2 lining features drawn
+    on it, and its mask updated: a binary mask (``num_classes`` 1, {0, 1}) keeps the features as
+    background, a class mask (``num_classes`` = len(CLASSES)) gets their classes; crack pixels
+    under an opaque feature become the feature. The feature is rendered on a procedural lining
+    surface of the same size and carried over as its ratio to that surface, so the real image
+    keeps its own texture, colour and lighting under it."""
+    height, width = image.shape[:2]
+    size = max(height, width)
+    scene = _Scene(int(rng.integers(1 << 31)), int(rng.integers(1 << 31)), size)
+    scene.texture()
+    surface = scene.image.copy()
+    kinds = rng.choice(DISTRACTORS, size=count or int(rng.integers(1, 3)), replace=False)
+    for kind in kinds:
+        getattr(scene, "joints" if kind == "joint" else
+                "scratches" if kind == "scratch" else str(kind))()
+    drawn = scene.mask[:height, :width]
+    ratio = (scene.image / np.maximum(surface, 1.0))[:height, :width]
+    out = image.astype(np.float32) * ratio
+    opaque = np.isin(drawn, [CLASS_INDEX[name] for name in OPAQUE])
+    out[opaque] = scene.image[:height, :width][opaque]  # cables and paint hide what is under
+    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    mask = mask.copy()
+    crack = CLASS_INDEX["crack"] if num_classes > 1 else 1
+    if num_classes > 1:
+        mask[(drawn > 0) & ((mask != crack) | opaque)] = drawn[(drawn > 0) & ((mask != crack)
+                                                                            | opaque)]
+    else:
+        mask[opaque] = 0
+    return out, mask
+
+
 def tile_id(index: int) -> str:
     return f"lining_{index:06d}"
 

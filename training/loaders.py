@@ -55,6 +55,10 @@ class CrackCrops(torch.utils.data.Dataset):
                                  elastic_grid=cfg.elastic_grid, border=cfg.border,
                                  scale_range=cfg.scale_range,
                                  contrast_range=cfg.contrast_range, gamma_range=cfg.gamma_range)
+        if cfg.distractor_p and self.rng.random() < cfg.distractor_p:
+            from training.lining import paste_distractors
+
+            image, mask = paste_distractors(image, mask, self.rng, cfg.num_classes)
         target = (torch.from_numpy(mask[None].astype(np.float32)) if cfg.num_classes == 1
                   else torch.from_numpy(mask.astype(np.int64)))
         return torch.from_numpy(ds.normalize(image, self.mean, self.std)), target
