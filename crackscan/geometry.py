@@ -229,14 +229,16 @@ def longest_path(graph: SkeletonGraph) -> np.ndarray:
     return np.stack([graph.x[path], graph.y[path]], axis=1)
 
 
-def _windows(graph: SkeletonGraph, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _windows(graph: SkeletonGraph, radius: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """For every node, the (2 radius + 1)^2 window round it on a padded grid: (N x W flat grid
-    indices, the flat index of every node, offsets dx and dy of the W window cells)."""
+    indices, the flat index of every node, offsets dx and dy of the W window cells, grid size)."""
     offsets = np.arange(-radius, radius + 1)
     dx, dy = (a.ravel() for a in np.meshgrid(offsets, offsets))
     width = graph.x.max() + 2 * radius + 1
     flat = (graph.y + radius) * width + graph.x + radius
-    return flat[:, None] + (dy * width + dx)[None, :], flat, np.stack([dx, dy])
+    cells = (graph.y.max() + 2 * radius + 1) * width
+    return flat[:, None] + (dy * width + dx)[None, :], flat, np.stack([dx, dy]), cells
 
 
 def skeleton_directions(graph: SkeletonGraph, radius: int = DIRECTION_RADIUS_PX) -> np.ndarray:
@@ -245,9 +247,8 @@ def skeleton_directions(graph: SkeletonGraph, radius: int = DIRECTION_RADIUS_PX)
     (2 radius + 1)^2 window round the node, from window moments (one gather, one matmul)."""
     if len(graph) == 0:
         return np.zeros(0)
-    cells, flat, (dx, dy) = _windows(graph, radius)
-    present = np.zeros((graph.y.max() + 2 * radius + 1) * (graph.x.max() + 2 * radius + 1),
-                       np.float32)
+    cells, flat, (dx, dy), size = _windows(graph, radius)
+    present = np.zeros(size, np.float32)
     present[flat] = 1.0
     window = present[cells]  # N x (2 radius + 1)^2
     moments = window @ np.stack([np.ones_like(dx), dx, dy, dx * dx, dy * dy, dx * dy],
@@ -267,8 +268,8 @@ def local_median(graph: SkeletonGraph, values: np.ndarray,
     window round it: a width profile along the crack without its one-pixel spikes."""
     if len(graph) == 0:
         return np.zeros(0)
-    cells, flat, _ = _windows(graph, radius)
-    grid = np.full((graph.y.max() + 2 * radius + 1) * (graph.x.max() + 2 * radius + 1), np.nan)
+    cells, flat, _, size = _windows(graph, radius)
+    grid = np.full(size, np.nan)
     grid[flat] = values
     return np.nanmedian(grid[cells], axis=1)
 

@@ -1,7 +1,7 @@
 """PyTorch backend: a training checkpoint behind ``inference``'s ``Segmenter`` interface.
 
 It lives in ``training`` because it rebuilds the architectures; the application registers it with
-``inference.backends.register_backend("torch", TorchSegmenter)``.
+``inference.backends.register_backend("torch", ...)`` (``crackscan.cli.register_backends``).
 
 Two uses. On a GPU it is the path that needs no TensorRT: CUDA, FP16 weights and activations,
 channels-last memory and optionally CUDA graphs, so the GPU can be measured and used where

@@ -21,7 +21,7 @@ import logging
 import sys
 
 from crackscan.cli import models, records, stages
-from crackscan.cli.common import setup_logging
+from crackscan.cli.common import setup_logging, torch_module
 from crackscan.errors import (
     EXIT_INCOMPLETE,
     EXIT_INTERNAL_ERROR,
@@ -53,12 +53,7 @@ def register_backends() -> None:
     from inference.backends import register_backend
 
     def open_checkpoint(path, **options):
-        try:
-            from training.torch_backend import TorchSegmenter
-        except ImportError as exc:
-            raise UserError(f"a training checkpoint needs the 'train' extra ({exc.name} is "
-                            "missing): pip install -e '.[train]'") from None
-        return TorchSegmenter(path, **options)
+        return torch_module("training.torch_backend").TorchSegmenter(path, **options)
 
     register_backend("torch", open_checkpoint)
 

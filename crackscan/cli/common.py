@@ -4,6 +4,7 @@ rule for opening a database that a command only reads."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import signal
@@ -16,7 +17,7 @@ from crackscan.errors import UserError
 log = logging.getLogger("crackscan")
 
 __all__ = ["BACKENDS", "UserError", "add", "backend_flag", "db_flag", "keys_flag", "print_json",
-           "read_database", "setup_logging", "source_flags", "stop_on_signals"]
+           "read_database", "setup_logging", "source_flags", "stop_on_signals", "torch_module"]
 
 # inference.backends.BACKENDS, written out so that parsing flags does not import the inference
 # stage (OpenCV) for every command; tests/test_cli.py keeps the two equal.
@@ -111,6 +112,16 @@ def stop_on_signals(again: threading.Event | None = None) -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+def torch_module(name: str):
+    """A training module that needs torch (the 'train' extra), imported on demand so the runtime
+    path never needs torch installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise UserError(f"this command needs the 'train' extra ({exc.name} is missing): "
+                        "pip install -e '.[train]'") from None
 
 
 def print_json(document) -> None:

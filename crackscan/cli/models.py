@@ -4,7 +4,6 @@ build-engine."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
@@ -15,20 +14,11 @@ from crackscan.cli.common import (
     UserError,
     add,
     print_json,
+    torch_module,
 )
 from crackscan.config import PipelineConfig
 
 log = logging.getLogger("crackscan")
-
-
-def _torch_module(name: str):
-    """A training module that needs torch (the 'train' extra), imported on demand so the runtime
-    path never needs torch installed."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise UserError(f"this command needs the 'train' extra ({exc.name} is missing): "
-                        "pip install -e '.[train]'") from None
 
 
 def cmd_train(args) -> int:
@@ -36,7 +26,7 @@ def cmd_train(args) -> int:
 
     from training.config import load_config
 
-    train = _torch_module("training.loop")
+    train = torch_module("training.loop")
     try:
         cfg = load_config(Path(args.config), data=args.data, epochs=args.epochs, out=args.out,
                           teacher=args.teacher, max_minutes=args.max_minutes,
@@ -53,7 +43,7 @@ def cmd_train(args) -> int:
 def cmd_train_compare(args) -> int:
     from pydantic import ValidationError
 
-    compare = _torch_module("training.compare")
+    compare = torch_module("training.compare")
     if args.retime:
         try:
             rows = compare.retime(Path(args.out), threads=args.threads)
@@ -159,7 +149,7 @@ def cmd_build_engine(args) -> int:
 
 
 def cmd_export(args) -> int:
-    export = _torch_module("training.export")
+    export = torch_module("training.export")
     if not Path(args.checkpoint).is_file():
         raise UserError(f"checkpoint {args.checkpoint} does not exist")
     checkpoint, extra = Path(args.checkpoint), {}
@@ -180,7 +170,7 @@ def interpolated(args, checkpoint: Path) -> tuple[Path, dict[str, str]]:
     that says what was blended."""
     from inference.segmenter import file_sha256
 
-    wise = _torch_module("training.interpolate")
+    wise = torch_module("training.interpolate")
     blended = checkpoint.with_name(f"{checkpoint.stem}.wise{args.interpolate:.2f}.pt")
     state = wise.interpolate_checkpoint(checkpoint, args.interpolate, blended,
                                         args.interpolate_from, calibrate=args.threshold is None)
