@@ -122,6 +122,9 @@ class InferenceConfig(_Strict):
     # (the default: measured, it did not lower the false cracks of every synthetic drive)
     straight_max_deviation: float = Field(0.0, ge=0, lt=0.5)
     straight_min_length_px: int = Field(100, ge=2)
+    # a model with lining classes: regions of a lining class (joint, stain...) smaller than this
+    # are not stored as lining features
+    min_feature_area_px: int = Field(200, ge=1)
     threads: int = Field(0, ge=0)  # ONNX Runtime intra-op threads; 0: one per core
     # ONNX Runtime threads busy-wait between the operators of a run and stop when it returns, so
     # between frames the cores go to acquisition, geometry and management; false: never spin

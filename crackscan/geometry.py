@@ -34,7 +34,7 @@ from scipy.sparse.csgraph import connected_components, dijkstra
 from skimage.morphology import skeletonize
 
 from crackscan.config import CameraConfig, SeverityConfig
-from crackscan.wire import CrackRecord
+from crackscan.wire import CrackRecord, FeatureRecord
 
 CLOSING_KERNEL = np.ones((3, 3), np.uint8)  # rejoins a crack broken by one or two pixels
 DIRECTION_RADIUS_PX = 5  # local skeleton direction from the skeleton pixels within this window
@@ -498,3 +498,58 @@ def measure_cracks(prob: np.ndarray, threshold: float, camera: CameraConfig, cha
                            for c, a in zip(line_chainage, line_arc, strict=True)),
         ))
     return keep[labels], records
+
+
+FEATURE_AXIS_POINTS = 4000  # a large region's principal axis from a sample of its pixels
+
+
+def measure_features(classes: np.ndarray, names: tuple[str, ...], camera: CameraConfig,
+                     chainage_m: float, min_area_px: int = 200,
+                     skip: tuple[str, ...] = ("background", "crack")) -> list[FeatureRecord]:
+    """Lining features of one frame from its class map (HxW, each pixel the index into
+    ``names`` of the class the model found there): every 8-connected region of one class not in
+    ``skip``, of at least ``min_area_px`` pixels after a 3x3 closing (a joint broken by a pixel
+    or two stays one region), located and measured as :class:`FeatureRecord`, indexed 0..n-1 in
+    order of class, then bounding box x, then y. ``chainage_m`` is that of the image centre."""
+    classes = np.asarray(classes)
+    if classes.ndim != 2:
+        raise ValueError(f"a class map is HxW, got shape {classes.shape}")
+    shape = (classes.shape[0], classes.shape[1])
+    sx, sy = image_scales(camera)
+    records: list[FeatureRecord] = []
+    present = set(np.unique(classes).tolist())
+    for index, kind in enumerate(names):
+        if kind in skip or index not in present:
+            continue
+        binary = cv2.morphologyEx((classes == index).astype(np.uint8), cv2.MORPH_CLOSE,
+                                  CLOSING_KERNEL)
+        count, labels, stats, centroids = cv2.connectedComponentsWithStats(
+            binary, connectivity=8, ltype=cv2.CV_32S)
+        regions = sorted((label for label in range(1, count)
+                          if stats[label, cv2.CC_STAT_AREA] >= min_area_px),
+                         key=lambda label: (stats[label, cv2.CC_STAT_LEFT],
+                                            stats[label, cv2.CC_STAT_TOP]))
+        for label in regions:
+            x, y, w, h, area = (int(v) for v in stats[label])
+            ys, xs = np.nonzero(labels[y:y + h, x:x + w] == label)
+            step = max(1, len(xs) // FEATURE_AXIS_POINTS)
+            points = to_tunnel_mm(xs[::step] + x, ys[::step] + y, camera)
+            orientation, _ = principal_axis(points)
+            axis = np.array([math.cos(math.radians(orientation)),
+                             math.sin(math.radians(orientation))])
+            along = points @ axis
+            length_mm = float(along.max() - along.min()) + max(sx, sy)
+            box_chainage, box_arc = to_tunnel(np.array([x, x + w - 1]), np.array([y, y + h - 1]),
+                                              shape, camera, chainage_m)
+            centre_chainage, centre_arc = to_tunnel(centroids[label, 0], centroids[label, 1],
+                                                    shape, camera, chainage_m)
+            records.append(FeatureRecord(
+                index=len(records), kind=kind, area_px=area,
+                area_mm2=_round(area * sx * sy, 3), bbox_px=(x, y, w, h),
+                chainage_m=_round(centre_chainage, 4),
+                chainage_start_m=_round(box_chainage.min(), 4),
+                chainage_end_m=_round(box_chainage.max(), 4),
+                arc_mm=_round(centre_arc, 2), arc_start_mm=_round(box_arc.min(), 2),
+                arc_end_mm=_round(box_arc.max(), 2), length_mm=_round(length_mm, 2),
+                orientation_deg=_round(orientation, 2) % 180.0))
+    return records

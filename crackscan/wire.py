@@ -205,6 +205,14 @@ class FrameMessage:
                    chainage_m=_take(h, "chainage_m", float), image=image, encoding=encoding)
 
 
+def _bbox(raw: dict[str, Any], record: str) -> tuple[int, int, int, int]:
+    bbox = raw.get("bbox_px")
+    if not (isinstance(bbox, list) and len(bbox) == 4
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in bbox)):
+        raise WireError(f"{record} field 'bbox_px' must be four integers [x, y, width, height]")
+    return tuple(bbox)  # type: ignore[return-value]  # four ints, checked above
+
+
 @dataclass(frozen=True)
 class CrackRecord:
     """One crack found in one frame, measured in pixels and in tunnel units.
@@ -265,11 +273,7 @@ class CrackRecord:
                 values[f.name] = _take(raw, f.name, float, "crack record")
         if values["chainage_start_m"] > values["chainage_end_m"]:
             raise WireError("crack record has chainage_start_m > chainage_end_m")
-        bbox = raw.get("bbox_px")
-        if not (isinstance(bbox, list) and len(bbox) == 4
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in bbox)):
-            raise WireError("crack field 'bbox_px' must be four integers [x, y, width, height]")
-        values["bbox_px"] = tuple(bbox)
+        values["bbox_px"] = _bbox(raw, "crack")
         for name in ("polyline_px", "polyline"):
             points = raw.get(name)
             if not (isinstance(points, list) and all(
@@ -281,10 +285,72 @@ class CrackRecord:
         return cls(**values)
 
 
+FEATURE_KIND_MAX = 32  # a lining feature's kind is a model class name, e.g. "joint"
+
+
+@dataclass(frozen=True)
+class FeatureRecord:
+    """One lining feature found in one frame: a connected region of one class of a multi-class
+    model other than background and crack (a joint, a stain, a bolt hole...), never a crack.
+
+    ``kind`` is the model's class name. Chainage in m, ring position (arc) in mm; the extents
+    are those of the region's bounding box. ``length_mm`` is the region's extent along its
+    principal axis, ``orientation_deg`` that axis in the (chainage, arc) plane as for a crack
+    (0 = along the tunnel, 90 = round the ring: a ring joint).
+    """
+
+    index: int
+    kind: str
+    area_px: int
+    area_mm2: float
+    bbox_px: tuple[int, int, int, int]  # x, y, width, height
+    chainage_m: float  # of the region's centroid
+    chainage_start_m: float
+    chainage_end_m: float
+    arc_mm: float  # of the region's centroid
+    arc_start_mm: float
+    arc_end_mm: float
+    length_mm: float
+    orientation_deg: float
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["bbox_px"] = list(self.bbox_px)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> FeatureRecord:
+        where = "feature record"
+        if not isinstance(raw, dict):
+            raise WireError("a feature record must be a JSON object")
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise WireError(f"feature record has unknown fields {sorted(unknown)}")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in ("index", "area_px"):
+                values[f.name] = _count(raw, f.name, where)
+            elif f.name == "kind":
+                kind = _take(raw, f.name, str, where)
+                if not (0 < len(kind) <= FEATURE_KIND_MAX and kind.isprintable()):
+                    raise WireError(f"feature kind {kind[:40]!r} is not a class name of 1 to "
+                                    f"{FEATURE_KIND_MAX} printable characters")
+                values[f.name] = kind
+            elif f.name != "bbox_px":
+                values[f.name] = _take(raw, f.name, float, where)
+        if values["chainage_start_m"] > values["chainage_end_m"]:
+            raise WireError("feature record has chainage_start_m > chainage_end_m")
+        if values["arc_start_mm"] > values["arc_end_mm"]:
+            raise WireError("feature record has arc_start_mm > arc_end_mm")
+        values["bbox_px"] = _bbox(raw, "feature")
+        return cls(**values)
+
+
 @dataclass(frozen=True)
 class ResultMessage:
-    """What inference found in one frame: the measured cracks and the binary crack mask
-    (HxW uint8, 0 or 255), sent as its own PNG-encoded frame."""
+    """What inference found in one frame: the measured cracks, the binary crack mask (HxW
+    uint8, 0 or 255), sent as its own PNG-encoded frame, and the lining features a multi-class
+    model found (none from a binary model; a header without ``features`` has none)."""
 
     TYPE: ClassVar[str] = "result"
     run_id: str
@@ -297,6 +363,7 @@ class ResultMessage:
     worker: str
     cracks: tuple[CrackRecord, ...]
     mask: np.ndarray = field(repr=False)
+    features: tuple[FeatureRecord, ...] = ()
 
     def to_frames(self) -> list[bytes]:
         header = {name: getattr(self, name) for name in
@@ -304,6 +371,8 @@ class ResultMessage:
                    "model", "worker")}
         header.update(cracks=[c.to_dict() for c in self.cracks], encoding="png", dtype="uint8",
                       shape=list(self.mask.shape))
+        if self.features:
+            header["features"] = [f.to_dict() for f in self.features]
         return [_header_frame(self.TYPE, header), encode_pixels(self.mask, "png")]
 
     @classmethod
@@ -320,7 +389,10 @@ class ResultMessage:
                    inference_ms=_take(h, "inference_ms", float), model=_take(h, "model", str),
                    worker=_take(h, "worker", str),
                    cracks=tuple(CrackRecord.from_dict(c) for c in _take(h, "cracks", list)),
-                   mask=mask)
+                   mask=mask,
+                   features=tuple(FeatureRecord.from_dict(f)
+                                  for f in (_take(h, "features", list) if "features" in h
+                                            else [])))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,11 @@ probability run inside the model's graph (``inference.fused``) on whatever devic
 model. :class:`BatchedSegmenter` is that host half, shared by all backends. :func:`preprocess`
 and :func:`crack_probability` are the same arithmetic in numpy, the reference the fused graph
 is held to (``tests/test_fused.py``).
+
+A multi-class model with lining classes (anything besides background and crack: joint, stain,
+...) maps each image to two planes, 2 x H x W float32: the crack probability and the index of
+each pixel's most likely class (:func:`split_map` separates them); a binary model (or a
+background / crack one) to the crack probability alone, H x W.
 """
 
 from __future__ import annotations
@@ -82,7 +87,8 @@ class Segmenter(Protocol):
     backend: str
 
     def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Crack probability maps (HxW float32, 0..1), one per BGR uint8 image, same sizes."""
+        """One map per BGR uint8 image, same sizes: crack probability (HxW float32, 0..1), or
+        for a model with lining classes 2xHxW (:func:`split_map`)."""
 
 
 # Every side is mirrored this far before segmentation and cropped off after: a network sees
@@ -138,6 +144,36 @@ def crack_channel(classes: tuple[str, ...]) -> int:
     return classes.index("crack")
 
 
+BASE_CLASSES = ("background", "crack")
+
+
+def feature_classes(classes: tuple[str, ...]) -> tuple[str, ...]:
+    """A model's lining-feature classes: all but background and crack (none for a binary
+    model)."""
+    return tuple(c for c in classes if c not in BASE_CLASSES) if len(classes) > 1 else ()
+
+
+def map_planes(classes: tuple[str, ...]) -> int:
+    """Planes of a model's map: 2 (crack probability, class index) with lining classes, else 1."""
+    return 2 if feature_classes(classes) else 1
+
+
+def split_map(seg_map: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(HxW crack probability, HxW uint8 class index or None) of a segmenter's map."""
+    if seg_map.ndim == 2:
+        return seg_map, None
+    return seg_map[0], seg_map[1].astype(np.uint8)
+
+
+def segmentation_map(logits: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
+    """CxHxW logits -> the map a segmenter returns: :func:`crack_probability`, with the argmax
+    class index as a second plane for a model with lining classes."""
+    prob = crack_probability(logits, classes)
+    if map_planes(classes) == 1:
+        return prob
+    return np.stack([prob, logits.argmax(axis=0).astype(np.float32)])
+
+
 def crack_probability(logits: np.ndarray, classes: tuple[str, ...]) -> np.ndarray:
     """CxHxW logits -> HxW crack probability: sigmoid of the one channel of a binary model,
     softmax over the channels of a multi-class model, read at the 'crack' channel."""
@@ -164,12 +200,13 @@ class BatchedSegmenter:
     batches_run: int = 0
 
     def run_batch(self, pixels: np.ndarray) -> np.ndarray:
-        """N x H x W x 3 uint8 BGR padded images -> N x H x W float32 crack probability, an array
-        the caller may keep."""
+        """N x H x W x 3 uint8 BGR padded images -> N x H x W float32 crack probability (N x 2 x
+        H x W with the class index plane, for a model with lining classes), an array the caller
+        may keep."""
         raise NotImplementedError
 
     def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Crack probability maps (HxW float32, 0..1), one per BGR uint8 image, same sizes."""
+        """One map per BGR uint8 image, same sizes (see :meth:`Segmenter.segment`)."""
         padded = [pad_pixels(image, self.info) for image in images]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (pixels, _) in enumerate(padded):
@@ -182,7 +219,7 @@ class BatchedSegmenter:
                 self.batches_run += 1
                 for i, prob in zip(chunk, probs, strict=True):
                     top, left, h, w = padded[i][1]
-                    maps[i] = prob[top:top + h, left:left + w]
+                    maps[i] = prob[..., top:top + h, left:left + w]
         return maps  # type: ignore[return-value]  # every slot filled above
 
 

@@ -314,10 +314,11 @@ def build_engine(onnx_path: Path, out_path: Path, *, fp16: bool = True, int8: bo
     metadata at ``out_path.with_suffix('.json')``; returns ``out_path``.
 
     The network is the model's fused graph (``inference.fused``): input ``pixels``, uint8
-    N x H x W x 3; output ``crack``, float32 N x H x W. The input gets one optimisation profile:
-    min 1 x M x M x 3 (M: the model's size multiple), opt and max ``max_batch`` x S x S x 3 with
-    S = :func:`network_side` (``tile`` + the 2 x 32 px mirror margin): full tiles, the shape
-    TensorRT tunes its kernels for, and every smaller fitted tile or frame below it.
+    N x H x W x 3; output ``crack``, float32 N x H x W (N x 2 x H x W for a model with lining
+    classes). The input gets one optimisation profile: min 1 x M x M x 3 (M: the model's size
+    multiple), opt and max ``max_batch`` x S x S x 3 with S = :func:`network_side` (``tile`` +
+    the 2 x 32 px mirror margin): full tiles, the shape TensorRT tunes its kernels for, and
+    every smaller fitted tile or frame below it.
     ``fp16`` lets TensorRT pick FP16 kernels; ``int8`` INT8 ones, calibrated with entropy
     calibration (IInt8EntropyCalibrator2) on the images in ``calib_dir``
     (:class:`CalibrationBatches`, batches of ``max_batch``) or from ``calib_cache`` when that

@@ -37,6 +37,7 @@ from inference.segmenter import (
     ModelError,
     ModelInfo,
     file_sha256,
+    map_planes,
     model_info,
 )
 
@@ -264,9 +265,11 @@ class TensorRTSegmenter(BatchedSegmenter):
         self._exec = check_cuda(self._engine.create_execution_context(),
                                 "creating the execution context")
         pixels = self.max_batch * side * side * 3
+        self._planes = map_planes(self.info.classes)  # 2: crack probability and class index
         self._host_in = check_cuda(lambda: cuda.pagelocked_empty(pixels, np.uint8),
                                    "allocating page-locked input memory")
-        self._host_out = check_cuda(lambda: cuda.pagelocked_empty(pixels // 3, np.float32),
+        self._host_out = check_cuda(lambda: cuda.pagelocked_empty(pixels // 3 * self._planes,
+                                                                  np.float32),
                                     "allocating page-locked output memory")
         self._device_in = check_cuda(lambda: cuda.mem_alloc(self._host_in.nbytes),
                                      "allocating GPU input memory")
@@ -282,7 +285,7 @@ class TensorRTSegmenter(BatchedSegmenter):
                  self.info.label)
 
     def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Crack probability maps (HxW float32), one per BGR uint8 image of at most ``tile`` px a
+        """Maps (see ``Segmenter.segment``), one per BGR uint8 image of at most ``tile`` px a
         side, in input order."""
         for image in images:
             if image.shape[0] > self.tile or image.shape[1] > self.tile:
@@ -297,7 +300,7 @@ class TensorRTSegmenter(BatchedSegmenter):
         cuda, stream = self._cuda, self._stream
         count, height, width = pixels.shape[:3]
         host_in = self._host_in[:pixels.size]
-        host_out = self._host_out[:count * height * width]
+        host_out = self._host_out[:count * self._planes * height * width]
         host_in[:] = pixels.ravel()
         with _pushed(self._context):
             check_cuda(lambda: cuda.memcpy_htod_async(self._device_in, host_in, stream),
@@ -308,7 +311,9 @@ class TensorRTSegmenter(BatchedSegmenter):
             check_cuda(lambda: cuda.memcpy_dtoh_async(host_out, self._device_out, stream),
                        "copying crack probabilities from the GPU")
             check_cuda(stream.synchronize, "waiting for the CUDA stream")
-        return host_out.reshape(count, height, width).copy()
+        shape = (count, height, width) if self._planes == 1 else (count, self._planes, height,
+                                                                  width)
+        return host_out.reshape(shape).copy()
 
     def close(self) -> None:
         """Free the engine and its GPU memory (the segmenter is unusable afterwards)."""

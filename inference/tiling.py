@@ -152,15 +152,15 @@ def split(image: np.ndarray, grid: TileGrid) -> list[np.ndarray]:
 
 def stitch(maps: list[np.ndarray], grid: TileGrid) -> np.ndarray:
     """The HxW float32 map of the whole image from the tiles' maps (in ``grid.windows()``
-    order, each at least as large as the tile's part of the image): every pixel comes from the
-    one tile that owns it."""
+    order, each at least as large as the tile's part of the image; planes first, if any): every
+    pixel comes from the one tile that owns it."""
     windows = grid.windows()
     if len(maps) != len(windows):
         raise ValueError(f"{len(maps)} maps for a grid of {len(windows)} tiles")
-    whole = np.empty((grid.height, grid.width), np.float32)
+    whole = np.empty(maps[0].shape[:-2] + (grid.height, grid.width), np.float32)
     for (top, left), tile_map in zip(windows, maps, strict=True):
         y0, y1, x0, x1 = grid.keep(top, left)
-        whole[y0:y1, x0:x1] = tile_map[y0 - top:y1 - top, x0 - left:x1 - left]
+        whole[..., y0:y1, x0:x1] = tile_map[..., y0 - top:y1 - top, x0 - left:x1 - left]
     return whole
 
 
@@ -191,7 +191,7 @@ class TiledSegmenter:
         self.tiles_run = 0
 
     def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Crack probability maps (HxW float32), one per BGR uint8 image, in input order."""
+        """One map per BGR uint8 image (see ``Segmenter.segment``), in input order."""
         maps: list[np.ndarray | None] = [None] * len(images)
         whole = [i for i, image in enumerate(images)
                  if image.shape[0] <= self.tile and image.shape[1] <= self.tile]

@@ -24,7 +24,8 @@ TTA_MODES: dict[str, tuple[tuple[int, ...], ...]] = {
 class FlipAveragedSegmenter:
     """``inner``'s crack probability averaged over each frame and its mirror images (``mode``, a
     key of ``TTA_MODES``). All views of all frames go to ``inner`` in one call, so its batching
-    and tiling work on them as on frames; each map is mirrored back before averaging."""
+    and tiling work on them as on frames; each map is mirrored back before averaging. A class
+    index plane (a model with lining classes) is the frame's own, not averaged."""
 
     def __init__(self, inner: Segmenter, mode: str = "hflip") -> None:
         if mode not in TTA_MODES or mode == "none":
@@ -42,8 +43,11 @@ class FlipAveragedSegmenter:
         out = []
         for i in range(len(images)):
             group = maps[i * len(self.flips):(i + 1) * len(self.flips)]
-            total = np.zeros_like(group[0], dtype=np.float32)
-            for axes, prob in zip(self.flips, group, strict=True):
+            planes = group[0].ndim - 2  # 1: the map leads with (crack, class index) planes
+            total = np.zeros(group[0].shape[-2:], dtype=np.float32)
+            for axes, seg_map in zip(self.flips, group, strict=True):
+                prob = seg_map[0] if planes else seg_map
                 total += np.flip(prob, axes) if axes else prob
-            out.append(total / len(self.flips))
+            total /= len(self.flips)
+            out.append(np.stack([total, group[0][1]]) if planes else total)
         return out

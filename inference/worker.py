@@ -1,4 +1,5 @@
-"""The inference stage: pull frames, segment, measure cracks, push results.
+"""The inference stage: pull frames, segment, measure cracks (and, with a multi-class model,
+lining features), push results.
 
 Workers are stateless services: N of them can PULL from one frame stream (ZeroMQ fans frames out)
 and PUSH into one management socket. A run's lifecycle (start, end, counting) is between
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 import zmq
 
 from crackscan.config import PipelineConfig
-from crackscan.geometry import measure_cracks
+from crackscan.geometry import measure_cracks, measure_features
 from crackscan.sockets import KeyRing, SocketSpec
 from crackscan.wire import FrameMessage, ResultMessage, WireError, decode
-from inference.segmenter import Segmenter
+from inference.segmenter import Segmenter, split_map
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +57,25 @@ def process_frames(frames: list[FrameMessage], segmenter: Segmenter, config: Pip
     share_s = (time.perf_counter() - started) / len(frames)
     threshold = config.inference.threshold or segmenter.info.threshold
     results = []
-    for frame, prob in zip(frames, probs, strict=True):
+    for frame, seg_map in zip(frames, probs, strict=True):
         measured = time.perf_counter()
-        mask, cracks = measure_cracks(prob, threshold, config.camera_for(frame.camera_id),
-                                      frame.chainage_m, config.severity,
+        prob, classes = split_map(seg_map)
+        camera = config.camera_for(frame.camera_id)
+        mask, cracks = measure_cracks(prob, threshold, camera, frame.chainage_m, config.severity,
                                       config.inference.min_crack_area_px,
                                       config.inference.min_crack_length_mm,
                                       config.inference.min_crack_elongation,
                                       config.inference.straight_max_deviation,
                                       config.inference.straight_min_length_px)
+        features = (() if classes is None else tuple(measure_features(
+            classes, segmenter.info.classes, camera, frame.chainage_m,
+            config.inference.min_feature_area_px)))
         results.append(ResultMessage(
             run_id=frame.run_id, camera_id=frame.camera_id, seq=frame.seq,
             capture_time=frame.capture_time, chainage_m=frame.chainage_m,
             inference_ms=round((share_s + time.perf_counter() - measured) * 1000, 2),
-            model=segmenter.info.label, worker=worker, cracks=tuple(cracks), mask=mask))
+            model=segmenter.info.label, worker=worker, cracks=tuple(cracks), mask=mask,
+            features=features))
     return results
 
 

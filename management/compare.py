@@ -3,8 +3,12 @@ no longer seen.
 
 Input: the physical cracks of the earlier run (``before``) and of the later run (``after``), plain
 dicts as :func:`management.store.query_physical` returns them. Everything is done in tunnel
-coordinates, those of the earlier run: ``offset_m`` is added to every chainage of the later run
-first (the two drives' odometers rarely agree to the centimetre).
+coordinates, those of the earlier run: every chainage of the later run (its cracks' chainages and
+every point of their polylines) is first brought into them (the two drives' odometers rarely agree
+to the centimetre), either by adding a constant ``offset_m`` or by a ``chainage_map``: a function
+of the later run's chainage, such as :class:`management.landmarks.JointAlignment`, which maps it
+piecewise linearly between ring joints both runs saw, so that an odometer's scale error (2 % is
+3.3 m over 167 m) does not separate a crack from itself. The report's ``alignment`` says which.
 
 Matching. Each polyline is resampled (every ``STEP_MM``, finer for a small tolerance). For two
 cracks, the *coverage* of one by the other is the share of its points that lie within
@@ -32,6 +36,7 @@ in no group are ``new``, earlier ones ``gone``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -53,6 +58,15 @@ CHANGE_COLUMNS = ["change", "before", "after", "chainage_m", "arc_mm", "length_b
                   "width_growth_mm", "severity"]
 
 
+# A chainage of the later run (m; a number or an array) in the earlier run's frame. One with a
+# ``describe()`` method (JointAlignment) describes itself in the report.
+ChainageMap = Callable[[Any], Any]
+
+
+def _identity(chainage_m: Any) -> Any:
+    return chainage_m
+
+
 def _check(name: str, value: float, positive: bool = False) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value)
             and (value > 0 if positive else value >= 0)):
@@ -60,10 +74,15 @@ def _check(name: str, value: float, positive: bool = False) -> None:
                          f"got {value!r}")
 
 
-def _points(crack: dict[str, Any], offset_mm: float, step: float) -> np.ndarray:
+def _points(crack: dict[str, Any], to_earlier: ChainageMap | None, step: float) -> np.ndarray:
     points = points_mm(crack)
-    points[:, 0] += offset_mm
+    if to_earlier is not None:
+        points[:, 0] = np.asarray(to_earlier(points[:, 0] / 1000.0), np.float64) * 1000.0
     return resample(points, step)
+
+
+def _chainage(to_earlier: ChainageMap, chainage_m: float) -> float:
+    return round(float(to_earlier(chainage_m)), 4)
 
 
 Pair = tuple[float, float, int, int, float, float]
@@ -133,20 +152,20 @@ def _groups(pairs: list[Pair], n_before: int, n_after: int, min_share: float
     return list(groups.values())
 
 
-def _crack_item(crack: dict[str, Any], offset_m: float) -> dict[str, Any]:
+def _crack_item(crack: dict[str, Any], to_earlier: ChainageMap) -> dict[str, Any]:
     """A new or gone crack, chainages in tunnel coordinates."""
     return {
         "number": crack["number"],
-        "chainage_m": round(crack["chainage_m"] + offset_m, 4),
-        "chainage_start_m": round(crack["chainage_start_m"] + offset_m, 4),
-        "chainage_end_m": round(crack["chainage_end_m"] + offset_m, 4),
+        "chainage_m": _chainage(to_earlier, crack["chainage_m"]),
+        "chainage_start_m": _chainage(to_earlier, crack["chainage_start_m"]),
+        "chainage_end_m": _chainage(to_earlier, crack["chainage_end_m"]),
         "arc_mm": crack["arc_mm"], "length_mm": round(crack["length_mm"], 3),
         "width_max_mm": crack["width_max_mm"], "type": crack["type"],
         "severity": crack["severity"],
     }
 
 
-def _matched_item(olds: list[dict[str, Any]], news: list[dict[str, Any]], offset_m: float,
+def _matched_item(olds: list[dict[str, Any]], news: list[dict[str, Any]], to_earlier: ChainageMap,
                   grow_length_mm: float, grow_length_share: float, grow_width_mm: float
                   ) -> dict[str, Any]:
     length_before = sum(c["length_mm"] for c in olds)
@@ -164,7 +183,7 @@ def _matched_item(olds: list[dict[str, Any]], news: list[dict[str, Any]], offset
              or width_growth > grow_width_mm)
     return {
         "before": [c["number"] for c in olds], "after": [c["number"] for c in news],
-        "chainage_m": round(centre("chainage_m") + offset_m, 4),
+        "chainage_m": _chainage(to_earlier, centre("chainage_m")),
         "arc_mm": round(centre("arc_mm"), 2),
         "length_before_mm": round(length_before, 3), "length_after_mm": round(length_after, 3),
         "length_growth_mm": round(length_growth, 3),
@@ -181,7 +200,8 @@ def compare_runs(before: list[dict[str, Any]], after: list[dict[str, Any]],
                  grow_length_mm: float = GROW_LENGTH_MM,
                  grow_length_share: float = GROW_LENGTH_SHARE,
                  grow_width_mm: float = GROW_WIDTH_MM,
-                 min_share: float = MIN_SHARE) -> dict[str, Any]:
+                 min_share: float = MIN_SHARE,
+                 chainage_map: ChainageMap | None = None) -> dict[str, Any]:
     """The physical cracks of an earlier run (``before``) and a later one (``after``) compared
     (see the module doc). Returns a JSON-ready dict:
 
@@ -194,9 +214,13 @@ def compare_runs(before: list[dict[str, Any]], after: list[dict[str, Any]],
       coordinates), ``arc_mm``, ``length_mm``, ``width_max_mm``, ``type``, ``severity``;
     - ``summary``: counts (``before``, ``after``, ``matched``, ``grown``, ``unchanged``, ``new``,
       ``gone``);
-    - ``parameters``: the tolerances used.
+    - ``alignment``: how the later run's chainages were brought into the earlier run's:
+      ``{"method": "offset", "offset_m": ...}``, or ``chainage_map.describe()`` (for a
+      JointAlignment: ``method`` "joints", ``joints_matched``, ``scale``, ``rms_m``, ...);
+    - ``parameters``: the tolerances used (``offset_m`` None when a ``chainage_map`` was).
 
-    Items are in order of chainage. Raises ValueError on a bad parameter."""
+    ``chainage_map`` replaces ``offset_m`` (give one of them). Items are in order of chainage.
+    Raises ValueError on a bad parameter."""
     _check("tolerance_mm", tolerance_mm, positive=True)
     _check("grow_length_mm", grow_length_mm)
     _check("grow_length_share", grow_length_share)
@@ -205,20 +229,31 @@ def compare_runs(before: list[dict[str, Any]], after: list[dict[str, Any]],
         raise QueryError(f"offset_m must be a finite number, got {offset_m!r}")
     if not 0 < min_share <= 1:
         raise QueryError(f"min_share must be in (0, 1], got {min_share!r}")
+    if chainage_map is not None and offset_m != 0:
+        raise QueryError(f"give offset_m or chainage_map, not both (offset_m={offset_m!r})")
+    if chainage_map is None:
+        def to_earlier(chainage_m: Any) -> Any:
+            return np.asarray(chainage_m, np.float64) + offset_m
+
+        alignment = {"method": "offset", "offset_m": offset_m}
+    else:
+        to_earlier = chainage_map
+        describe = getattr(chainage_map, "describe", None)
+        alignment = describe() if callable(describe) else {"method": "map"}
     before = sorted(before, key=lambda c: c["number"])
     after = sorted(after, key=lambda c: c["number"])
     step = min(STEP_MM, tolerance_mm / 2)
-    pairs = _candidates([_points(c, 0.0, step) for c in before],
-                        [_points(c, offset_m * 1000.0, step) for c in after],
+    pairs = _candidates([_points(c, None, step) for c in before],
+                        [_points(c, to_earlier, step) for c in after],
                         tolerance_mm, min_share)
     groups = _groups(pairs, len(before), len(after), min_share)
-    matched = [_matched_item([before[i] for i in olds], [after[j] for j in news], offset_m,
+    matched = [_matched_item([before[i] for i in olds], [after[j] for j in news], to_earlier,
                              grow_length_mm, grow_length_share, grow_width_mm)
                for olds, news in groups]
     seen_before = {i for olds, _ in groups for i in olds}
     seen_after = {j for _, news in groups for j in news}
-    new = [_crack_item(c, offset_m) for j, c in enumerate(after) if j not in seen_after]
-    gone = [_crack_item(c, 0.0) for i, c in enumerate(before) if i not in seen_before]
+    new = [_crack_item(c, to_earlier) for j, c in enumerate(after) if j not in seen_after]
+    gone = [_crack_item(c, _identity) for i, c in enumerate(before) if i not in seen_before]
     matched.sort(key=lambda m: (m["chainage_m"], m["before"]))
     new.sort(key=lambda c: (c["chainage_m"], c["number"]))
     gone.sort(key=lambda c: (c["chainage_m"], c["number"]))
@@ -227,7 +262,9 @@ def compare_runs(before: list[dict[str, Any]], after: list[dict[str, Any]],
         "summary": {"before": len(before), "after": len(after), "matched": len(matched),
                     "grown": grown, "unchanged": len(matched) - grown, "new": len(new),
                     "gone": len(gone)},
-        "parameters": {"tolerance_mm": tolerance_mm, "offset_m": offset_m,
+        "alignment": alignment,
+        "parameters": {"tolerance_mm": tolerance_mm,
+                       "offset_m": offset_m if chainage_map is None else None,
                        "min_share": min_share, "grow_length_mm": grow_length_mm,
                        "grow_length_share": grow_length_share, "grow_width_mm": grow_width_mm},
         "matched": matched, "new": new, "gone": gone,

@@ -16,3 +16,8 @@ class QueryError(UserError, ValueError):
 
 class RunNotFound(UserError, LookupError):
     """No run of that id in the database."""
+
+
+class AlignmentError(UserError, ValueError):
+    """Two runs cannot be aligned on their ring joints (too few, or they do not line up); the
+    message says how many each run has and that a constant offset is the fallback."""

@@ -1,9 +1,11 @@
-"""Rendering of query answers (run summaries or crack records, lists of plain dicts) as text.
+"""Rendering of query answers (run summaries, crack or lining feature records, lists of plain
+dicts) as text.
 
     table    aligned columns for a terminal, a readable subset of the fields
     csv      every scalar field (lists such as polylines are left out), one row per record
     json     one JSON document: the list of records, every field
-    geojson  one GeoJSON FeatureCollection; each crack is a LineString of its ``polyline``
+    geojson  one GeoJSON FeatureCollection; each crack is a LineString of its ``polyline``, each
+             lining feature a Polygon of its ``outline`` (the box of its extent)
 
 GeoJSON coordinates here are tunnel coordinates, not geographic ones: x = chainage in metres
 along the tunnel, y = ring arc in millimetres (the record's ``polyline``, [[chainage_m, arc_mm],
@@ -23,6 +25,8 @@ FORMATS = ("table", "csv", "json", "geojson")
 
 # The table shows the first of these lists whose key columns the records have, else all scalars.
 TABLE_COLUMNS = (
+    ["run", "kind", "number", "chainage_start_m", "chainage_end_m", "arc_start_mm", "arc_end_mm",
+     "length_mm", "area_mm2", "orientation_deg", "detections", "frames", "cameras"],
     ["run", "camera", "seq", "index", "chainage_m", "arc_mm", "length_mm", "width_max_mm",
      "width_mean_mm", "orientation_deg", "type", "severity"],
     ["run", "number", "chainage_start_m", "chainage_end_m", "arc_mm", "length_mm", "width_max_mm",
@@ -106,8 +110,16 @@ def _geometry(polyline: Any) -> dict[str, Any] | None:
     return {"type": "LineString", "coordinates": points}
 
 
+def _outline(outline: Any) -> dict[str, Any] | None:
+    if not isinstance(outline, list) or len(outline) < 4:
+        return None
+    return {"type": "Polygon", "coordinates": [[[float(x), float(y)] for x, y in outline]]}
+
+
 def _render_geojson(records: list[dict[str, Any]], columns: list[str]) -> str:
-    features = [{"type": "Feature", "geometry": _geometry(record.get("polyline")),
+    features = [{"type": "Feature",
+                 "geometry": (_outline(record["outline"]) if "outline" in record
+                              else _geometry(record.get("polyline"))),
                  "properties": {column: record.get(column) for column in columns}}
                 for record in records]
     collection = {"type": "FeatureCollection", "name": "crackscan",

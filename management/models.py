@@ -1,4 +1,5 @@
-"""The crack management schema: runs, the frames stored for them and the cracks found per frame.
+"""The crack management schema: runs, the frames stored for them, the cracks found per frame and
+the lining features (joints, stains, holes...) a multi-class model found per frame.
 
 Typed SQLAlchemy 2.0 declarative models with portable column types only, so SQLite and Postgres
 store and return the same values. Units are mm and m; a pixel field always sits beside its mm
@@ -135,6 +136,9 @@ class Frame(Base):
     cracks: Mapped[list[Crack]] = relationship(back_populates="frame",
                                                cascade="all, delete-orphan",
                                                passive_deletes=True)
+    features: Mapped[list[LiningFeature]] = relationship(back_populates="frame",
+                                                         cascade="all, delete-orphan",
+                                                         passive_deletes=True)
 
 
 class Crack(Base):
@@ -217,3 +221,40 @@ class PhysicalCrack(Base):
     seq_first: Mapped[int] = mapped_column(BigInteger)
     seq_last: Mapped[int] = mapped_column(BigInteger)
     polyline: Mapped[list[list[float]]] = mapped_column(JSON)
+
+
+class LiningFeature(Base):
+    """One lining feature as found in one frame (schema 0003): a connected region of a
+    multi-class model's class other than background and crack (``kind`` is the class name:
+    joint, stain, spalling, hole, cable, marking, scratch...). Never a crack, never counted as
+    one. Physical features (one feature seen in several frames and cameras) are merged from these
+    on query (:mod:`management.features`), not stored.
+
+    Every field of :class:`crackscan.wire.FeatureRecord` has a column; ``bbox_px`` ([x, y, w, h])
+    is JSON. ``run_id``, ``camera_id`` and ``seq`` repeat the frame's so queries need no join."""
+
+    __tablename__ = "lining_features"
+    __table_args__ = (UniqueConstraint("frame_id", "index", name="uq_features_frame_index"),
+                      Index("ix_features_run_chainage", "run_id", "chainage_start_m"),
+                      Index("ix_features_run_kind", "run_id", "kind"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    frame_id: Mapped[int] = mapped_column(ForeignKey("frames.id", ondelete="CASCADE"))
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    camera_id: Mapped[str] = mapped_column(String)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    index: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))
+    area_px: Mapped[int] = mapped_column(BigInteger)
+    area_mm2: Mapped[float] = mapped_column(Float)
+    bbox_px: Mapped[list[int]] = mapped_column(JSON)
+    chainage_m: Mapped[float] = mapped_column(Float)
+    chainage_start_m: Mapped[float] = mapped_column(Float)
+    chainage_end_m: Mapped[float] = mapped_column(Float)
+    arc_mm: Mapped[float] = mapped_column(Float)
+    arc_start_mm: Mapped[float] = mapped_column(Float)
+    arc_end_mm: Mapped[float] = mapped_column(Float)
+    length_mm: Mapped[float] = mapped_column(Float)
+    orientation_deg: Mapped[float] = mapped_column(Float)
+
+    frame: Mapped[Frame] = relationship(back_populates="features")

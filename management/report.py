@@ -3,7 +3,7 @@
 Contents, top to bottom:
 
 - the run: id, source, mode, status, model, dates, frames, chainage range; the number of
-  detections and of physical cracks, per severity and per type;
+  detections and of physical cracks, per severity and per type; the lining features per kind;
 - the crack map: every physical crack's polyline in tunnel coordinates, x = chainage (m),
   y = ring arc (mm, growing upwards), in the colour of its width class (the severity classes of
   the config the run ran with; the default classes for a run that stored none), with a legend.
@@ -16,7 +16,13 @@ Contents, top to bottom:
   physical cracks, their total length, the largest maximum width and the count per severity;
   every section the run covered is listed, with no cracks or not;
 - the largest physical cracks (by length, ties by maximum width), each with the stored mask crop
-  of its longest detection, scaled up (nearest neighbour) so it can be seen.
+  of its longest detection, scaled up (nearest neighbour) so it can be seen;
+- the lining features (joints, stains, holes... of a multi-class model; :mod:`management.features`
+  merges them): the count per kind, the ring joints, and every physical feature. They are drawn
+  on the crack map as boxes of their extent in one colour of their own, beneath the cracks and
+  with their own legend entry, and never count as cracks (not in the crack counts, the sections
+  or the largest cracks). A run without features says that none were found (a binary model
+  reports none).
 
 Images are PNGs embedded as base64 data URIs and drawn with OpenCV and numpy (matplotlib is not a
 runtime dependency); there are no scripts and no external assets. Every text value is escaped.
@@ -39,6 +45,7 @@ from sqlalchemy.orm import Session
 
 from crackscan.config import SeverityConfig
 from crackscan.wire import CRACK_TYPES
+from management.features import ring_joints
 from management.merge import merge
 from management.models import Run
 from management.store import (
@@ -47,6 +54,7 @@ from management.store import (
     crack_mask,
     list_runs,
     query_cracks,
+    query_features,
     query_physical,
 )
 
@@ -63,6 +71,9 @@ CROP_MAX_PX = 480  # ... and never beyond this (larger crops are scaled down)
 # Width classes from narrow to wide are coloured along this ramp (RGB): blue, teal, amber,
 # orange, red; the five default classes get exactly these colours.
 RAMP_RGB = ((44, 123, 182), (0, 166, 166), (240, 180, 0), (232, 89, 12), (192, 0, 26))
+# Lining features (never cracks): boxes in a violet that no width class uses, filled pale.
+FEATURE_RGB = (128, 80, 176)
+FEATURE_FILL_RGB = (226, 214, 240)
 BACKGROUND_BGR = (255, 255, 255)
 GRID_BGR = (228, 228, 228)
 AXIS_BGR = (60, 60, 60)
@@ -213,9 +224,11 @@ def _strips(lo: float, hi: float, section_m: float) -> list[tuple[float, float]]
 
 
 def draw_map_strip(cracks: list[dict], chainage: tuple[float, float], arc: tuple[float, float],
-                   severity: SeverityConfig) -> np.ndarray:
+                   severity: SeverityConfig, features: list[dict] | None = None) -> np.ndarray:
     """One map strip (BGR): the cracks between chainage[0] and chainage[1] m, arc[0] .. arc[1]
-    mm upwards, each polyline in its width class's colour, with axes, grid and legend."""
+    mm upwards, each polyline in its width class's colour, with axes, grid and legend; the
+    lining ``features`` (physical features' dicts) as boxes of their extent in FEATURE_RGB,
+    beneath the cracks, with a legend entry of their own when there are any."""
     x0, x1 = chainage
     y0, y1 = arc
     height = MARGIN_TOP + PLOT_HEIGHT + MARGIN_BOTTOM
@@ -235,6 +248,16 @@ def draw_map_strip(cracks: list[dict], chainage: tuple[float, float], arc: tuple
     for y in yticks:
         py = int(to_px(np.array([[x0, y]]))[0, 1])
         cv2.line(plot, (0, py), (PLOT_WIDTH - 1, py), GRID_BGR, 1)
+
+    features = features or []
+    for feature in features:
+        if feature["chainage_end_m"] < x0 or feature["chainage_start_m"] > x1:
+            continue
+        corners = to_px(np.array([[feature["chainage_start_m"], feature["arc_start_mm"]],
+                                  [feature["chainage_end_m"], feature["arc_end_mm"]]]))
+        (left, bottom), (right, top) = (tuple(int(v) for v in corner) for corner in corners)
+        cv2.rectangle(plot, (left, top), (right, bottom), _bgr(FEATURE_FILL_RGB), -1)
+        cv2.rectangle(plot, (left, top), (right, bottom), _bgr(FEATURE_RGB), 1)
 
     colours = [_bgr(c) for c in class_colours(len(severity.names))]
     rank = {name: i for i, name in enumerate(severity.names)}
@@ -275,11 +298,16 @@ def draw_map_strip(cracks: list[dict], chainage: tuple[float, float], arc: tuple
         label = f"{name} {rng}"
         _text(image, label, x + 20, 24)
         x += 20 + cv2.getTextSize(label, FONT, 0.45, 1)[0][0] + 24
+    if features:
+        cv2.rectangle(image, (x, 12), (x + 14, 26), _bgr(FEATURE_FILL_RGB), -1)
+        cv2.rectangle(image, (x, 12), (x + 14, 26), _bgr(FEATURE_RGB), 1)
+        _text(image, "lining feature (not a crack)", x + 20, 24)
     return image
 
 
-def _arc_range(cracks: list[dict]) -> tuple[float, float]:
+def _arc_range(cracks: list[dict], features: list[dict]) -> tuple[float, float]:
     arcs = [p[1] for c in cracks for p in (c.get("polyline") or [[c["chainage_m"], c["arc_mm"]]])]
+    arcs += [a for f in features for a in (f["arc_start_mm"], f["arc_end_mm"])]
     lo, hi = min(arcs), max(arcs)
     pad = max(0.05 * (hi - lo), 50.0)
     return lo - pad, hi + pad
@@ -353,7 +381,7 @@ def _counts(counts: dict[str, int], colours: dict[str, tuple[int, int, int]]) ->
 
 
 def _header(summary: dict, physical: list[dict], names: list[str],
-            colours: dict[str, tuple[int, int, int]]) -> list[str]:
+            colours: dict[str, tuple[int, int, int]], features: list[dict]) -> list[str]:
     severities = dict.fromkeys(names, 0)
     types = dict.fromkeys(CRACK_TYPES, 0)
     for crack in physical:
@@ -369,6 +397,7 @@ def _header(summary: dict, physical: list[dict], names: list[str],
         ("frames", _e(summary["frames"])), ("chainage", _e(chainage)),
         ("detections", _e(summary["cracks"])), ("physical cracks", _e(len(physical))),
         ("per severity", _counts(severities, colours)), ("per type", _counts(types, {})),
+        ("lining features", _counts(_kinds(features), {}) if features else "none"),
     ]
     return ['<table class="facts"><tbody>']\
         + [f'<tr><th>{name}</th><td class="text">{value}</td></tr>' for name, value in facts]\
@@ -394,6 +423,52 @@ def _sections_table(sections: list[dict], names: list[str]) -> list[str]:
                  text_columns=(0,)),
             "</tfoot></table>"]
     return out
+
+
+def _kinds(features: list[dict]) -> dict[str, int]:
+    """Physical features per kind, kinds in alphabetical order."""
+    counts: dict[str, int] = {}
+    for feature in sorted(features, key=lambda f: f["kind"]):
+        counts[feature["kind"]] = counts.get(feature["kind"], 0) + 1
+    return counts
+
+
+def _features_section(features: list[dict]) -> list[str]:
+    """The "Lining features" section: counts per kind, ring joints, then every feature."""
+    out = ["<h2>Lining features</h2>"]
+    if not features:
+        return out + ['<p class="empty-features">No lining features were found in this run '
+                      "(only a multi-class model reports them).</p>"]
+    out.append('<p class="note">Regions of the model\'s classes other than crack, merged across '
+               "frames and cameras; not cracks, and never counted as cracks.</p>")
+    out += ['<table class="feature-kinds"><thead>',
+            _row(["kind", "features", "detections", "total length (m)", "total area (m²)"],
+                 "th", (0,)), "</thead><tbody>"]
+    for kind in _kinds(features):
+        of_kind = [f for f in features if f["kind"] == kind]
+        out.append(_row([_e(kind), str(len(of_kind)), str(sum(f["detections"] for f in of_kind)),
+                         f"{sum(f['length_mm'] for f in of_kind) / 1000:.2f}",
+                         f"{sum(f['area_mm2'] for f in of_kind) / 1e6:.3f}"], text_columns=(0,)))
+    out.append("</tbody></table>")
+    joints = ring_joints(features)
+    if joints:
+        spacing = ""
+        if len(joints) > 1:
+            gaps = np.diff(joints)
+            spacing = f", median spacing {float(np.median(gaps)):.2f} m"
+        out.append(f'<p class="ring-joints">{len(joints)} ring joint(s){spacing}.</p>')
+    head = ["feature", "kind", "chainage (m)", "arc (mm)", "length (mm)", "area (mm²)",
+            "detections", "cameras"]
+    out += ['<table class="features"><thead>', _row(head, "th", (1, 7)), "</thead><tbody>"]
+    for feature in features:
+        out.append(_row([
+            _e(feature["number"]), _e(feature["kind"]),
+            f"{feature['chainage_start_m']:.3f} .. {feature['chainage_end_m']:.3f}",
+            f"{feature['arc_start_mm']:.0f} .. {feature['arc_end_mm']:.0f}",
+            f"{feature['length_mm']:.0f}", f"{feature['area_mm2']:.0f}",
+            f"{_e(feature['detections'])} in {_e(feature['frames'])} frame(s)",
+            _e(", ".join(feature["cameras"]))], text_columns=(1, 7)))
+    return out + ["</tbody></table>"]
 
 
 def _largest_table(session: Session, run_id: str, cracks: list[dict],
@@ -449,6 +524,7 @@ def build_report(session: Session, run_id: str, out: Path, section_m: float = 10
     names = list(severity.names)
     colours = dict(zip(names, class_colours(len(names)), strict=True))
     physical, members = _cracks_of_run(session, run)
+    features = query_features(session, run=run_id)  # never mixed into the crack figures
     frames_range = None
     if summary["chainage_start_m"] is not None:
         frames_range = (summary["chainage_start_m"], summary["chainage_end_m"])
@@ -459,23 +535,25 @@ def build_report(session: Session, run_id: str, out: Path, section_m: float = 10
              f"<title>crackscan report: run {_e(run_id)}</title>",
              f"<style>{STYLE}</style></head><body>",
              f"<h1>Crack inspection report: run {_e(run_id)}</h1>"]
-    parts += _header(summary, physical, names, colours)
+    parts += _header(summary, physical, names, colours, features)
     strips = 0
     if not physical:
         parts.append('<p class="empty">No cracks were found in this run.</p>')
-    else:
-        lo = min([c["chainage_start_m"] for c in physical] + ([frames_range[0]] if frames_range
-                                                               else []))
-        hi = max([c["chainage_end_m"] for c in physical] + ([frames_range[1]] if frames_range
-                                                             else []))
+    if physical or features:
+        lo = min([c["chainage_start_m"] for c in physical + features]
+                 + ([frames_range[0]] if frames_range else []))
+        hi = max([c["chainage_end_m"] for c in physical + features]
+                 + ([frames_range[1]] if frames_range else []))
         windows = _strips(lo, hi, section_m)
-        arc = _arc_range(physical)
-        parts += ["<h2>Crack map</h2>",
-                  '<p class="note">x: chainage (m) along the tunnel; y: ring arc (mm), growing '
-                  "upwards; each physical crack drawn along its polyline in the colour of its "
-                  "width class (maximum width).</p>"]
+        arc = _arc_range(physical, features)
+        note = ("x: chainage (m) along the tunnel; y: ring arc (mm), growing upwards; each "
+                "physical crack drawn along its polyline in the colour of its width class "
+                "(maximum width)")
+        if features:
+            note += "; lining features (not cracks) as violet boxes of their extent, beneath"
+        parts += ["<h2>Crack map</h2>", f'<p class="note">{_e(note)}.</p>']
         for window in windows:
-            image = draw_map_strip(physical, window, arc, severity)
+            image = draw_map_strip(physical, window, arc, severity, features)
             parts.append(f'<img class="map" src="{_png_uri(image)}" width="{image.shape[1]}" '
                          f'height="{image.shape[0]}" '
                          f'alt="crack map, chainage {window[0]:g} to {window[1]:g} m">')
@@ -488,6 +566,7 @@ def build_report(session: Session, run_id: str, out: Path, section_m: float = 10
         parts += [f"<h2>The {len(top)} largest cracks</h2>",
                   '<p class="note">By length, ties by maximum width.</p>']
         parts += _largest_table(session, run_id, top, members, severity)
+    parts += _features_section(features)
     parts += [f'<p class="note">Written by crackscan on {_e(_date(_now_iso()))}.</p>',
               "</body></html>", ""]
     out = Path(out)

@@ -8,8 +8,11 @@ One management process writes a given run; concurrent writers of the same run ar
 
 ``merge_run`` (re)builds a run's physical cracks from its detections (:mod:`management.merge`).
 
-Readers (``run_progress``, ``list_runs``, ``query_cracks``, ``query_physical``) return plain dicts
-of JSON-ready values: times as ISO 8601 UTC strings, lengths in mm, chainage in m.
+Readers (``run_progress``, ``list_runs``, ``query_cracks``, ``query_physical``,
+``feature_detections``, ``query_features``) return plain dicts of JSON-ready values: times as
+ISO 8601 UTC strings, lengths in mm, chainage in m. Lining features (joints, stains... of a
+multi-class model) are stored beside the cracks of their frame and never counted as cracks;
+their physical features are merged on query (:mod:`management.features`).
 """
 
 from __future__ import annotations
@@ -24,10 +27,24 @@ import numpy as np
 from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from crackscan.wire import EndOfStreamMessage, ResultMessage, RunStartMessage
+from crackscan.wire import (
+    FEATURE_KIND_MAX,
+    EndOfStreamMessage,
+    ResultMessage,
+    RunStartMessage,
+)
 from management.errors import QueryError, RunNotFound
+from management.features import merge_features
 from management.merge import LINK_MM, merge
-from management.models import RUN_STATUSES, Crack, Frame, PhysicalCrack, Run, Tunnel
+from management.models import (
+    RUN_STATUSES,
+    Crack,
+    Frame,
+    LiningFeature,
+    PhysicalCrack,
+    Run,
+    Tunnel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +101,7 @@ def start_run(session: Session, msg: RunStartMessage) -> Run:
 
 
 def store_results(session: Session, results: list[ResultMessage]) -> tuple[int, int]:
-    """Store each result's frame and cracks once; returns (stored, duplicates).
+    """Store each result's frame, cracks and lining features once; returns (stored, duplicates).
 
     A result whose (run, camera, seq) is already in the database, or earlier in ``results``, is
     skipped and counted in the run's ``frames_duplicate``. A run not yet started is created
@@ -127,6 +144,9 @@ def store_results(session: Session, results: list[ResultMessage]) -> tuple[int, 
                           mask_png=_mask_crop_png(result.mask, record.bbox_px))
             frame.cracks.append(Crack(run_id=result.run_id, camera_id=result.camera_id,
                                       seq=result.seq, **fields))
+        for feature in result.features:  # none from a binary model
+            frame.features.append(LiningFeature(run_id=result.run_id, camera_id=result.camera_id,
+                                                seq=result.seq, **feature.to_dict()))
         session.add(frame)
         stored += 1
     session.flush()
@@ -348,10 +368,12 @@ def _check_minimum(name: str, value: float | None) -> None:
 
 
 SORT_FIELDS = ("chainage_m", "length_mm", "width_max_mm", "width_mean_mm", "arc_mm")
+FEATURE_SORT_FIELDS = ("chainage_m", "length_mm", "area_mm2", "arc_mm")
 
 
 def _check_query(min_width_mm: float | None, min_length_mm: float | None, limit: int | None,
-                 chainage: tuple[float, float] | None, sort: str) -> tuple[str, bool]:
+                 chainage: tuple[float, float] | None, sort: str,
+                 sort_fields: tuple[str, ...] = SORT_FIELDS) -> tuple[str, bool]:
     """Raise a ValueError naming a bad argument; returns (sort field, descending)."""
     _check_minimum("min_width_mm", min_width_mm)
     _check_minimum("min_length_mm", min_length_mm)
@@ -361,8 +383,8 @@ def _check_query(min_width_mm: float | None, min_length_mm: float | None, limit:
         raise QueryError(f"chainage range start {chainage[0]:g} m is after its end "
                          f"{chainage[1]:g} m")
     field = sort.removeprefix("-")
-    if field not in SORT_FIELDS:
-        raise QueryError(f"cannot sort by {sort!r}; sort by one of {', '.join(SORT_FIELDS)} "
+    if field not in sort_fields:
+        raise QueryError(f"cannot sort by {sort!r}; sort by one of {', '.join(sort_fields)} "
                          "(a leading '-' sorts largest first)")
     return field, sort.startswith("-")
 
@@ -482,6 +504,71 @@ def _physical_dict(row: PhysicalCrack, merged: bool) -> dict[str, Any]:
         "seq_first": row.seq_first, "seq_last": row.seq_last,
         "polyline": [list(point) for point in row.polyline], "merged": merged,
     }
+
+
+def feature_detections(session: Session, run_id: str, kind: str | None = None
+                       ) -> list[dict[str, Any]]:
+    """A run's per-frame lining feature records (of one ``kind``, or all), ordered by chainage,
+    camera, seq and index."""
+    statement = select(LiningFeature).where(LiningFeature.run_id == run_id)
+    if kind is not None:
+        statement = statement.where(LiningFeature.kind == kind)
+    statement = statement.order_by(LiningFeature.chainage_m, LiningFeature.camera_id,
+                                   LiningFeature.seq, LiningFeature.index)
+    return [_feature_dict(row) for row in session.scalars(statement)]
+
+
+def _feature_dict(row: LiningFeature) -> dict[str, Any]:
+    return {
+        "run": row.run_id, "camera": row.camera_id, "seq": row.seq, "index": row.index,
+        "kind": row.kind, "chainage_m": row.chainage_m,
+        "chainage_start_m": row.chainage_start_m, "chainage_end_m": row.chainage_end_m,
+        "arc_mm": row.arc_mm, "arc_start_mm": row.arc_start_mm, "arc_end_mm": row.arc_end_mm,
+        "length_mm": row.length_mm, "orientation_deg": row.orientation_deg,
+        "area_mm2": row.area_mm2, "area_px": row.area_px, "bbox_px": list(row.bbox_px),
+    }
+
+
+def query_features(session: Session, run: str | None = None, kind: str | None = None,
+                   min_length_mm: float | None = None,
+                   chainage: tuple[float, float] | None = None, sort: str = "chainage_m",
+                   limit: int | None = None, tunnel: str | None = None
+                   ) -> list[dict[str, Any]]:
+    """Physical lining features (never cracks), merged on query from each run's feature
+    detections (:func:`management.features.merge_features`).
+
+    ``number`` counts a run's physical features (all kinds) 1.. in order of chainage, whatever
+    the filters, so it names the same feature in every answer. ``kind`` matches exactly;
+    ``min_length_mm``, ``chainage`` (overlap of the extent), ``tunnel``, ``sort`` (one of
+    :data:`FEATURE_SORT_FIELDS`, a leading ``-`` for largest first) and ``limit`` work as in
+    :func:`query_cracks`. Runs without features (a binary model's) give none."""
+    field, descending = _check_query(None, min_length_mm, limit, chainage, sort,
+                                     FEATURE_SORT_FIELDS)
+    if kind is not None and not (0 < len(kind) <= FEATURE_KIND_MAX and kind.isprintable()):
+        raise QueryError(f"bad feature kind {kind[:40]!r}: a class name of the model, e.g. "
+                         "joint, stain or hole")
+    statement = (select(Run.id).where(Run.id.in_(select(LiningFeature.run_id)))
+                 .order_by(Run.started_at, Run.id))
+    if run is not None:
+        statement = statement.where(Run.id == run)
+    if tunnel is not None:
+        statement = statement.where(Run.id.in_(_runs_of_tunnel(tunnel)))
+    records: list[dict[str, Any]] = []
+    for run_id in session.scalars(statement):
+        merged = merge_features(feature_detections(session, run_id))
+        records += [{"run": run_id, "number": number, **feature.to_dict()}
+                    for number, feature in enumerate(merged, start=1)]
+
+    def keep(record: dict[str, Any]) -> bool:
+        return ((kind is None or record["kind"] == kind)
+                and (min_length_mm is None or record["length_mm"] >= min_length_mm)
+                and (chainage is None or (record["chainage_start_m"] <= chainage[1]
+                                          and record["chainage_end_m"] >= chainage[0])))
+
+    records = [record for record in records if keep(record)]
+    if field != "chainage_m" or descending:
+        records.sort(key=lambda r: r[field], reverse=descending)  # stable: ties keep that order
+    return records if limit is None else records[:limit]
 
 
 def crack_mask(session: Session, run_id: str, camera_id: str, seq: int, index: int

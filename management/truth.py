@@ -71,3 +71,27 @@ def score_against_truth(truth_cracks: list[dict[str, Any]], physical: list[dict[
         "median_width_max_error": median("width_max_error"),
         "other_physical_cracks": other, "cracks": rows,
     }
+
+
+RING_JOINT_TOLERANCE_M = 0.1
+
+
+def score_ring_joints(truth_m: list[float], found_m: list[float],
+                      tolerance_m: float = RING_JOINT_TOLERANCE_M) -> dict[str, Any]:
+    """How the ring joints a run found (chainages, m) agree with the drive's truth: each true
+    joint within the drive's span is found when a found joint lies within ``tolerance_m``
+    (each found joint pairs with one true joint at most, nearest first); the others are
+    ``spurious``. ``median_error_m`` is over the found pairs."""
+    pairs = sorted((abs(f - t), i, j) for i, t in enumerate(truth_m) for j, f in enumerate(found_m)
+                   if abs(f - t) <= tolerance_m)
+    true_used: set[int] = set()
+    found_used: set[int] = set()
+    errors = []
+    for error, i, j in pairs:
+        if i not in true_used and j not in found_used:
+            true_used.add(i)
+            found_used.add(j)
+            errors.append(error)
+    return {"true_joints": len(truth_m), "found": len(true_used),
+            "spurious": len(found_m) - len(found_used),
+            "median_error_m": statistics.median(errors) if errors else None}

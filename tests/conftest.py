@@ -48,6 +48,25 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture
+def engine(db_url: str):
+    """An engine on ``db_url``'s database at the current schema, disposed afterwards."""
+    from management.db import make_engine
+
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def session(engine):
+    """A session on ``engine``."""
+    from management.db import session_factory
+
+    with session_factory(engine)() as session:
+        yield session
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """torch on one intra-op thread for a whole module (``pytestmark = pytest.mark.usefixtures(

@@ -1,13 +1,14 @@
 """Helpers that several test modules share: running ``crackscan`` as a user does, the hand-made
-wire messages of stored runs, synthetic crack datasets, test videos and the acquisition test
-consumer. Fixtures live in ``conftest.py``; test modules import these with ``from support import
-...`` (``tests/`` is on ``sys.path`` through pytest's ``pythonpath`` setting), never from one
-another.
+wire messages of stored runs, the HTML report parsed back, synthetic crack datasets, test videos
+and the acquisition test consumer. Fixtures live in ``conftest.py``; test modules import these
+with ``from support import ...`` (``tests/`` is on ``sys.path`` through pytest's ``pythonpath``
+setting), never from one another.
 
 torch is imported only inside the helpers that need it, so the runtime tests never load it."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import subprocess
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +35,7 @@ from crackscan.wire import (
     RunStartMessage,
     decode,
 )
+from management.report import MARGIN_LEFT, MARGIN_TOP, PLOT_HEIGHT, PLOT_WIDTH
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -197,6 +200,80 @@ def end_message(run_id: str, camera: str = "cam0", frames_sent: int = 3,
                               frames_dropped=0, frames_bad=frames_bad, reason=reason)
 
 
+# --- the HTML report: parsed back, its images decoded ------------------------------------------
+
+class Page(HTMLParser):
+    """The report parsed: tags checked to nest and close; tables by class (rows of cell texts),
+    images (attributes) and the text."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.tags: list[str] = []
+        self.tables: dict[str, list[list[str]]] = {}
+        self.images: list[dict[str, str]] = []
+        self.text: list[str] = []
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+        self.feed(text)
+        self.close()
+        assert not self.stack, f"unclosed tags {self.stack}"
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(attrs)
+        if tag not in self.VOID:
+            self.stack.append(tag)
+        if tag == "table":
+            self._table = attrs.get("class", "")
+            self.tables[self._table] = []
+        elif tag == "tr" and self._table is not None:
+            self.tables[self._table].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-1:]}"
+        self.stack.pop()
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[self._table][-1].append(" ".join("".join(self._cell).split()))
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def facts(self) -> dict[str, str]:
+        return {row[0]: row[1] for row in self.tables["facts"]}
+
+
+def decode_png(uri: str) -> np.ndarray:
+    """An image embedded as a PNG data URI, decoded (BGR)."""
+    prefix = "data:image/png;base64,"
+    assert uri.startswith(prefix)
+    image = cv2.imdecode(np.frombuffer(base64.b64decode(uri[len(prefix):]), np.uint8),
+                         cv2.IMREAD_COLOR)
+    assert image is not None and image.size
+    return image
+
+
+def colours_in(image: np.ndarray) -> set[tuple[int, int, int]]:
+    """The BGR colours of the image's pixels."""
+    return {tuple(int(v) for v in c) for c in np.unique(image.reshape(-1, 3), axis=0)}
+
+
+def plot_area(strip: np.ndarray) -> np.ndarray:
+    """A map strip's plot, without axes and legend."""
+    return strip[MARGIN_TOP:MARGIN_TOP + PLOT_HEIGHT, MARGIN_LEFT:MARGIN_LEFT + PLOT_WIDTH]
+
+
 # --- acquisition: test videos and a consumer in place of workers and management -----------------
 
 def frame_image(index: int, size: tuple[int, int] = (64, 48)) -> np.ndarray:
@@ -289,3 +366,31 @@ def run_in_thread(consumer: Consumer, source, mode: str, config: PipelineConfig,
         finally:
             stop.set()  # the consumer has all it waits for: end the drain (or a failed run)
         return future.result(timeout=10)
+
+
+def lining_rule_model(path: Path) -> Path:
+    """A real ONNX model shaped like an export with the classes background, crack and joint: a
+    1x1 convolution over RGB in 0..1 (mean 0, std 1) that calls dark pixels crack and red ones
+    joint, so a test draws exactly what the model will find."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.array([[0, 0, 0], [-10 / 3, -10 / 3, -10 / 3], [10, -10, 0]],
+                      np.float32).reshape(3, 3, 1, 1)
+    bias = np.array([0, 3, -3], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "weight", "bias"], ["logits"])], "lining_rule",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+        [numpy_helper.from_array(weight, "weight"), numpy_helper.from_array(bias, "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.helper.set_model_props(model, {
+        "crackscan.model": "lining_rule", "crackscan.mean": "[0, 0, 0]",
+        "crackscan.std": "[1, 1, 1]", "crackscan.size_multiple": "32",
+        "crackscan.classes": json.dumps(["background", "crack", "joint"]),
+        "crackscan.threshold": "0.5", "crackscan.input_color": "RGB"})
+    onnx.save(model, str(path))
+    return path

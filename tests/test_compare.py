@@ -4,6 +4,7 @@ Postgres) and on a real pipeline run of a synthetic drive whose cracks then grew
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -17,10 +18,11 @@ from support import (
     run_start_message,
 )
 
-from crackscan.wire import CrackRecord, ResultMessage
+from crackscan.wire import CrackRecord, FeatureRecord, ResultMessage
 from management import store
 from management.compare import CHANGE_COLUMNS, change_rows, compare_runs
 from management.db import make_engine, session_factory
+from management.landmarks import align_on_joints
 
 EARLIER = "20261121-100000-aaaa"
 LATER = "20271121-100000-bbbb"
@@ -48,6 +50,33 @@ def shifted(crack: dict, metres: float) -> dict:
     for key in ("chainage_m", "chainage_start_m", "chainage_end_m"):
         moved[key] = crack[key] + metres
     return moved
+
+
+def read_long(chainage_m):
+    """Where a later drive's odometer, 2 % long and 0.7 m ahead from chainage 1200 m, reads a
+    chainage: 3.3 m ahead at the end of a 167 m section."""
+    return 1200.0 + 1.02 * (np.asarray(chainage_m, np.float64) - 1200.0) + 0.7
+
+
+def read_by(crack: dict, read) -> dict:
+    """The same crack as a drive whose odometer reads ``read(chainage)`` places it: chainages
+    moved, measures (taken in the image) the same."""
+    moved = {**crack, "polyline": [[float(read(c)), a] for c, a in crack["polyline"]]}
+    for key in ("chainage_m", "chainage_start_m", "chainage_end_m"):
+        moved[key] = float(read(crack[key]))
+    return moved
+
+
+RING_JOINTS_M = 1200.0 + 1.5 * np.arange(112)  # a ring joint every 1.5 m over 167 m
+
+
+def long_section() -> list[dict]:
+    """40 cracks along the 167 m from chainage 1200 m, each 30 cm round the ring (so a crack
+    5 cm off along the tunnel is another crack)."""
+    rng = np.random.default_rng(5)
+    starts = np.sort(1200.0 + rng.uniform(0.5, 166.0, 40))
+    return [physical(n, [(c, a), (c + 0.02, a + 300.0)])
+            for n, (c, a) in enumerate(zip(starts, rng.uniform(200, 8000, 40), strict=True), 1)]
 
 
 def tunnel() -> list[dict]:
@@ -133,6 +162,32 @@ def test_an_odometer_offset_is_undone_by_offset_m():
     assert report["summary"]["matched"] == 4 and report["summary"]["grown"] == 0
     assert [m["chainage_m"] for m in report["matched"]] == pytest.approx(
         [c["chainage_m"] for c in before])  # tunnel coordinates: the earlier run's
+
+
+def test_ring_joints_undo_an_odometer_scale_that_a_constant_offset_cannot():
+    """The later odometer reads 2 % long and 0.7 m ahead. Undoing the 0.7 m matches only the
+    cracks of the first few metres; aligned on the ring joints both drives read, every crack
+    matches itself at its earlier chainage, none is new or gone."""
+    before = long_section()
+    after = [read_by(c, read_long) for c in before]
+    offset = compare_runs(before, after, offset_m=-0.7)
+    assert offset["summary"]["matched"] <= 2 and offset["alignment"] == {"method": "offset",
+                                                                         "offset_m": -0.7}
+    alignment = align_on_joints(RING_JOINTS_M, read_long(RING_JOINTS_M))
+    report = compare_runs(before, after, chainage_map=alignment)
+    assert report["summary"] == {"before": 40, "after": 40, "matched": 40, "grown": 0,
+                                 "unchanged": 40, "new": 0, "gone": 0}
+    assert [(m["before"], m["after"]) for m in report["matched"]] == [([n], [n])
+                                                                      for n in range(1, 41)]
+    assert [m["chainage_m"] for m in report["matched"]] == pytest.approx(
+        [c["chainage_m"] for c in before], abs=0.001)  # tunnel coordinates: the earlier run's
+    assert report["alignment"]["method"] == "joints"
+    assert report["alignment"]["joints_matched"] == 112
+    assert report["alignment"]["scale"] == pytest.approx(1 / 1.02, abs=1e-6)
+    assert report["parameters"]["offset_m"] is None
+    json.dumps(report, allow_nan=False)
+    with pytest.raises(ValueError, match="not both"):
+        compare_runs(before, after, offset_m=0.7, chainage_map=alignment)
 
 
 def test_a_crack_farther_than_the_tolerance_is_no_match():
@@ -349,3 +404,66 @@ def test_two_synthetic_drives_where_cracks_grew(tmp_path):
         assert match["length_growth_mm"] == pytest.approx(100.0 if growing else 0.0)
         assert match["width_growth_mm"] == pytest.approx(0.2 if growing else 0.0)
     assert report["summary"]["grown"] == len(grow)
+
+
+# --- aligned on the ring joints stored with the runs ---------------------------------------------
+
+LATEST = "20281121-100000-cccc"
+
+
+def joint_record(index: int, chainage_m: float) -> FeatureRecord:
+    """A ring joint as a multi-class model reports it in one frame: a 20 mm band round the ring."""
+    return FeatureRecord(index=index, kind="joint", area_px=4000, area_mm2=180_000.0,
+                         bbox_px=(0, 0, 10, 400), chainage_m=chainage_m,
+                         chainage_start_m=chainage_m - 0.01, chainage_end_m=chainage_m + 0.01,
+                         arc_mm=4500.0, arc_start_mm=0.0, arc_end_mm=9000.0, length_mm=9000.0,
+                         orientation_deg=90.0)
+
+
+def store_drive(url: str, run_id: str, started_at: float, cracks: list[dict],
+                joints_m: np.ndarray) -> None:
+    """A run of the physical cracks ``cracks`` (one frame, as :func:`later_drive`) with a ring
+    joint at each of ``joints_m``."""
+    frame = dataclasses.replace(later_drive(cracks, run_id, 0.0, set()),
+                                features=tuple(joint_record(i, float(c))
+                                               for i, c in enumerate(joints_m)))
+    engine = make_engine(url)
+    try:
+        with session_factory(engine).begin() as session:
+            store.start_run(session, run_start_message(run_id, started_at))
+            store.store_results(session, [frame])
+            store.merge_run(session, run_id)
+    finally:
+        engine.dispose()
+
+
+def test_compare_aligns_on_the_stored_ring_joints(db_url):
+    """Two runs with their ring joints stored: by default ``compare`` aligns on them (every
+    crack matched, the summary says so); ``--align offset`` does not; a run without joints falls
+    back to --offset-m by default and is exit 2 with ``--align joints``."""
+    db = db_url
+    before = long_section()
+    store_drive(db, EARLIER, T0, before, RING_JOINTS_M)
+    store_drive(db, LATER, T0 + 365 * 86400, [read_by(c, read_long) for c in before],
+                read_long(RING_JOINTS_M))
+    store_drive(db, LATEST, T0 + 730 * 86400, before, np.array([]))
+    joints, offset, table, fallback, refused = crackscan_concurrently(
+        ("compare", EARLIER, LATER, "--db", db, "--format", "json"),
+        ("compare", EARLIER, LATER, "--db", db, "--align", "offset", "--offset-m", "-0.7",
+         "--format", "json"),
+        ("compare", EARLIER, LATER, "--db", db),
+        ("compare", EARLIER, LATEST, "--db", db, "--format", "json"),
+        ("compare", EARLIER, LATEST, "--db", db, "--align", "joints"), check=False)
+    report = json.loads(joints.stdout)
+    assert report["summary"]["matched"] == 40 and report["summary"]["new"] == 0
+    assert report["alignment"]["method"] == "joints"
+    assert report["alignment"]["joints_matched"] == 112
+    assert json.loads(offset.stdout)["summary"]["matched"] <= 2
+    assert json.loads(offset.stdout)["alignment"] == {"method": "offset", "offset_m": -0.7}
+    assert "40 matched (0 grown), 0 new, 0 gone (tolerance 50 mm, aligned on 112 ring joints, " \
+        "scale 0.9804" in table.stdout
+    assert json.loads(fallback.stdout)["alignment"] == {"method": "offset", "offset_m": 0.0}
+    assert "ring joints stored: 112 of" in fallback.stderr and "0 of" in fallback.stderr
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "112 in 20261121" in refused.stderr and "0 in 20281121" in refused.stderr
+    assert "--offset-m" in refused.stderr

@@ -469,3 +469,28 @@ def test_crack_probability_of_binary_and_multi_class_logits():
     assert prob[0, 0] == pytest.approx(0.5) and prob[0, 1] == pytest.approx(1 / 3)
     with pytest.raises(ModelError):
         crack_probability(logits, ("background", "seam", "stain"))
+
+
+def test_eval_reports_each_lining_class_iou_on_class_labelled_folders(tmp_path):
+    """``crackscan eval`` of a model with lining classes on a folder whose classes.json lists
+    them: crack scores as ever, plus each class's IoU of the argmax map."""
+    from support import lining_rule_model
+
+    folder = tmp_path / "tiles"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    (folder / "classes.json").write_text(json.dumps(["background", "crack", "joint"]))
+    for i in range(2):
+        image = np.full((64, 96, 3), 150, np.uint8)
+        mask = np.zeros((64, 96), np.uint8)
+        image[:, 40 + i:46 + i], mask[:, 40 + i:46 + i] = (40, 40, 200), 2  # a red joint
+        image[20:23, 60:90], mask[20:23, 60:90] = 30, 1  # a dark crack
+        mask[:, 40 + i] = 0  # one column of the joint is mislabelled: IoU 5 / 6
+        cv2.imwrite(str(folder / "images" / f"t{i}.png"), image)
+        cv2.imwrite(str(folder / "masks" / f"t{i}.png"), mask)
+    model = lining_rule_model(tmp_path / "rule.onnx")
+    summary = evaluate_model(OnnxRuntimeSegmenter(model, threads=1), [folder], tolerance=0)
+    assert summary["class_iou"]["joint"] == pytest.approx(5 / 6, abs=1e-4)
+    assert summary["class_iou"]["crack"] == 1.0 and summary["f1"] == 1.0
+    done = crackscan("eval", "--model", model, "--data", folder, "--format", "json")
+    assert json.loads(done.stdout)["class_iou"]["joint"] == pytest.approx(5 / 6, abs=1e-4)

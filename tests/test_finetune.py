@@ -226,3 +226,62 @@ def test_crackscan_export_interpolate(tiny_model, tmp_path):
 
     assert scratch.returncode != 0 and "trained from scratch" in scratch.stderr
     assert "Traceback" not in scratch.stderr
+
+
+def test_a_binary_model_widened_to_lining_classes_starts_as_that_model(tiny_model):
+    from training.lining import CLASSES
+
+    cfg = TrainConfig(model="mobilenet_aspp", classes=list(CLASSES), init_from=tiny_model.model,
+                      freeze_bn=True)
+    model = build_model("mobilenet_aspp", num_classes=len(CLASSES))
+    assert "widened to 9 classes (1 convolutions)" in init_weights(model, cfg,
+                                                                   get_spec("mobilenet_aspp"))
+    x = np.random.default_rng(6).normal(size=(1, 3, 64, 96)).astype(np.float32)
+    with torch.no_grad():
+        crack = torch.softmax(model.eval()(torch.from_numpy(x)), dim=1)[0, 1].numpy()
+    binary = 1 / (1 + np.exp(-onnx_logits(tiny_model.model, x)[0, 0]))
+    assert np.abs(crack - binary).max() < 0.02  # the new classes start far below background
+
+
+def test_a_lining_model_trains_on_crack_sets_and_lining_tiles_and_exports_its_classes(
+        tiny_model, tmp_path):
+    """Real 0/255 crack sets and class-labelled lining tiles in one multi-class run, with lining
+    features pasted on the crack images; the export names its classes and maps two planes."""
+    from inference.onnxruntime_backend import OnnxRuntimeSegmenter
+    from inference.segmenter import split_map
+    from training.lining import CLASSES, write_lining_dataset
+
+    write_lining_dataset(tmp_path / "lining", 8, size=64)
+    cfg = tiny_config(tiny_model.data, tmp_path / "run", epochs=1).model_copy(update={
+        "data": [tiny_model.data, tmp_path / "lining"], "classes": list(CLASSES),
+        "loss": "ce_crack_dice", "init_from": tiny_model.model, "freeze_bn": True,
+        "distractor_p": 1.0})
+    train_main(cfg)
+    export_checkpoint(tmp_path / "run" / "best.pt", tmp_path / "lining.onnx")
+    segmenter = OnnxRuntimeSegmenter(tmp_path / "lining.onnx", threads=1)
+    assert segmenter.info.classes == CLASSES
+    image = np.full((64, 80, 3), 128, np.uint8)
+    prob, class_map = split_map(segmenter.segment([image])[0])
+    assert prob.shape == class_map.shape == (64, 80) and class_map.max() < len(CLASSES)
+
+
+def test_lining_distractors_need_the_lining_classes():
+    with pytest.raises(ValidationError, match="lists them, in that order"):
+        TrainConfig(classes=["background", "crack", "joint"], distractor_p=0.5)
+    TrainConfig(classes=["crack"], distractor_p=0.5)  # a binary model keeps them background
+
+
+def test_the_crack_dice_term_is_multi_class_only_and_weighs_the_crack():
+    from training.losses import get_loss
+
+    with pytest.raises(ValueError, match="multi-class"):
+        get_loss("ce_crack_dice", 1)
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, 3, :] = 2  # a crack row at class index 2
+    logits = torch.zeros(1, 3, 8, 8)
+    base = get_loss("ce_dice", 3)(logits, target)
+    with_crack = get_loss("ce_crack_dice", 3, crack_index=2)(logits, target)
+    assert with_crack > base  # the crack's own Dice term is added
+    logits[0, 2, 3, :] = 20.0
+    logits[0, 0] = torch.where(target[0] == 0, 20.0, 0.0)
+    assert get_loss("ce_crack_dice", 3, crack_index=2)(logits, target) < 0.05

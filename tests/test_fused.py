@@ -1,6 +1,6 @@
 """The fused graph (``inference.fused``): the model with its pre- and post-processing inside,
 which ONNX Runtime runs here and TensorRT builds its engines from. Held to the numpy reference
-(``preprocess`` + the plain exported model + ``crack_probability``) on the bundled model and on
+(``preprocess`` + the plain exported model + ``segmentation_map``) on the bundled model and on
 small hand-built ONNX models whose colour order and classes the test chooses."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from inference.backends import bundled_model_path
 from inference.fused import CRACK, PIXELS, fuse_io
 from inference.onnxruntime_backend import OnnxRuntimeSegmenter, load_onnx_model
-from inference.segmenter import ModelError, crack_probability, preprocess
+from inference.segmenter import ModelError, preprocess, segmentation_map, split_map
 
 
 def plain_session(path: Path) -> ort.InferenceSession:
@@ -38,7 +38,7 @@ def reference_maps(path: Path, images: list[np.ndarray]) -> list[np.ndarray]:
     for image in images:
         x, (top, left, h, w) = preprocess(image, info)
         logits = session.run(None, {"image": x})[0][0, :, top:top + h, left:left + w]
-        maps.append(crack_probability(logits, info.classes))
+        maps.append(segmentation_map(logits, info.classes))
     return maps
 
 
@@ -104,6 +104,30 @@ def test_fused_graph_matches_the_reference_for_each_colour_order_and_class_list(
                             "BGR" if input_color == "RGB" else "RGB")
     swapped = reference_maps(other, images)
     assert np.abs(got[0] - swapped[0]).max() > 0.05
+
+
+def test_a_model_with_lining_classes_maps_crack_probability_and_class(tmp_path: Path) -> None:
+    """A model with classes besides background and crack gives two planes: the crack
+    probability and each pixel's argmax class, which is what the lining features come from."""
+    classes = ["background", "crack", "joint", "stain"]
+    path = pointwise_model(tmp_path / "m.onnx", classes, "RGB")
+    model, info = load_onnx_model(path)
+    (crack,) = fuse_io(model, info).graph.output
+    assert [d.dim_param or d.dim_value for d in crack.type.tensor_type.shape.dim] == \
+        ["batch", 2, "height", "width"]
+    images = images_of_three_kinds()
+    got = OnnxRuntimeSegmenter(path, threads=1).segment(images)
+    for image, g in zip(images, got, strict=True):
+        prob, class_map = split_map(g)
+        assert g.shape == (2,) + image.shape[:2] and class_map.dtype == np.uint8
+        assert set(np.unique(class_map)) <= set(range(len(classes)))
+        assert len(np.unique(class_map)) > 1  # the hand-built model's classes all compete
+        x, (top, left, h, w) = preprocess(image, info)
+        logits = plain_session(path).run(None, {"image": x})[0][0, :, top:top + h, left:left + w]
+        np.testing.assert_array_equal(class_map, logits.argmax(axis=0))
+        np.testing.assert_allclose(prob, segmentation_map(logits, info.classes)[0], atol=1e-6)
+    background_crack = pointwise_model(tmp_path / "b.onnx", ["background", "crack"], "RGB")
+    assert OnnxRuntimeSegmenter(background_crack, threads=1).segment(images)[0].ndim == 2
 
 
 def test_fused_graph_io_and_metadata() -> None:

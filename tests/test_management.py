@@ -38,19 +38,6 @@ RUN_A = "20261121-100000-aaaa"
 RUN_B = "20261121-110000-bbbb"
 
 
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def session(engine: Engine) -> Iterator[Session]:
-    with session_factory(engine)() as session:
-        yield session
-
-
 def populate(session: Session) -> None:
     """Two runs; B's run_start is written first but A started earlier.
 

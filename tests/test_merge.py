@@ -8,7 +8,6 @@ detection is the part of the polyline its window shows, measured as inference wo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from sqlalchemy import Engine
 from crackscan.config import SeverityConfig
 from crackscan.wire import CrackRecord, ResultMessage, RunStartMessage
 from management import store
-from management.db import make_engine, session_factory
+from management.db import session_factory
 from management.merge import merge
 from management.truth import score_against_truth
 
@@ -163,13 +162,6 @@ def test_truth_scoring_counts_duplicates_and_errors():
 
 # --- stored: merge_run and query_physical on SQLite and Postgres ---------------------------------
 
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    engine = make_engine(db_url)
-    yield engine
-    engine.dispose()
-
-
 def record_of(part: dict, index: int = 0) -> CrackRecord:
     line = np.array(part["polyline"])
     return CrackRecord(
@@ -247,3 +239,18 @@ def test_bad_query_arguments_name_what_is_wrong(engine):
             store.query_physical(session, limit=-1)
         with pytest.raises(ValueError, match="after its end"):
             store.query_cracks(session, chainage=(5.0, 1.0))
+
+
+def test_a_crack_seen_whole_takes_the_median_maximum_width_of_its_full_views():
+    """Each full view measured the same maximum width; the largest of them is biased upwards,
+    so the merged crack takes the median view (an actual detection, with its severity)."""
+    line = crack_line(10.0, 300.0)
+    views = [detection(line, seq=seq) for seq in range(3)]
+    for view, width in zip(views, (2.6, 2.0, 2.2), strict=True):
+        view.update(width_max_mm=width, width_p95_mm=width - 0.2,
+                    severity=SEVERITY.classify(width))
+    part = detection(line[:30], seq=3)  # a partial view at the frame's edge
+    part.update(width_max_mm=3.5, severity=SEVERITY.classify(3.5))
+    (crack,) = merge(views + [part])
+    assert crack.width_max_mm == 2.2 and crack.severity == SEVERITY.classify(2.2)
+    assert crack.width_p95_mm == 2.0

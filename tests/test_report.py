@@ -4,19 +4,21 @@ and crops decoded, its section table and largest-cracks list checked against the
 
 from __future__ import annotations
 
-import base64
 import html
 import math
-from html.parser import HTMLParser
 
 import cv2
 import numpy as np
 import pytest
 from support import (
     SEVERITY,
+    Page,
+    colours_in,
     crack_record,
     crackscan,
+    decode_png,
     end_message,
+    plot_area,
     result_message,
     run_start_message,
 )
@@ -24,14 +26,7 @@ from support import (
 from crackscan.wire import CrackRecord, ResultMessage
 from management import store
 from management.db import make_engine, session_factory
-from management.report import (
-    MARGIN_LEFT,
-    MARGIN_TOP,
-    PLOT_HEIGHT,
-    PLOT_WIDTH,
-    build_report,
-    class_colours,
-)
+from management.report import build_report, class_colours
 
 RUN = "20261121-100000-aaaa"
 OTHER = "20261121-110000-bbbb"
@@ -90,85 +85,6 @@ def store_run(session, run_id: str, frames, merged: bool = True, source: str = S
     session.commit()
 
 
-class Page(HTMLParser):
-    """The report parsed: tags checked to nest and close; tables by class (rows of cell texts),
-    images (attributes) and the text."""
-
-    VOID = {"meta", "img", "br", "hr", "link", "input"}
-
-    def __init__(self, text: str):
-        super().__init__(convert_charrefs=True)
-        self.stack: list[str] = []
-        self.tags: list[str] = []
-        self.tables: dict[str, list[list[str]]] = {}
-        self.images: list[dict[str, str]] = []
-        self.text: list[str] = []
-        self._table: str | None = None
-        self._cell: list[str] | None = None
-        self.feed(text)
-        self.close()
-        assert not self.stack, f"unclosed tags {self.stack}"
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        self.tags.append(tag)
-        if tag == "img":
-            self.images.append(attrs)
-        if tag not in self.VOID:
-            self.stack.append(tag)
-        if tag == "table":
-            self._table = attrs.get("class", "")
-            self.tables[self._table] = []
-        elif tag == "tr" and self._table is not None:
-            self.tables[self._table].append([])
-        elif tag in ("td", "th"):
-            self._cell = []
-
-    def handle_endtag(self, tag):
-        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-1:]}"
-        self.stack.pop()
-        if tag in ("td", "th") and self._cell is not None:
-            self.tables[self._table][-1].append(" ".join("".join(self._cell).split()))
-            self._cell = None
-        elif tag == "table":
-            self._table = None
-
-    def handle_data(self, data):
-        self.text.append(data)
-        if self._cell is not None:
-            self._cell.append(data)
-
-    def facts(self) -> dict[str, str]:
-        return {row[0]: row[1] for row in self.tables["facts"]}
-
-
-def decode(uri: str) -> np.ndarray:
-    prefix = "data:image/png;base64,"
-    assert uri.startswith(prefix)
-    image = cv2.imdecode(np.frombuffer(base64.b64decode(uri[len(prefix):]), np.uint8),
-                         cv2.IMREAD_COLOR)
-    assert image is not None and image.size
-    return image
-
-
-def colours_in(image: np.ndarray) -> set[tuple[int, int, int]]:
-    """The BGR colours of the image's pixels."""
-    return {tuple(int(v) for v in c) for c in np.unique(image.reshape(-1, 3), axis=0)}
-
-
-def plot_area(strip: np.ndarray) -> np.ndarray:
-    """A map strip's plot, without axes and legend."""
-    return strip[MARGIN_TOP:MARGIN_TOP + PLOT_HEIGHT, MARGIN_LEFT:MARGIN_LEFT + PLOT_WIDTH]
-
-
-@pytest.fixture
-def session(db_url):
-    engine = make_engine(db_url)
-    with session_factory(engine)() as session:
-        yield session
-    engine.dispose()
-
-
 def test_report_of_a_known_run(session, tmp_path):
     store_run(session, RUN, FRAMES)
     out = tmp_path / "report.html"
@@ -192,7 +108,7 @@ def test_report_of_a_known_run(session, tmp_path):
 
     # the map: one strip, every width class present in its colour
     [strip] = [i for i in page.images if i.get("class") == "map"]
-    image = decode(strip["src"])
+    image = decode_png(strip["src"])
     assert image.shape[1] <= 2000 and image.shape[0] > 100
     assert all(bgr(name) in colours_in(plot_area(image)) for name in SEVERITY.names)
 
@@ -219,12 +135,12 @@ def test_report_of_a_known_run(session, tmp_path):
     crops = [i for i in page.images if i.get("class") == "crop"]
     assert len(crops) == 5
     for crop, row in zip(crops, rows, strict=True):
-        image = decode(crop["src"])
+        image = decode_png(crop["src"])
         assert max(image.shape[:2]) >= 96
         assert bgr(row[8]) in colours_in(image)  # crack pixels in the class colour
     # F's crop is that of its longer detection (frame 3, 18 x 64 px), scaled up 6 times
     assert "frame 3" in rows[2][10]
-    assert decode(crops[2]["src"]).shape[:2] == (18 * 6, 64 * 6)
+    assert decode_png(crops[2]["src"]).shape[:2] == (18 * 6, 64 * 6)
 
 
 def test_a_run_not_merged_yet_and_one_class_only(session, tmp_path):
@@ -236,12 +152,12 @@ def test_a_run_not_merged_yet_and_one_class_only(session, tmp_path):
     assert (summary["cracks"], summary["sections"], summary["largest"]) == (1, 1, 1)
     page = Page(out.read_text(encoding="utf-8"))
     [strip] = [i for i in page.images if i.get("class") == "map"]
-    present = colours_in(plot_area(decode(strip["src"])))
+    present = colours_in(plot_area(decode_png(strip["src"])))
     assert bgr("hairline") in present
     assert not any(bgr(name) in present for name in SEVERITY.names[1:])
     assert page.tables["sections"][1][:4] == ["50 .. 52.5", "1", "0.12", "0.10"]
     [crop] = [i for i in page.images if i.get("class") == "crop"]
-    assert decode(crop["src"]).shape[:2] == (6 * 16, 30 * 16)
+    assert decode_png(crop["src"]).shape[:2] == (6 * 16, 30 * 16)
 
 
 def test_an_empty_run_and_bad_arguments(session, tmp_path):
@@ -277,7 +193,7 @@ def test_a_long_run_is_drawn_in_strips(session, tmp_path):
     strips = [i for i in page.images if i.get("class") == "map"]
     assert [s["alt"] for s in strips[:2]] == ["crack map, chainage 980 to 1140 m",
                                              "crack map, chainage 1140 to 1300 m"]
-    assert all(decode(s["src"]).shape[1] <= 2000 for s in strips)
+    assert all(decode_png(s["src"]).shape[1] <= 2000 for s in strips)
     assert "largest" not in page.tables
 
     # 0 .. 5000 m would be 32 windows of 160 m: 12 strips of 420 m instead

@@ -364,3 +364,45 @@ def test_sizes_and_batches_are_checked() -> None:
         TiledSegmenter(MeanChannelSegmenter(), max_batch=0)
     with pytest.raises(ValueError, match="max_batch -1"):
         OnnxRuntimeSegmenter(bundled_model_path(), max_batch=-1)
+
+
+# --- two-plane maps (a model with lining classes) ---------------------------------------------
+
+class PlanesSegmenter(MeanChannelSegmenter):
+    """A per-pixel fake of a model with lining classes: plane 0 the mean channel / 255 (crack
+    probability), plane 1 the blue channel // 64 (a class index 0..3)."""
+
+    def segment(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        self.calls.append([image.shape for image in images])
+        return [np.stack([image.astype(np.float32).mean(axis=2) / 255.0,
+                          (image[:, :, 0] // 64).astype(np.float32)]) for image in images]
+
+
+def test_tiles_stitch_both_planes_of_a_lining_model() -> None:
+    fake = PlanesSegmenter()
+    images = [noise(300, 700, 1), noise(64, 80, 4)]
+    for fit in (False, True):
+        maps = TiledSegmenter(fake, tile=256, overlap=64, max_batch=4, fit=fit).segment(images)
+        for image, result in zip(images, maps, strict=True):
+            assert result.shape == (2,) + image.shape[:2]
+            np.testing.assert_array_equal(result, PlanesSegmenter().segment([image])[0])
+
+
+def test_flip_averaging_averages_crack_probability_and_keeps_the_frame_s_classes() -> None:
+    from inference.tta import FlipAveragedSegmenter
+
+    class LeftHeavy(PlanesSegmenter):  # sees more crack on the left half of whatever it gets
+        def segment(self, images):
+            maps = super().segment(images)
+            for m in maps:
+                m[0, :, : m.shape[2] // 2] += 0.5
+            return maps
+
+    image = noise(40, 60, 7)
+    fake = LeftHeavy()
+    (averaged,) = FlipAveragedSegmenter(fake, "hflip").segment([image])
+    (plain,) = PlanesSegmenter().segment([image])
+    assert averaged.shape == plain.shape == (2, 40, 60)
+    assert fake.calls == [[(40, 60, 3), (40, 60, 3)]]  # the frame and its mirror, one call
+    np.testing.assert_allclose(averaged[0], plain[0] + 0.25, atol=1e-6)  # bias spread evenly
+    np.testing.assert_array_equal(averaged[1], plain[1])  # the frame's own classes

@@ -161,13 +161,23 @@ def write_class_dataset(root: Path, count: int = 6, size: int = 64) -> None:
         cv2.imwrite(str(root / "masks" / f"img{i:02d}.png"), mask)
 
 
-def test_class_masks_load_as_class_indices_and_binary_masks_are_refused(dataset, tmp_path):
+def test_class_masks_load_as_class_indices_and_crack_masks_as_the_crack_class(dataset,
+                                                                              tmp_path):
     write_class_dataset(tmp_path / "classes")
     sample = ds.samples(tmp_path / "classes", ["img00"])[0]
     _, mask = ds.load_pair(sample, num_classes=3)
     assert set(np.unique(mask)) == {0, 1, 2}
+    # a real crack set's 0/255 mask in a multi-class recipe: background and the crack class
+    crack_sample = ds.samples(dataset, ["crack00"])[0]
+    _, binary = ds.load_pair(crack_sample)
+    _, as_classes = ds.load_pair(crack_sample, num_classes=3, crack_label=2)
+    np.testing.assert_array_equal(as_classes, binary * 2)
+    # any other labelling beyond the recipe's classes is refused, not trained on
+    other = cv2.imread(str(crack_sample.mask_path), cv2.IMREAD_GRAYSCALE)
+    other[0, 0] = 7
+    cv2.imwrite(str(crack_sample.mask_path), other)
     with pytest.raises(ds.DatasetError, match="has value 255, but the recipe lists 3 classes"):
-        ds.load_pair(ds.samples(dataset, ["crack00"])[0], num_classes=3)  # a 0/255 mask
+        ds.load_pair(crack_sample, num_classes=3)
 
 
 def test_multiclass_training_run_scores_the_crack_class(tmp_path):

@@ -9,6 +9,7 @@ from crackscan import wire
 from crackscan.wire import (
     CrackRecord,
     EndOfStreamMessage,
+    FeatureRecord,
     FrameMessage,
     ResultMessage,
     RunStartMessage,
@@ -144,3 +145,35 @@ def test_control_messages_check_their_enumerations():
         decode(_with_header(start, mode="turbo"))
     with pytest.raises(WireError, match="distinct"):
         decode(_with_header(start, cameras=["a", "a"]))
+
+
+def feature(index: int = 0, kind: str = "joint") -> FeatureRecord:
+    return FeatureRecord(
+        index=index, kind=kind, area_px=768, area_mm2=3072.0, bbox_px=(150, 0, 8, 96),
+        chainage_m=100.05, chainage_start_m=100.045, chainage_end_m=100.059, arc_mm=95.0,
+        arc_start_mm=0.0, arc_end_mm=190.0, length_mm=192.0, orientation_deg=90.0)
+
+
+def test_result_features_travel_and_are_checked():
+    mask = np.zeros((8, 8), np.uint8)
+    message = ResultMessage("r", "c", 0, 0.0, 0.0, 1.0, "m", "w", (crack(),), mask,
+                            (feature(0), feature(1, "stain")))
+    back = decode(message.to_frames())
+    assert back.features == (feature(0), feature(1, "stain")) and back.cracks == (crack(),)
+    plain = ResultMessage("r", "c", 0, 0.0, 0.0, 1.0, "m", "w", (), mask).to_frames()
+    assert "features" not in _header(plain) and decode(plain).features == ()  # binary models
+    good = message.to_frames()
+    for change, match in ((lambda f: f.update(kind=""), "kind"),
+                          (lambda f: f.update(kind="x" * 40), "kind"),
+                          (lambda f: f.update(arc_start_mm=500.0), "arc_start_mm"),
+                          (lambda f: f.update(area_px=-1), "area_px"),
+                          (lambda f: f.update(colour="red"), "unknown"),
+                          (lambda f: f.update(bbox_px=[1, 2]), "bbox_px")):
+        header = _header(good)
+        change(header["features"][0])
+        with pytest.raises(WireError, match=match):
+            decode([json.dumps(header).encode(), good[1]])
+    header = _header(good)
+    header["features"] = {"joint": 1}
+    with pytest.raises(WireError, match="features"):
+        decode([json.dumps(header).encode(), good[1]])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 import zmq
 
 from crackscan.config import PipelineConfig
@@ -61,3 +62,29 @@ def test_micro_batches_keep_order_identity_and_results(tmp_path):
                                                             frame.capture_time)
         assert np.array_equal(result.mask, alone.mask), frame.seq
         assert [c.length_mm for c in result.cracks] == [c.length_mm for c in alone.cracks]
+
+
+def test_a_lining_model_s_joint_is_a_lining_feature_never_a_crack(tmp_path) -> None:
+    """With a model that has lining classes, each region of a lining class becomes a
+    FeatureRecord of the result (located in tunnel units), and the crack measurement sees only
+    the crack class."""
+    import cv2
+    from support import lining_rule_model
+
+    segmenter = open_segmenter(lining_rule_model(tmp_path / "lining.onnx"), threads=1)
+    image = np.full((96, 256, 3), 150, np.uint8)
+    cv2.line(image, (10, 20), (80, 70), (30, 30, 30), 3)  # a dark crack
+    image[:, 150:158] = (40, 40, 200)  # a red ring joint across the frame (BGR)
+    frame = FrameMessage(run_id="run-l", camera_id="cam0", seq=0, capture_time=1.7e9,
+                         chainage_m=100.0, image=image, encoding="raw")
+    config = PipelineConfig(camera={"id": "cam0", "mm_per_px_along": 2.0,
+                                    "mm_per_px_across": 2.0, "along_axis": "x"})
+    result = ResultMessage.from_frames(process_frame(frame, segmenter, config, "w1").to_frames())
+    assert len(result.cracks) == 1 and result.cracks[0].bbox_px[0] < 100  # the joint is no crack
+    (joint,) = result.features
+    assert joint.kind == "joint" and joint.bbox_px == (150, 0, 8, 96)
+    assert abs(joint.orientation_deg - 90) < 1  # round the ring
+    assert joint.chainage_start_m == pytest.approx(100 + (150 - 127.5) * 0.002)
+    assert joint.arc_end_mm - joint.arc_start_mm == pytest.approx(95 * 2.0)
+    assert joint.length_mm == pytest.approx(96 * 2.0, abs=2)
+    assert joint.area_px == 8 * 96

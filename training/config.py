@@ -143,6 +143,13 @@ class TrainConfig(BaseModel):
             raise ValueError(f"init_from {self.init_from}: an ONNX model has its batch norms "
                              "folded into the convolutions, so fine-tuning it needs "
                              "freeze_bn: true")
+        if self.distractor_p and len(self.classes) > 1:
+            from training.lining import CLASSES as LINING_CLASSES
+
+            if tuple(self.classes) != LINING_CLASSES:
+                raise ValueError(f"distractor_p pastes lining features labelled with the lining "
+                                 f"classes {list(LINING_CLASSES)}: a multi-class recipe that "
+                                 f"uses it lists them, in that order (not {self.classes})")
         if any(r <= 0 for r in self.lr_groups or ()):
             raise ValueError(f"lr_groups ratios must be positive: {self.lr_groups}")
         return self
@@ -151,6 +158,11 @@ class TrainConfig(BaseModel):
     def num_classes(self) -> int:
         """Output channels of the model: 1 for a binary model, else one per class."""
         return len(self.classes)
+
+    @property
+    def crack_label(self) -> int:
+        """The crack label value in the masks: 1 in binary masks, its class index otherwise."""
+        return 1 if self.num_classes == 1 else self.classes.index("crack")
 
 
 def load_config(path: Path | None, **overrides) -> TrainConfig:

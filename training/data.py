@@ -7,8 +7,10 @@ a folder without that file uses all its images.
 Masks, by the number of classes the recipe lists (``classes:`` in the training config):
 - binary (one class, the default): 0 = background, 255 = crack; loaded as {0, 1};
 - multi-class (C classes): each pixel holds its class index 0 .. C-1, the index of its name in
-  ``classes`` (conventionally 0 = background); a value of C or more is refused, so a 0/255
-  binary mask given to a multi-class recipe fails loudly instead of training on garbage.
+  ``classes`` (conventionally 0 = background). A mask of only 0 and 255 (a crack dataset's) is
+  read as background and ``crack``, so real crack sets train a multi-class model beside class
+  masks; any other value of C or more is refused, so a mask of another labelling fails loudly
+  instead of training on garbage.
 
 A folder with ``classes.json`` (a JSON list of class names in index order, as
 ``crackscan synth --dataset`` writes) holds class-index masks, whatever the recipe: a binary
@@ -137,10 +139,12 @@ def folder_classes(folder: Path) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def load_mask(path: Path, shape: tuple[int, int], num_classes: int = 1) -> np.ndarray:
+def load_mask(path: Path, shape: tuple[int, int], num_classes: int = 1,
+              crack_label: int = 1) -> np.ndarray:
     """A mask as HxW uint8, checked against the image's height and width: {0, 1} for a binary
     model (``num_classes`` 1, file 0/255, or the ``crack`` class of a folder with
-    ``classes.json``), class indices 0 .. num_classes-1 otherwise."""
+    ``classes.json``), class indices 0 .. num_classes-1 otherwise (a 0/255 crack mask as
+    {0, ``crack_label``})."""
     mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise DatasetError(f"cannot read mask {path}")
@@ -157,27 +161,30 @@ def load_mask(path: Path, shape: tuple[int, int], num_classes: int = 1) -> np.nd
                                "list the folder's classes in the recipe, in the same order")
     elif num_classes == 1:
         return (mask > 127).astype(np.uint8)
+    elif mask.max() == 255 and not np.any((mask > 0) & (mask < 255)):
+        return np.where(mask == 255, crack_label, 0).astype(np.uint8)
     if mask.max() >= num_classes:
         raise DatasetError(f"mask {path} has value {mask.max()}, but the recipe lists "
                            f"{num_classes} classes: a class mask holds each pixel's class index "
-                           "(a 0/255 crack mask needs a binary recipe, classes: [crack])")
+                           "(or only 0 and 255 for a crack mask)")
     return mask
 
 
-def load_pair(sample: Sample, num_classes: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def load_pair(sample: Sample, num_classes: int = 1, crack_label: int = 1
+              ) -> tuple[np.ndarray, np.ndarray]:
     image = load_image(sample.image_path)
-    return image, load_mask(sample.mask_path, image.shape[:2], num_classes)
+    return image, load_mask(sample.mask_path, image.shape[:2], num_classes, crack_label)
 
 
 BORDERS = {"reflect": cv2.BORDER_REFLECT_101, "constant": cv2.BORDER_CONSTANT}
 
 
 def random_crop(image: np.ndarray, mask: np.ndarray, crop: int, rng: np.random.Generator,
-                border: str = "reflect", centre: int | None = None
+                border: str = "reflect", centre: int | None = None, crack_label: int = 1
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """A ``crop`` x ``crop`` window that holds a crack pixel 70 % of the time when the mask has
-    one (cracks cover ~1-3 % of an image), inside its central ``centre`` x ``centre`` part when
-    given; a smaller image is first padded bottom and right."""
+    """A ``crop`` x ``crop`` window that holds a crack pixel (mask value ``crack_label``) 70 % of
+    the time when the mask has one (cracks cover ~1-3 % of an image), inside its central
+    ``centre`` x ``centre`` part when given; a smaller image is first padded bottom and right."""
     centre = centre or crop
     margin = (crop - centre) // 2
     h, w = mask.shape
@@ -186,7 +193,7 @@ def random_crop(image: np.ndarray, mask: np.ndarray, crop: int, rng: np.random.G
         image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, BORDERS[border])
         mask = cv2.copyMakeBorder(mask, 0, pad_h, 0, pad_w, BORDERS[border])
         h, w = mask.shape
-    ys, xs = np.nonzero(mask)
+    ys, xs = np.nonzero(mask == crack_label)
     if len(ys) and rng.random() < 0.7:
         k = rng.integers(len(ys))
         y0 = int(np.clip(ys[k] - margin - rng.integers(centre), 0, h - crop))
@@ -293,12 +300,14 @@ def augment(image: np.ndarray, mask: np.ndarray, crop: int, rng: np.random.Gener
             max_rotation: float = 0.0, elastic_sigma: float = 0.0, elastic_grid: int = 3,
             border: str = "reflect", scale_range: tuple[float, float] | None = None,
             contrast_range: tuple[float, float] = (0.7, 1.3),
-            gamma_range: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Random crop (crack-biased), then, when asked, a zoom by a factor drawn log-uniformly from
-    ``scale_range`` (below 1 the scene shrinks, so cracks get thinner, as from a camera with more
-    mm per pixel), a turn by any angle in +-``max_rotation`` degrees and an elastic warp, then
-    flips, 90-degree turns, grey and lighting (``contrast_range``, ``gamma_range``: see
-    ``lighting``). Takes and returns the (image, mask) pair.
+            gamma_range: tuple[float, float] | None = None, crack_label: int = 1
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Random crop (crack-biased: mask value ``crack_label``), then, when asked, a zoom by a
+    factor drawn log-uniformly from ``scale_range`` (below 1 the scene shrinks, so cracks get
+    thinner, as from a camera with more mm per pixel), a turn by any angle in
+    +-``max_rotation`` degrees and an elastic warp, then flips, 90-degree turns, grey and
+    lighting (``contrast_range``, ``gamma_range``: see ``lighting``). Takes and returns the
+    (image, mask) pair.
 
     Zooms, turns and warps work on a larger window that is centre-cropped afterwards, so the
     corners they uncover come from the image itself rather than from the border fill.
@@ -309,10 +318,12 @@ def augment(image: np.ndarray, mask: np.ndarray, crop: int, rng: np.random.Gener
         scale = math.exp(rng.uniform(math.log(scale_range[0]), math.log(scale_range[1])))
         source = max(8, round(window / scale))
         image, mask = random_crop(image, mask, source, rng, border,
-                                  centre=max(1, min(source, round(crop / scale))))
+                                  centre=max(1, min(source, round(crop / scale))),
+                                  crack_label=crack_label)
         image, mask = rescale(image, mask, window)
     else:
-        image, mask = random_crop(image, mask, window, rng, border, centre=crop)
+        image, mask = random_crop(image, mask, window, rng, border, centre=crop,
+                                  crack_label=crack_label)
     if max_rotation > 0:
         image, mask = rotate(image, mask, rng.uniform(-max_rotation, max_rotation), border)
     if elastic_sigma > 0:

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from inference.segmenter import Segmenter
+from inference.segmenter import Segmenter, map_planes, split_map
 from training import data as ds
 from training.metrics import SetEvaluator
 
@@ -54,14 +54,33 @@ def evaluate_model(segmenter: Segmenter, folders: list[Path], split: str | None 
     pooled over every image, and under ``sets`` each folder on its own (keyed by folder name),
     with the balanced ODS of the folders (``training.metrics.SetEvaluator``). ``gamma`` other
     than 1 re-exposes every image first (``exposure``), to measure how the model holds up under
-    a darker or brighter camera than its data came from."""
+    a darker or brighter camera than its data came from.
+
+    A model with lining classes scored on folders whose ``classes.json`` lists its classes
+    also gets ``class_iou``: each class's IoU of its argmax class map against the class masks,
+    pooled over those folders' pixels."""
     threshold = segmenter.info.threshold if threshold is None else threshold
     evaluator = SetEvaluator(tolerance=tolerance, threshold=threshold)
+    classes = segmenter.info.classes
+    crack = classes.index("crack") if len(classes) > 1 else 1
+    both = np.zeros(len(classes), np.int64)
+    either = np.zeros(len(classes), np.int64)
     for folder, sample in split_samples(folders, split, val_fraction, seed):
-        image_rgb, mask = ds.load_pair(sample)
+        labelled = map_planes(classes) == 2 and ds.folder_classes(folder) == classes
+        image_rgb, mask = (ds.load_pair(sample, len(classes), crack) if labelled
+                           else ds.load_pair(sample))
         bgr = exposure(image_rgb[:, :, ::-1], gamma)
-        evaluator.add(folder.name, segmenter.segment([bgr])[0], mask)
+        prob, class_map = split_map(segmenter.segment([bgr])[0])
+        evaluator.add(folder.name, prob, mask == crack if labelled else mask)
+        if labelled:
+            for index in range(len(classes)):
+                truth, found = mask == index, class_map == index
+                both[index] += int((truth & found).sum())
+                either[index] += int((truth | found).sum())
     summary = evaluator.summary()
+    if either.any():
+        summary["class_iou"] = {name: round(float(both[i] / either[i]), 4) if either[i]
+                                else None for i, name in enumerate(classes)}
     summary.update(model=segmenter.info.label, backend=segmenter.backend, split=split or "all",
                    data=[str(f) for f in folders], gamma=gamma)
     return summary
@@ -83,7 +102,7 @@ def backend_parity(reference: Segmenter, other: Segmenter, folders: list[Path],
     worst = 1.0
     for _, sample in split_samples(folders, split, val_fraction, seed):
         bgr = np.ascontiguousarray(ds.load_image(sample.image_path)[:, :, ::-1])
-        a, b = reference.segment([bgr])[0], other.segment([bgr])[0]
+        a, b = split_map(reference.segment([bgr])[0])[0], split_map(other.segment([bgr])[0])[0]
         diff = np.abs(a.astype(np.float64) - b)
         max_abs = max(max_abs, float(diff.max()))
         sum_abs += float(diff.sum())

@@ -20,7 +20,7 @@ from training import data as ds
 from training.checkpoint import read_checkpoint
 from training.config import TrainConfig
 from training.loaders import load_folders
-from training.loop import calibrate_threshold, crack_label, init_weights
+from training.loop import calibrate_threshold, init_weights
 from training.models import build_model, get_spec
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def interpolate_checkpoint(checkpoint: Path, alpha: float, out: Path,
         if not val_samples:
             raise ds.DatasetError(f"{checkpoint}'s recipe carves no validation images from "
                                   f"{[str(d) for d in cfg.data]}: give a threshold instead")
-        pairs = [ds.load_pair(s, cfg.num_classes) for s in val_samples]
+        pairs = [ds.load_pair(s, cfg.num_classes, cfg.crack_label) for s in val_samples]
         calibrate_threshold(model, out, pairs, [s.dataset for s in val_samples], spec, cfg,
-                            crack_label(cfg), report=out.with_suffix(".val_report.json"))
+                            cfg.crack_label, report=out.with_suffix(".val_report.json"))
     return read_checkpoint(out)

@@ -54,7 +54,8 @@ class CrackCrops(torch.utils.data.Dataset):
                                  max_rotation=cfg.max_rotation, elastic_sigma=cfg.elastic_sigma,
                                  elastic_grid=cfg.elastic_grid, border=cfg.border,
                                  scale_range=cfg.scale_range,
-                                 contrast_range=cfg.contrast_range, gamma_range=cfg.gamma_range)
+                                 contrast_range=cfg.contrast_range, gamma_range=cfg.gamma_range,
+                                 crack_label=cfg.crack_label)
         if cfg.distractor_p and self.rng.random() < cfg.distractor_p:
             from training.lining import paste_distractors
 

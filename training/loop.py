@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from inference.segmenter import ModelInfo, Segmenter
+from inference.segmenter import ModelInfo, Segmenter, split_map
 from inference.tiling import DEFAULT_OVERLAP, TiledSegmenter
 from training import data as ds
 from training.checkpoint import read_checkpoint, rebuild, restore, save_checkpoint
@@ -55,6 +55,7 @@ from training.onnx_weights import (
     grow,
     load_onnx_weights,
     onnx_convolutions,
+    widen_classes,
 )
 from training.torch_backend import TorchSegmenter, in_memory_info
 
@@ -122,11 +123,6 @@ def crop_for_epoch(cfg: TrainConfig, epoch: int) -> int:
         return cfg.crop
     progress = (epoch - 1) / cfg.epochs
     return [crop for start, crop in cfg.crop_schedule if start <= progress + 1e-9][-1]
-
-
-def crack_label(cfg: TrainConfig) -> int:
-    """The crack label value in the masks: 1 in binary masks, its class index otherwise."""
-    return 1 if cfg.num_classes == 1 else cfg.classes.index("crack")
 
 
 def first_group_frozen(cfg: TrainConfig, epoch: int) -> bool:
@@ -220,6 +216,12 @@ def init_weights(model: nn.Module, cfg: TrainConfig, spec: ModelSpec) -> str:
             convolutions = load_onnx_weights(base, path, spec.size_multiple)
             grown = (f", and a new stride-2 refinement ({grow(model, base, 'refine.')} tensors) "
                      "that starts at zero")
+        elif len(json.loads(metadata.get("crackscan.classes", '["crack"]'))) < cfg.num_classes:
+            # a binary model: load it as it is, then widen its crack logit to the classes
+            base = build_model(cfg.model, num_classes=1, **cfg.model_params)
+            convolutions = load_onnx_weights(base, path, spec.size_multiple)
+            grown = (f", widened to {cfg.num_classes} classes "
+                     f"({widen_classes(model, base, cfg.crack_label)} convolutions)")
         else:
             convolutions = load_onnx_weights(model, path, spec.size_multiple)
         return (f"{convolutions} convolutions from {path} (epoch "
@@ -329,11 +331,11 @@ def predict(model, image: np.ndarray, mean, std, multiple: int, crack_channel: i
     model (``crack_channel`` is not used for a binary model). An image larger than ``tile`` px
     (either side; 0: never) is segmented in fitted tiles and stitched (``model_segmenter``)."""
     # the segmenter finds the crack channel by name: "crack" at ``crack_channel``
-    classes = tuple("crack" if i == crack_channel else f"class {i}"
+    classes = tuple("crack" if i == crack_channel else "background" if i == 0 else f"class {i}"
                     for i in range(crack_channel + 1))
     info = in_memory_info("model", mean, std, multiple, classes)
     bgr = np.ascontiguousarray(image[:, :, ::-1])  # segmenters take OpenCV's colour order
-    return model_segmenter(model, info, tile).segment([bgr])[0]
+    return split_map(model_segmenter(model, info, tile).segment([bgr])[0])[0]
 
 
 def validate(model, val_pairs, val_sets: list[str], spec: ModelSpec, cfg: TrainConfig,
@@ -348,7 +350,7 @@ def validate(model, val_pairs, val_sets: list[str], spec: ModelSpec, cfg: TrainC
     evaluator = SetEvaluator(cfg.tolerance, cfg.threshold, sweep=sweep or cfg.select_by != "f1")
     for (image, mask), name in zip(val_pairs, val_sets, strict=True):
         bgr = np.ascontiguousarray(image[:, :, ::-1])
-        evaluator.add(name, segmenter.segment([bgr])[0], mask == crack_class)
+        evaluator.add(name, split_map(segmenter.segment([bgr])[0])[0], mask == crack_class)
     val = evaluator.summary()
     val["score"] = val[cfg.select_by]
     val["default_threshold"] = (evaluator.best_balanced_threshold()
@@ -442,10 +444,10 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
         (cfg.out / "config.json").write_text(cfg.model_dump_json(indent=2))
 
     train_samples, val_samples = load_folders(cfg)
-    train_pairs = [ds.load_pair(s, cfg.num_classes) for s in train_samples]
-    val_pairs = [ds.load_pair(s, cfg.num_classes) for s in val_samples]
+    train_pairs = [ds.load_pair(s, cfg.num_classes, cfg.crack_label) for s in train_samples]
+    val_pairs = [ds.load_pair(s, cfg.num_classes, cfg.crack_label) for s in val_samples]
     loss_fn = get_loss(cfg.loss, cfg.num_classes,
-                       resolve_class_weights(cfg, [m for _, m in train_pairs]))
+                       resolve_class_weights(cfg, [m for _, m in train_pairs]), cfg.crack_label)
     crops = CrackCrops(train_pairs, crop_for_epoch(cfg, 1), spec.mean, spec.std, cfg.seed + rank,
                        cfg)
     loader, sampler = make_loader(cfg, crops, rank, world, device,
@@ -493,7 +495,7 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
                                  progress=writer)
         stop = bool(cfg.max_minutes and (time.monotonic() - started) / 60 >= cfg.max_minutes)
         if writer:
-            val = (validate(validated, val_pairs, val_sets, spec, cfg, crack_label(cfg))
+            val = (validate(validated, val_pairs, val_sets, spec, cfg, cfg.crack_label)
                    if val_pairs else {"f1": math.nan, "iou": math.nan, "score": math.nan})
             history.append({"epoch": epoch, **losses, "val_f1": val["f1"], "val_iou": val["iou"],
                             "val_score": val["score"], **swept_scores(val, cfg),
@@ -525,7 +527,7 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
                       best_val_f1=chosen[0]["val_f1"] if chosen else math.nan)
     if writer and val_pairs and (cfg.out / "best.pt").is_file():
         val = calibrate_threshold(model, cfg.out / "best.pt", val_pairs, val_sets, spec, cfg,
-                                  crack_label(cfg))
+                                  cfg.crack_label)
         result.update(val_ods=val["ods"], val_ods_threshold=val["ods_threshold"],
                       val_balanced_ods=val["balanced_ods"],
                       default_threshold=val["default_threshold"])

@@ -63,36 +63,55 @@ def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor,
     return weighted_ce_loss(logits, target, weights) + dice_loss(logits, target)
 
 
+def ce_crack_dice_loss(logits: torch.Tensor, target: torch.Tensor,
+                       weights: torch.Tensor | None = None, crack_index: int = 1) -> torch.Tensor:
+    """``ce_dice`` plus the crack class's own Dice term (per image, softmax crack probability
+    against the crack pixels), so the crack keeps the weight the binary model's Dice gave it
+    rather than 1 / C of the class-averaged term."""
+    crack = torch.softmax(logits, dim=1)[:, crack_index:crack_index + 1]
+    crack_dice = dice_loss(torch.logit(crack.clamp(1e-6, 1 - 1e-6)),
+                           (target == crack_index).unsqueeze(1).to(logits.dtype))
+    return ce_dice_loss(logits, target, weights) + crack_dice
+
+
 LOSSES = {
     "bce": F.binary_cross_entropy_with_logits,
     "dice": dice_loss,
     "bce_dice": bce_dice_loss,
     "weighted_ce": weighted_ce_loss,
     "ce_dice": ce_dice_loss,
+    "ce_crack_dice": ce_crack_dice_loss,
 }
+MULTI_CLASS_ONLY = {"ce_crack_dice"}  # they read the crack class out of C class logits
 BINARY_ONLY = {"bce": "weighted_ce", "bce_dice": "ce_dice"}  # and what to use instead
-WEIGHTED = {"weighted_ce", "ce_dice"}
+WEIGHTED = {"weighted_ce", "ce_dice", "ce_crack_dice"}
 
 
 def get_loss(name: str, num_classes: int = 1,
-             class_weights: Iterable[float] | None = None) -> Loss:
+             class_weights: Iterable[float] | None = None, crack_index: int = 1) -> Loss:
     """The loss called ``name`` for a model of ``num_classes`` output channels; ``class_weights``
-    (background first) only for the losses that take them."""
+    (background first) only for the losses that take them; ``crack_index``: the crack class
+    of a multi-class model."""
     if name not in LOSSES:
         known = ", ".join(sorted(LOSSES))
         raise ValueError(f"unknown loss {name!r}; known losses: {known}")
     if num_classes > 1 and name in BINARY_ONLY:
         raise ValueError(f"loss {name!r} is for a binary model (one class); with "
                          f"{num_classes} classes use {BINARY_ONLY[name]!r}")
+    if num_classes == 1 and name in MULTI_CLASS_ONLY:
+        raise ValueError(f"loss {name!r} is for a multi-class model; a binary one uses "
+                         "'bce_dice'")
+    loss = (partial(LOSSES[name], crack_index=crack_index) if name in MULTI_CLASS_ONLY
+            else LOSSES[name])
     if class_weights is None:
-        return LOSSES[name]
+        return loss
     if name not in WEIGHTED:
         raise ValueError(f"loss {name!r} takes no class weights; weighted losses: "
                          f"{', '.join(sorted(WEIGHTED))}")
     weights = torch.as_tensor(list(class_weights), dtype=torch.float32)
     if len(weights) != max(2, num_classes):
         raise ValueError(f"{len(weights)} class weights for {max(2, num_classes)} label values")
-    return partial(LOSSES[name], weights=weights)
+    return partial(loss, weights=weights)
 
 
 def class_frequencies(masks: Iterable[np.ndarray], num_labels: int) -> np.ndarray:

@@ -130,6 +130,39 @@ def grow(model: nn.Module, base: nn.Module, new_prefix: str) -> int:
     return len(result.missing_keys)
 
 
+# a new class's logit starts this far below background's, so a widened model starts out
+# predicting what the binary one did (crack probability within ~2 % of its sigmoid)
+NEW_CLASS_LOGIT = -6.0
+
+
+@torch.no_grad()
+def widen_classes(model: nn.Module, binary: nn.Module, crack_index: int) -> int:
+    """Copy the binary model ``binary`` (one crack logit) into ``model``, the same architecture
+    with C > 1 classes, so that its softmax starts out computing the binary model's sigmoid:
+    crack gets the crack logit, background (index 0) a logit of zero, every other class
+    ``NEW_CLASS_LOGIT``. Every class-wide convolution (the head, and a refiner's correction)
+    is widened that way; returns how many were. Raises ValueError when anything else differs."""
+    own, theirs = model.state_dict(), binary.state_dict()
+    if own.keys() != theirs.keys():
+        raise ValueError("the binary model is not the same architecture")
+    widened = 0
+    for name, tensor in theirs.items():
+        target = own[name]
+        if target.shape == tensor.shape:
+            target.copy_(tensor)
+            continue
+        if tensor.shape[0] != 1 or target.shape[1:] != tensor.shape[1:]:
+            raise ValueError(f"{name}: {tuple(tensor.shape)} cannot widen to "
+                             f"{tuple(target.shape)}")
+        target.zero_()
+        target[crack_index] = tensor[0]
+        if name.endswith("bias") and name.startswith("head."):
+            others = [c for c in range(target.shape[0]) if c not in (0, crack_index)]
+            target[others] = NEW_CLASS_LOGIT
+        widened += name.endswith("weight")
+    return widened
+
+
 def freeze_batch_norm(model: nn.Module) -> None:
     """Put every batch norm of ``model`` in eval mode (statistics fixed, scale and shift still
     trained); call after each ``model.train()``."""

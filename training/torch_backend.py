@@ -33,6 +33,7 @@ from inference.segmenter import (
     ModelInfo,
     check_batch,
     crack_channel,
+    map_planes,
     model_info,
 )
 from training.checkpoint import checkpoint_metadata, load_model
@@ -144,6 +145,7 @@ class TorchSegmenter(BatchedSegmenter):
         self._mean = torch.tensor(info.mean, dtype=torch.float32, device=device).reshape(shape)
         self._std = torch.tensor(info.std, dtype=torch.float32, device=device).reshape(shape)
         self._crack_channel = crack_channel(info.classes)
+        self._planes = map_planes(info.classes)
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor,
                                                   torch.Tensor]] = {}
 
@@ -156,8 +158,9 @@ class TorchSegmenter(BatchedSegmenter):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """The fused graph in torch (``inference.fused``, op for op): uint8 N x H x W x 3 BGR on
-        the device -> float32 N x H x W crack probability. Normalisation runs in float32; only
-        the network runs in ``dtype``."""
+        the device -> float32 N x H x W crack probability (N x 2 x H x W with the argmax class
+        plane, for a model with lining classes). Normalisation runs in float32; only the
+        network runs in ``dtype``."""
         x = pixels.float().permute(0, 3, 1, 2)
         if self.info.input_color == "RGB":
             x = x.flip(1)  # BGR -> RGB; a kernel, no host index tensor (CUDA graph capture)
@@ -166,7 +169,10 @@ class TorchSegmenter(BatchedSegmenter):
         logits = logits.float()
         if logits.shape[1] == 1:
             return torch.sigmoid(logits[:, 0])
-        return torch.softmax(logits, dim=1)[:, self._crack_channel]
+        crack = torch.softmax(logits, dim=1)[:, self._crack_channel]
+        if self._planes == 1:
+            return crack
+        return torch.stack([crack, logits.argmax(dim=1).float()], dim=1)
 
     def _replay(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output for ``x`` through the CUDA graph of x's shape, captured first

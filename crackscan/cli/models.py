@@ -98,8 +98,13 @@ def cmd_eval(args) -> int:
         print_json(summary)
         return 0
     sets = summary.pop("sets")
+    class_iou = summary.pop("class_iou", None)
     for key, value in summary.items():
         print(f"{key:22s} {value:.4f}" if isinstance(value, float) else f"{key:22s} {value}")
+    if class_iou:
+        print("\nclass IoU (argmax map, class-labelled folders)")
+        for name, iou in class_iou.items():
+            print(f"  {name:20s} {'-' if iou is None else f'{iou:.4f}'}")
     if len(sets) > 1:
         print(f"\n{'set':16s} {'images':>6s} {'P':>6s} {'R':>6s} {'F1':>6s} {'ODS':>6s} "
               f"{'OIS':>6s} {'IoU':>6s}  (each at the threshold above; ODS, OIS swept)")

@@ -29,29 +29,56 @@ def cmd_runs(args) -> int:
     return 0
 
 
+# query flags that filter or shape cracks only: lining features have no width, type or
+# severity, and are listed merged (physical) only
+CRACK_ONLY_FLAGS = (("--detections", "detections"), ("--min-width-mm", "min_width_mm"),
+                    ("--type", "type"), ("--severity", "severity"))
+
+
 def cmd_query(args) -> int:
     from management.db import session_factory
     from management.formats import render
-    from management.store import parse_chainage, query_cracks, query_physical
+    from management.store import parse_chainage, query_cracks, query_features, query_physical
 
+    if args.features:
+        given = [flag for flag, name in CRACK_ONLY_FLAGS  # "--min-width-mm 0" is given too
+                 if getattr(args, name) is not None and getattr(args, name) is not False]
+        if given:
+            raise UserError(f"--features cannot be combined with {', '.join(given)}: lining "
+                            "features take --run, --kind, --chainage, --min-length-mm, --tunnel, "
+                            "--sort and --limit")
+    elif args.kind is not None:
+        raise UserError("--kind filters lining features: add --features")
     chainage = parse_chainage(args.chainage) if args.chainage else None
-    query = query_cracks if args.detections else query_physical
     engine = read_database(args.db)
     with session_factory(engine)() as session:
-        records = query(session, run=args.run, min_width_mm=args.min_width_mm,
-                        min_length_mm=args.min_length_mm, chainage=chainage,
-                        crack_type=args.type, severity=args.severity, sort=args.sort,
-                        limit=args.limit, tunnel=args.tunnel)
+        if args.features:
+            records = query_features(session, run=args.run, kind=args.kind,
+                                     min_length_mm=args.min_length_mm, chainage=chainage,
+                                     sort=args.sort, limit=args.limit, tunnel=args.tunnel)
+        else:
+            query = query_cracks if args.detections else query_physical
+            records = query(session, run=args.run, min_width_mm=args.min_width_mm,
+                            min_length_mm=args.min_length_mm, chainage=chainage,
+                            crack_type=args.type, severity=args.severity, sort=args.sort,
+                            limit=args.limit, tunnel=args.tunnel)
     print(render(records, args.format))
     return 0
 
 
 def cmd_compare(args) -> int:
+    import math
+
     from management.compare import CHANGE_COLUMNS, change_rows, compare_runs
     from management.db import session_factory
+    from management.errors import AlignmentError
+    from management.features import JOINT_KIND, ring_joints
     from management.formats import render
-    from management.store import QueryError, list_runs, query_physical
+    from management.landmarks import MIN_JOINTS, align_on_joints
+    from management.store import QueryError, list_runs, query_features, query_physical
 
+    if not math.isfinite(args.offset_m):
+        raise UserError(f"--offset-m must be a finite number, got {args.offset_m!r}")
     engine = read_database(args.db)
     with session_factory(engine)() as session:
         known = {run["id"]: run for run in list_runs(session)}
@@ -65,21 +92,49 @@ def cmd_compare(args) -> int:
                         args.run_a, tunnels[0], args.run_b, tunnels[1])
         before = query_physical(session, run=args.run_a)
         after = query_physical(session, run=args.run_b)
+        joints_a = ring_joints(query_features(session, run=args.run_a, kind=JOINT_KIND))
+        joints_b = ring_joints(query_features(session, run=args.run_b, kind=JOINT_KIND))
+    # --align joints (the default where both runs have ring joints): RUN_B's chainages mapped
+    # between the joints both runs saw, --offset-m only a hint; an explicit --align joints that
+    # cannot align is exit 2, the default falls back to --offset-m with a warning.
+    alignment = None
+    align = args.align or ("joints" if min(len(joints_a), len(joints_b)) >= MIN_JOINTS
+                           else "offset")
+    if align == "joints":
+        try:
+            alignment = align_on_joints(joints_a, joints_b, offset_hint_m=args.offset_m,
+                                        labels=(args.run_a, args.run_b))
+        except AlignmentError as exc:
+            if args.align == "joints":
+                raise
+            log.warning("%s; comparing with --offset-m %g instead", exc, args.offset_m)
+    elif args.align is None:
+        log.info("ring joints stored: %d of %s, %d of %s (at least %d each to align on them): "
+                 "comparing with --offset-m %g", len(joints_a), args.run_a, len(joints_b),
+                 args.run_b, MIN_JOINTS, args.offset_m)
     try:
         report = compare_runs(before, after, tolerance_mm=args.tolerance_mm,
-                              offset_m=args.offset_m)
+                              offset_m=args.offset_m if alignment is None else 0.0,
+                              chainage_map=alignment)
     except QueryError as exc:  # name the flags, not the parameters
         raise UserError(str(exc).replace("tolerance_mm", "--tolerance-mm")
                         .replace("offset_m", "--offset-m")) from None
+    if alignment is not None:
+        log.info("%s aligned on %s by %d ring joints (%d and %d stored): scale %.5f, rms %.3f m",
+                 args.run_b, args.run_a, len(alignment.pairs), alignment.joints_a,
+                 alignment.joints_b, alignment.scale, alignment.rms_m)
     if args.format == "json":
         print_json({"before_run": args.run_a, "after_run": args.run_b, **report})
         return 0
     rows = change_rows(report)
     if args.format == "table":
         s = report["summary"]
+        aligned = (f"offset {args.offset_m:g} m" if alignment is None else
+                   f"aligned on {len(alignment.pairs)} ring joints, scale {alignment.scale:.4f}, "
+                   f"rms {alignment.rms_m:.3f} m")
         print(f"{args.run_a} -> {args.run_b}: {s['before']} cracks before, {s['after']} after; "
               f"{s['matched']} matched ({s['grown']} grown), {s['new']} new, {s['gone']} gone "
-              f"(tolerance {args.tolerance_mm:g} mm, offset {args.offset_m:g} m)")
+              f"(tolerance {args.tolerance_mm:g} mm, {aligned})")
         if not rows:
             return 0
     print(render(rows, args.format, columns=CHANGE_COLUMNS), end="")
@@ -151,11 +206,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
 
     p = add(sub, "query", cmd_query, "query physical cracks (or, with --detections, the per-frame "
-            "records)")
+            "records; with --features, the lining features)")
     db_flag(p)
     p.add_argument("--run")
     p.add_argument("--detections", action="store_true",
                    help="the per-frame detections instead of the physical cracks merged from them")
+    p.add_argument("--features", action="store_true",
+                   help="the physical lining features (joints, stains, holes... of a multi-class "
+                        "model) instead of cracks")
+    p.add_argument("--kind", help="with --features: features of this kind (a class name of the "
+                   "model, e.g. joint)")
     p.add_argument("--min-width-mm", type=float, help="maximum width at least this")
     p.add_argument("--min-length-mm", type=float)
     p.add_argument("--chainage", metavar="A:B", help="chainage range in metres")
@@ -163,8 +223,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--severity", help="a severity class name (config severity.names)")
     p.add_argument("--tunnel", help="the runs of this tunnel (run --tunnel)")
     p.add_argument("--sort", default="chainage_m",
-                   help="chainage_m (default), length_mm, width_max_mm, width_mean_mm or arc_mm; "
-                        "a leading '-' sorts largest first, e.g. --sort=-width_max_mm")
+                   help="chainage_m (default), length_mm, width_max_mm, width_mean_mm or arc_mm "
+                        "(--features: chainage_m, length_mm, area_mm2 or arc_mm); a leading '-' "
+                        "sorts largest first, e.g. --sort=-width_max_mm")
     p.add_argument("--limit", type=int)
     p.add_argument("--format", choices=["table", "csv", "json", "geojson"], default="table")
 
@@ -176,8 +237,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance-mm", type=float, default=50.0,
                    help="cracks of the two runs this close (over at least half of the shorter "
                         "one) are one crack")
+    p.add_argument("--align", choices=["joints", "offset"],
+                   help="how RUN_B's chainages are brought into RUN_A's: joints: piecewise "
+                        "linearly between the ring joints both runs saw (undoes odometer scale "
+                        "and drift); offset: add --offset-m. Default: joints where both runs "
+                        "have at least 5 ring joints stored, else offset")
     p.add_argument("--offset-m", type=float, default=0.0,
-                   help="added to RUN_B's chainages first (odometer offset between the drives)")
+                   help="added to RUN_B's chainages first (odometer offset between the drives); "
+                        "with --align joints, roughly that offset at RUN_B's first joint (picks "
+                        "between alignments a whole ring apart)")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table",
                    help="table: a summary line and the changes; csv: one row per change; json: "
                         "the whole report")

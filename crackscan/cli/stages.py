@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 from crackscan.cli.common import (
@@ -78,9 +79,10 @@ def cmd_demo(args) -> int:
     from acquisition.synth import synthesize_drive
     from crackscan.pipeline import run_pipeline
     from management.db import make_engine, session_factory
+    from management.features import ring_joints
     from management.formats import render
-    from management.store import query_physical
-    from management.truth import score_against_truth
+    from management.store import query_features, query_physical
+    from management.truth import score_against_truth, score_ring_joints
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,14 +97,24 @@ def cmd_demo(args) -> int:
     engine = make_engine(db_url)
     with session_factory(engine)() as session:
         physical = query_physical(session, run=summary["id"])
+        features = query_features(session, run=summary["id"])
     score = score_against_truth(truth["cracks"], physical)
+    on_true = len(physical) - score["other_physical_cracks"]
     print(f"true cracks in the synthetic drive: {score['true_cracks']}, found: {score['found']}, "
           f"physical cracks per found crack: {_maybe(score['physical_per_found_crack'], '.2f')}")
     print(f"median error against the truth: length {_maybe(score['median_length_error'], '+.1%')}"
           f", mean width {_maybe(score['median_width_error'], '+.1%')}, maximum width "
           f"{_maybe(score['median_width_max_error'], '+.1%')}; "
-          f"{score['other_physical_cracks']} physical cracks on no true crack (joints, stains, "
-          "false detections)")
+          f"{on_true} of {len(physical)} physical cracks "
+          f"({_maybe(on_true / len(physical) if physical else None, '.0%')}) on a true crack, "
+          f"{score['other_physical_cracks']} on none (joints, stains, false detections)")
+    if features:
+        kinds = Counter(feature["kind"] for feature in features)
+        joints = score_ring_joints(truth["ring_joints_m"], ring_joints(features))
+        print(f"lining features (not cracks): {len(features)}: "
+              + ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+              + f"; ring joints found {joints['found']} of {joints['true_joints']} within "
+              f"0.1 m, {joints['spurious']} spurious")
     longest = sorted(physical, key=lambda r: r["length_mm"], reverse=True)[:5]
     print("\nlongest physical cracks:")
     print(render(longest, "table"))
