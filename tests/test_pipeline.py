@@ -90,7 +90,8 @@ def test_physical_cracks_account_for_every_detection(replay):
     for crack in physical:
         group = members[crack["number"]]
         assert len(group) == crack["detections"]
-        assert crack["width_max_mm"] == max(c["width_max_mm"] for c in group)
+        # the median full view's maximum width (management.merge), one of the detections'
+        assert crack["width_max_mm"] in {c["width_max_mm"] for c in group}
         assert crack["length_mm"] >= max(c["length_mm"] for c in group)
         assert crack["chainage_start_m"] == min(c["chainage_start_m"] for c in group)
         assert crack["chainage_end_m"] == max(c["chainage_end_m"] for c in group)
