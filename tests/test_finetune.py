@@ -285,3 +285,32 @@ def test_the_crack_dice_term_is_multi_class_only_and_weighs_the_crack():
     logits[0, 2, 3, :] = 20.0
     logits[0, 0] = torch.where(target[0] == 0, 20.0, 0.0)
     assert get_loss("ce_crack_dice", 3, crack_index=2)(logits, target) < 0.05
+
+
+def test_a_binary_teacher_keeps_a_lining_student_s_crack_channel(tiny_model, tmp_path):
+    """Learning without forgetting: the binary model's crack probability taught to the crack
+    channel of a multi-class student (crack against the rest), never on pixels of a class the
+    teacher did not know."""
+    from training.lining import CLASSES, write_lining_dataset
+    from training.losses import crack_vs_rest_logit, distillation_loss
+
+    logits = torch.randn(2, 4, 8, 8)
+    p = torch.softmax(logits, dim=1)[:, 1:2]
+    assert torch.allclose(torch.sigmoid(crack_vs_rest_logit(logits, 1)), p, atol=1e-6)
+    teacher = crack_vs_rest_logit(logits, 1)  # a teacher that agrees: nothing to learn
+    assert distillation_loss(logits, teacher, 2.0, 1).abs() < 1e-5
+    keep = torch.zeros(2, 8, 8, dtype=torch.bool)
+    assert distillation_loss(logits, teacher + 5.0, 2.0, 1, keep) == 0  # no pixel kept
+    assert distillation_loss(logits, teacher + 5.0, 2.0, 1) > 0.1
+
+    write_lining_dataset(tmp_path / "lining", 4, size=64)
+    cfg = tiny_config(tiny_model.data, tmp_path / "run", epochs=1).model_copy(update={
+        "data": [tiny_model.data, tmp_path / "lining"], "classes": list(CLASSES),
+        "loss": "ce_crack_dice", "init_from": tiny_model.model, "freeze_bn": True,
+        "teacher": tiny_model.model, "distill_alpha": 0.5})
+    result = train_main(cfg)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert result["epochs"] == 1 and history[0]["loss_distill"] >= 0
+    with pytest.raises(ValueError, match="ONNX teacher is a binary model"):
+        train_main(cfg.model_copy(update={"classes": ["crack"], "loss": "bce_dice",
+                                          "out": tmp_path / "binary"}))

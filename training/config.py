@@ -65,7 +65,9 @@ class TrainConfig(BaseModel):
     # "median_frequency": computed from the training masks (Eigen & Fergus 2015)
     class_weights: list[float] | Literal["median_frequency"] | None = None
     # knowledge distillation: a training checkpoint whose model (its own config says which) is the
-    # frozen teacher; loss = (1 - alpha) * supervised + alpha * T^2 * distillation at temperature T
+    # frozen teacher; loss = (1 - alpha) * supervised + alpha * T^2 * distillation at temperature T.
+    # A multi-class student may also have a binary crackscan ONNX model of its architecture as
+    # teacher: it teaches the crack channel (learning without forgetting)
     teacher: Path | None = None
     distill_alpha: float = Field(0.5, ge=0, le=1)
     distill_temperature: float = Field(2.0, gt=0)

@@ -235,7 +235,23 @@ def init_weights(model: nn.Module, cfg: TrainConfig, spec: ModelSpec) -> str:
 
 
 def load_teacher(path: Path, cfg: TrainConfig, device: torch.device) -> Teacher:
-    """The teacher of a distillation run, built from its checkpoint's own config."""
+    """The teacher of a distillation run, built from its checkpoint's own config; or a binary
+    crackscan ONNX model of the student's architecture, teaching a multi-class student's crack
+    channel (learning without forgetting, :func:`training.losses.distillation_loss`)."""
+    if Path(path).suffix == ".onnx":
+        metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False
+                                                      ).metadata_props}
+        if metadata.get("crackscan.model") != cfg.model or cfg.num_classes == 1 or len(
+                json.loads(metadata.get("crackscan.classes", '["crack"]'))) != 1:
+            raise ValueError(f"teacher {path}: an ONNX teacher is a binary model of the "
+                             f"student's architecture ({cfg.model}) teaching a multi-class "
+                             "student; give a training checkpoint otherwise")
+        spec = get_spec(cfg.model)
+        model = build_model(cfg.model, num_classes=1, **cfg.model_params)
+        load_onnx_weights(model, Path(path), spec.size_multiple)
+        log.info("teacher: binary %s from %s for the crack channel, alpha %g, temperature %g",
+                 cfg.model, path, cfg.distill_alpha, cfg.distill_temperature)
+        return Teacher(model, spec, spec).to(device)
     state = read_checkpoint(path, "teacher")
     teacher_cfg = TrainConfig(**state["config"])
     if teacher_cfg.num_classes != cfg.num_classes:
@@ -254,8 +270,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, epoch: int, *,
                     scaler: torch.amp.GradScaler | None = None, teacher: Teacher | None = None,
                     alpha: float = 0.0, temperature: float = 1.0,
                     frozen: list[nn.Parameter] = (), freeze_bn: bool = False,
-                    ema: AveragedModel | None = None, progress: bool = True
-                    ) -> dict[str, float]:
+                    ema: AveragedModel | None = None, progress: bool = True,
+                    crack_index: int = 1) -> dict[str, float]:
     """Mean losses of the epoch (over every process): ``loss`` (what was optimised) and, with a
     teacher, ``loss_supervised`` and ``loss_distill``. ``frozen`` parameters are left untouched:
     their gradients are dropped before the optimizer step (the backward pass still runs through
@@ -273,7 +289,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, epoch: int, *,
             logits = model(images)
             teacher_logits = teacher(images) if teacher is not None and alpha > 0 else None
         supervised = loss_fn(logits.float(), masks)
-        distill = (distillation_loss(logits.float(), teacher_logits.float(), temperature)
+        # a binary teacher knows only crack and background: its lesson holds where the label
+        # is one of the two (never on a joint or a stain it would call crack)
+        keep = ((masks == 0) | (masks == crack_index)) if masks.dim() == 3 else None
+        distill = (distillation_loss(logits.float(), teacher_logits.float(), temperature,
+                                     crack_index, keep)
                    if teacher_logits is not None else torch.zeros((), device=device))
         loss = (1 - alpha) * supervised + alpha * distill if teacher is not None else supervised
         optimizer.zero_grad(set_to_none=True)
@@ -492,7 +512,7 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
                                  device=device, amp=cfg.amp, scaler=scaler, teacher=teacher,
                                  alpha=cfg.distill_alpha, temperature=cfg.distill_temperature,
                                  frozen=frozen, freeze_bn=cfg.freeze_bn, ema=ema,
-                                 progress=writer)
+                                 progress=writer, crack_index=cfg.crack_label)
         stop = bool(cfg.max_minutes and (time.monotonic() - started) / 60 >= cfg.max_minutes)
         if writer:
             val = (validate(validated, val_pairs, val_sets, spec, cfg, cfg.crack_label)

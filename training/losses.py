@@ -138,12 +138,35 @@ def median_frequency_weights(masks: Iterable[np.ndarray], num_labels: int) -> np
     return np.divide(median, freq, out=np.zeros(num_labels), where=present)
 
 
+def crack_vs_rest_logit(logits: torch.Tensor, crack_index: int) -> torch.Tensor:
+    """N x 1 x H x W: the logit of "crack" against every other class of C class logits,
+    log p_crack - log(1 - p_crack) = l_crack - logsumexp of the others."""
+    others = torch.cat([logits[:, :crack_index], logits[:, crack_index + 1:]], dim=1)
+    return (logits[:, crack_index] - torch.logsumexp(others, dim=1)).unsqueeze(1)
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
+                      temperature: float, crack_index: int = 1,
+                      keep: torch.Tensor | None = None) -> torch.Tensor:
     """KL divergence of the student's from the teacher's temperature-softened per-pixel class
     distribution, times T^2 (Hinton et al. 2015) so its gradients keep their size as T changes;
-    0 when the student matches the teacher. Binary: the two-class (sigmoid) distribution."""
+    0 when the student matches the teacher. Binary: the two-class (sigmoid) distribution.
+
+    A binary teacher of a multi-class student (learning without forgetting: a crack model's
+    crack probability kept while new classes are learnt) is compared with the student's crack
+    against the rest (:func:`crack_vs_rest_logit`, ``crack_index``), over the pixels of
+    ``keep`` (N x H x W bool; e.g. not labelled as a class the teacher never knew), or all."""
     t = temperature
+    if teacher_logits.shape[1] == 1 and student_logits.shape[1] > 1:
+        student = crack_vs_rest_logit(student_logits, crack_index) / t
+        soft_target = torch.sigmoid(teacher_logits / t)
+        per_pixel = (F.binary_cross_entropy_with_logits(student, soft_target, reduction="none")
+                     - F.binary_cross_entropy_with_logits(teacher_logits / t, soft_target,
+                                                          reduction="none"))
+        if keep is None:
+            return per_pixel.mean() * t * t
+        weight = keep.unsqueeze(1).to(per_pixel.dtype)
+        return (per_pixel * weight).sum() / weight.sum().clamp(min=1.0) * t * t
     if student_logits.shape[1] == 1:
         soft_target = torch.sigmoid(teacher_logits / t)
         # BCE against a soft target minus the target's own entropy = binary KL divergence
