@@ -10,7 +10,7 @@ detections' boxes in (chainage mm, arc mm), plain dicts as
 
 Linking. Two detections of the same ``kind`` are linked when their boxes overlap or the gap
 between them is at most ``gap_mm`` along the tunnel and round the ring. A physical feature is a
-connected group of links (union-find), so a cable seen by 200 frames is one feature. Unlike
+connected group of links (the connected components, as for cracks), so a cable seen by 200 frames is one feature. Unlike
 cracks (:mod:`management.merge`), two regions of one frame link too: a joint interrupted by a
 cable that crosses it is two regions of one joint.
 
@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from management.merge import components
 
 GAP_MM = 50.0  # boxes of one kind this close (along the tunnel and round the ring) are one feature
 AREA_GRID_MM = 10.0  # cell of the raster of the union-area estimate ...
@@ -89,17 +91,11 @@ def _box_gap_mm(a: Mapping[str, Any], b: Mapping[str, Any]) -> float:
 
 def link_groups(detections: Sequence[Mapping[str, Any]], gap_mm: float = GAP_MM
                 ) -> list[list[int]]:
-    """Indices of ``detections`` grouped into physical features, each group sorted, groups in
-    order of their first member. A sweep along the chainage finds the candidate pairs, so only
-    detections that reach each other along the tunnel are compared."""
-    parent = list(range(len(detections)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
+    """Indices of ``detections`` grouped into physical features (the connected components of
+    their links), each group sorted, groups in order of their first member. A sweep along the
+    chainage finds the candidate pairs, so only detections that reach each other along the
+    tunnel are compared."""
+    pairs: list[tuple[int, int]] = []
     order = sorted(range(len(detections)), key=lambda i: detections[i]["chainage_start_m"])
     reach_m = gap_mm / 1000.0
     active: dict[str, list[int]] = {}  # per kind: detections that may still reach the next one
@@ -109,12 +105,9 @@ def link_groups(detections: Sequence[Mapping[str, Any]], gap_mm: float = GAP_MM
                  if detections[i]["chainage_end_m"] + reach_m >= current["chainage_start_m"]]
         for i in open_:
             if _box_gap_mm(detections[i], current) <= gap_mm:
-                parent[root(i)] = root(j)
+                pairs.append((i, j))
         active[current["kind"]] = [*open_, j]
-    groups: dict[int, list[int]] = {}
-    for i in range(len(detections)):
-        groups.setdefault(root(i), []).append(i)
-    return sorted(groups.values(), key=lambda members: members[0])
+    return components(np.array(pairs, np.int64), len(detections))
 
 
 def union_area(detections: Sequence[Mapping[str, Any]], grid_mm: float = AREA_GRID_MM) -> float:

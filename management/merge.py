@@ -133,9 +133,15 @@ def link_groups(detections: list[dict[str, Any]], link_mm: float = LINK_MM) -> l
     frame = np.array([frame_of[i] for i in range(len(detections))])[owner]
     pairs = cKDTree(np.concatenate(points)).query_pairs(link_mm, output_type="ndarray")
     pairs = pairs[frame[pairs[:, 0]] != frame[pairs[:, 1]]]
-    n = len(detections)
-    graph = coo_matrix((np.ones(len(pairs)), (owner[pairs[:, 0]], owner[pairs[:, 1]])),
-                       shape=(n, n))
+    return components(np.stack([owner[pairs[:, 0]], owner[pairs[:, 1]]], axis=1),
+                      len(detections))
+
+
+def components(pairs: np.ndarray, n: int) -> list[list[int]]:
+    """The connected components of ``n`` nodes joined by ``pairs`` (K x 2 node indices): each
+    component's nodes sorted, components in order of their first node."""
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
     groups: dict[int, list[int]] = {}
     for i, label in enumerate(labels):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -427,10 +428,7 @@ def _sections_table(sections: list[dict], names: list[str]) -> list[str]:
 
 def _kinds(features: list[dict]) -> dict[str, int]:
     """Physical features per kind, kinds in alphabetical order."""
-    counts: dict[str, int] = {}
-    for feature in sorted(features, key=lambda f: f["kind"]):
-        counts[feature["kind"]] = counts.get(feature["kind"], 0) + 1
-    return counts
+    return dict(sorted(Counter(feature["kind"] for feature in features).items()))
 
 
 def _features_section(features: list[dict]) -> list[str]:
