@@ -10,8 +10,8 @@ detections' boxes in (chainage mm, arc mm), plain dicts as
 
 Linking. Two detections of the same ``kind`` are linked when their boxes overlap or the gap
 between them is at most ``gap_mm`` along the tunnel and round the ring. A physical feature is a
-connected group of links (the connected components, as for cracks), so a cable seen by 200 frames is one feature. Unlike
-cracks (:mod:`management.merge`), two regions of one frame link too: a joint interrupted by a
+connected component of the links (as for cracks), so a cable seen by 200 frames is one feature.
+Unlike cracks (:mod:`management.merge`), two regions of one frame link too: a joint interrupted by a
 cable that crosses it is two regions of one joint.
 
 Measures of a group:
