@@ -122,6 +122,10 @@ class InferenceConfig(_Strict):
     # (the default: measured, it did not lower the false cracks of every synthetic drive)
     straight_max_deviation: float = Field(0.0, ge=0, lt=0.5)
     straight_min_length_px: int = Field(100, ge=2)
+    # a component fewer than this share of whose cross profiles are lines (darker or lighter than
+    # both sides) is a step: a stain's rim, the edge of a hole, a spall or a marking, not a crack
+    # (docs/geometry.md); 0: off
+    line_min_share: float = Field(0.2, ge=0, le=1)
     # a model with lining classes: regions of a lining class (joint, stain...) smaller than this
     # are not stored as lining features
     min_feature_area_px: int = Field(200, ge=1)

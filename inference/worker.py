@@ -15,6 +15,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
 import zmq
 
 from crackscan.config import PipelineConfig
@@ -56,6 +58,7 @@ def process_frames(frames: list[FrameMessage], segmenter: Segmenter, config: Pip
     probs = segmenter.segment([frame.image for frame in frames])
     share_s = (time.perf_counter() - started) / len(frames)
     threshold = config.inference.threshold or segmenter.info.threshold
+    profiles = config.inference.line_min_share > 0
     results = []
     for frame, seg_map in zip(frames, probs, strict=True):
         measured = time.perf_counter()
@@ -66,7 +69,9 @@ def process_frames(frames: list[FrameMessage], segmenter: Segmenter, config: Pip
                                       config.inference.min_crack_length_mm,
                                       config.inference.min_crack_elongation,
                                       config.inference.straight_max_deviation,
-                                      config.inference.straight_min_length_px)
+                                      config.inference.straight_min_length_px,
+                                      grey=_grey(frame.image) if profiles else None,
+                                      line_min_share=config.inference.line_min_share)
         features = (() if classes is None else tuple(measure_features(
             classes, segmenter.info.classes, camera, frame.chainage_m,
             config.inference.min_feature_area_px)))
@@ -77,6 +82,13 @@ def process_frames(frames: list[FrameMessage], segmenter: Segmenter, config: Pip
             model=segmenter.info.label, worker=worker, cracks=tuple(cracks), mask=mask,
             features=features))
     return results
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    """A frame (BGR or grey) as HxW grey."""
+    if image.ndim == 2 or image.shape[2] == 1:
+        return image.reshape(image.shape[:2])
+    return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
 
 
 def _send(sock: zmq.Socket, frames: list[bytes], stop: threading.Event) -> bool:

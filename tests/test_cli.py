@@ -3,6 +3,8 @@ error, 3 internal error) and read commands that never create a database."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from support import crackscan
 
@@ -116,3 +118,16 @@ def test_signals_stop_a_stage_then_end_it_now():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_demo_draws_and_runs_a_drive_with_the_given_config(tmp_path):
+    config = tmp_path / "slow.yaml"
+    config.write_text("acquisition: {speed_kmh: 5.0}\ninference: {line_min_share: 0.0}\n")
+    out = tmp_path / "demo"
+    done = crackscan("demo", "--seconds", "0.4", "--out", str(out), "--config", str(config))
+    assert "true cracks in the synthetic drive" in done.stdout
+    truth = json.loads((out / "tunnel_drive_truth.json").read_text())
+    assert truth["speed_kmh"] == 5.0 and truth["frames"] == 10
+    bad = crackscan("demo", "--out", str(out), "--config", str(tmp_path / "none.yaml"),
+                    check=False)
+    assert bad.returncode == EXIT_USER_ERROR and "Traceback" not in bad.stderr

@@ -18,7 +18,9 @@ from crackscan.geometry import (
     SkeletonGraph,
     chord_deviation,
     classify_type,
+    cross_profiles,
     distance_to_background,
+    line_share,
     longest_path,
     measure_component,
     measure_cracks,
@@ -448,3 +450,42 @@ def test_a_wandering_crack_and_a_short_straight_one_stay_cracks():
     _, records = measure_cracks(wavy_crack(1.0), 0.5, SQUARE, 0.0, SEVERITY,
                                 straight_max_deviation=0.01)
     assert records == []  # 1 px of wander over 240 px is a line
+
+
+def lit(prob: np.ndarray, inside: float, outside: float = 150.0, seed: int = 0) -> np.ndarray:
+    """A grey frame: ``inside`` where ``prob`` is set, ``outside`` elsewhere, a little noise."""
+    noise = np.random.default_rng(seed).normal(0, 3, prob.shape)
+    return np.clip(np.where(prob > 0.5, inside, outside) + noise, 0, 255).astype(np.uint8)
+
+
+def test_cross_profiles_read_the_centre_and_both_sides():
+    stroke = wavy_crack(8.0, width=5)
+    grey = lit(stroke, inside=60.0)
+    crack = measure_component(stroke > 0.5)
+    profiles = cross_profiles(grey, crack)
+    assert 0 < len(profiles) <= 200
+    centre, one, other = np.median(profiles, axis=0)
+    assert centre == pytest.approx(60, abs=6)
+    assert one == pytest.approx(150, abs=6) and other == pytest.approx(150, abs=6)
+    assert line_share(profiles) > 0.9
+    assert line_share(np.zeros((0, 3))) == 1.0
+
+
+def test_a_dark_or_a_light_crack_stays_a_crack_and_an_edge_does_not():
+    stroke = wavy_crack(8.0)
+    for inside in (70.0, 230.0):  # darker than its sides, or lighter (filled with efflorescence)
+        _, records = measure_cracks(stroke, 0.5, SQUARE, 0.0, SEVERITY,
+                                    grey=lit(stroke, inside=inside), line_min_share=0.2)
+        assert len(records) == 1
+    # a stain's rim: the model marks the edge of a dark region; across it, one side dark, one light
+    rows = np.arange(FRAME[0])[:, None] + 8 * np.sin(np.arange(FRAME[1]) / 40.0)[None, :]
+    rim = np.where(rows < 150, 80.0, 170.0).astype(np.uint8)
+    edge = ((rows >= 148) & (rows < 152)).astype(np.float32)
+    edge[:, :100] = 0
+    edge[:, 400:] = 0
+    _, records = measure_cracks(edge, 0.5, SQUARE, 0.0, SEVERITY, grey=rim, line_min_share=0.2)
+    assert records == []
+    _, records = measure_cracks(edge, 0.5, SQUARE, 0.0, SEVERITY, grey=rim, line_min_share=0.0)
+    assert len(records) == 1  # the rule off
+    _, records = measure_cracks(edge, 0.5, SQUARE, 0.0, SEVERITY, line_min_share=0.2)
+    assert len(records) == 1  # no image, no profile

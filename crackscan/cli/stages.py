@@ -89,10 +89,12 @@ def cmd_demo(args) -> int:
     video, truth_path = out / "tunnel_drive.mp4", out / "tunnel_drive_truth.json"
     db_url = args.db or f"sqlite:///{(out / 'crackscan.db').resolve()}"
     log.info("synthesizing a %.0f s tunnel drive -> %s", args.seconds, video)
-    truth = synthesize_drive(video, seconds=args.seconds, seed=args.seed, truth=truth_path)
+    config = load_pipeline_config(args.config)  # the drive is drawn with its camera and speed
+    truth = synthesize_drive(video, seconds=args.seconds, seed=args.seed, config=config,
+                             truth=truth_path)
     summary = run_pipeline(source=str(video), db_url=db_url, model=args.model, backend="auto",
-                           workers=args.workers, mode="replay", config_path=None, record=None,
-                           verbose=args.verbose)
+                           workers=args.workers, mode="replay", config_path=args.config,
+                           record=None, verbose=args.verbose)
     print(format_summary(summary))
     engine = make_engine(db_url)
     with session_factory(engine)() as session:
@@ -339,6 +341,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--model", help="ONNX model (default: the bundled model)")
+    p.add_argument("--config", help="pipeline YAML (see configs/pipeline.yaml): the drive is "
+                                    "drawn with its camera and speed, and run with it")
     db_flag(p)
 
     p = add(sub, "run", cmd_run, "run acquisition, inference and management on one source")
