@@ -25,7 +25,6 @@ logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 logging.getLogger("alembic.runtime.migration").addFilter(
     lambda record: not str(record.msg).startswith(("Context impl", "Will assume")))
 
-import sqlalchemy.exc as sa_exc  # noqa: E402
 from alembic import command  # noqa: E402
 from alembic.config import Config  # noqa: E402
 from alembic.script import ScriptDirectory  # noqa: E402
@@ -129,26 +128,40 @@ def _refuse_unknown(revision: str, shown: str) -> None:
 def ensure_schema(engine: Engine) -> None:
     """Make sure the database is at :data:`HEAD`: create the schema in an empty database, adopt a
     matching database from before migrations, else raise :class:`DatabaseError` (one line) for a
-    database at an older revision (run ``crackscan db upgrade``) or an unknown, newer one."""
+    database at an older revision (run ``crackscan db upgrade``) or an unknown, newer one.
+    Processes that open one new database at once create its schema once: the first takes the
+    migration lock (:func:`_lock_for_migration`), the others wait for it and find HEAD."""
     shown = _shown(engine)
-    try:
+    revision = current_revision(engine)  # no lock where there is nothing to create
+    if revision is None:
         with engine.begin() as connection:
+            _lock_for_migration(connection)
             revision = _revision(connection)
             if revision is None:
                 revision = _adopt_legacy(connection, shown)
             if revision is None:
                 command.upgrade(alembic_config(connection), HEAD)
                 revision = HEAD
-    except sa_exc.SQLAlchemyError:
-        # Two processes creating one new database: the loser's CREATE fails, the schema is there.
-        if current_revision(engine) != HEAD:
-            raise
-        return
     if revision == HEAD:
         return
     _refuse_unknown(revision, shown)
     raise DatabaseError(f"database {shown} has schema {revision}, this crackscan needs {HEAD}: "
                         "run `crackscan db upgrade --db URL` (back it up first)")
+
+
+MIGRATION_LOCK_KEY = 0x63726B73  # "crks": the Postgres advisory lock of crackscan's migrations
+
+
+def _lock_for_migration(connection: Connection) -> None:
+    """Hold the database's migration lock until the connection's transaction ends, so one
+    process at a time reads the revision and migrates: SQLite's write lock (``BEGIN
+    IMMEDIATE``; Python's sqlite3 would otherwise run the CREATE statements outside any
+    transaction), Postgres's transaction-level advisory lock. Called first in a transaction."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    elif connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                           {"key": MIGRATION_LOCK_KEY})
 
 
 def upgrade(engine: Engine, revision: str = "head") -> str | None:
@@ -158,6 +171,7 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
     shown = _shown(engine)
     with engine.connect() as connection, _foreign_keys_off_on_sqlite(connection, shown):
         with connection.begin():
+            _lock_for_migration(connection)
             current = _revision(connection)
             if current is None:
                 _adopt_legacy(connection, shown)

@@ -6,7 +6,11 @@ changes without a migration). Database tests run on SQLite and Postgres through 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -268,3 +272,44 @@ def test_detections_stored_at_0001_survive_the_upgrade_and_merge(db_url, raw_eng
             assert crack["length_mm"] == pytest.approx(250.0, abs=1.0)
     finally:
         engine.dispose()
+
+
+OPEN_AT = """
+import sys, time
+from management.db import make_engine
+from management.schema import upgrade
+start_at, url, how = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+time.sleep(max(0.0, start_at - time.time()))  # every process past its imports, then at once
+engine = make_engine(url) if how == "first-use" else make_engine(url, check_schema=False)
+if how == "upgrade":
+    upgrade(engine)
+engine.dispose()
+"""
+
+
+def open_at_once(url: str, hows: list[str]) -> list[subprocess.CompletedProcess]:
+    """Processes that open one database at the same instant: on first use (make_engine) or with
+    ``crackscan db upgrade``'s migration."""
+    start_at = time.time() + 4.0
+    with ThreadPoolExecutor(len(hows)) as pool:
+        return list(pool.map(lambda how: subprocess.run(
+            [sys.executable, "-c", OPEN_AT, str(start_at), url, how], capture_output=True,
+            text=True, timeout=120, cwd=Path(__file__).parents[1]), hows))
+
+
+def test_processes_creating_one_new_database_at_once_create_it_once(db_url, tmp_path):
+    """Two first runs at once on a new database (and an upgrade beside them): one migrates, the
+    others wait for its lock and find the schema there. SQLite five times in a row."""
+    urls = ([db_url] if db_url.startswith("postgresql") else
+            [f"sqlite:///{tmp_path / f'new{i}.db'}" for i in range(5)])
+    for url in urls:
+        done = open_at_once(url, ["first-use", "first-use", "upgrade"])
+        assert [d.returncode for d in done] == [0, 0, 0], [d.stderr[-500:] for d in done]
+        engine = make_engine(url)
+        try:
+            assert schema.current_revision(engine) == schema.HEAD
+            with engine.connect() as connection:
+                assert connection.execute(text("SELECT count(*) FROM alembic_version")
+                                          ).scalar() == 1
+        finally:
+            engine.dispose()
