@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import struct
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -33,6 +35,12 @@ PROTOCOL_VERSION = 1
 ENCODINGS = ("raw", "jpeg", "png")
 MAX_HEADER_BYTES = 1 << 20  # a header is small; a larger one is malformed, not data
 MAX_COUNT = (1 << 63) - 1  # sequence numbers and counters fit a signed 64-bit column
+MAX_HEADER_DEPTH = 32  # JSON nesting: a result's polyline points are 5 deep, a run's config ~8
+MAX_INT_DIGITS = 19  # every integer fits a signed 64-bit column; a longer one is refused unparsed
+# pixels of one decoded image (the default budget; decode takes another): a decompression bomb (a
+# small PNG declaring 8192 x 8192) is refused from its header before any pixel is decoded;
+# 32 Mpx holds an 8192 x 4096 line-scan frame
+MAX_PIXELS = 32 * 1024 * 1024
 CRACK_TYPES = ("longitudinal", "circumferential", "diagonal", "network")
 END_REASONS = ("end_of_source", "stopped", "source_error")
 MODES = ("replay", "live")
@@ -54,27 +62,85 @@ def encode_pixels(image: np.ndarray, encoding: str, jpeg_quality: int = 95) -> b
     return buffer.tobytes()
 
 
-def decode_pixels(payload: bytes, encoding: str, dtype: str, shape: list[int]) -> np.ndarray:
+def decode_pixels(payload: bytes, encoding: str, dtype: str, shape: list[int],
+                  max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Pixels of a message as the header declares them: ``shape`` [H, W] (grey) or [H, W, 1|3]
+    (a raw [H, W, 1] comes back as HxW, as a grey image is used everywhere). A compressed
+    payload's own header must declare the same size, and at most ``max_pixels``, before any pixel
+    is decoded."""
     if encoding not in ENCODINGS:
         raise WireError(f"unknown pixel encoding {encoding!r}; expected one of {ENCODINGS}")
     if dtype != "uint8":
         raise WireError(f"pixel dtype {dtype!r} is not supported; expected 'uint8'")
     if not (isinstance(shape, list) and len(shape) in (2, 3)
-            and all(isinstance(n, int) and 0 < n <= 1 << 16 for n in shape)
+            and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 16
+                    for n in shape)
             and (len(shape) == 2 or shape[2] in (1, 3))):
         raise WireError(f"bad pixel shape {shape!r}; expected [H, W] or [H, W, 1|3]")
+    if shape[0] * shape[1] > max_pixels:
+        raise WireError(f"an image of {shape[1]} x {shape[0]} pixels is over the budget of "
+                        f"{max_pixels} pixels")
     if encoding == "raw":
         expected = math.prod(shape)
         if len(payload) != expected:
             raise WireError(f"raw pixels hold {len(payload)} bytes, shape {shape} needs {expected}")
-        return np.frombuffer(payload, np.uint8).reshape(shape)
+        return np.frombuffer(payload, np.uint8).reshape(shape[:2] if shape[-1:] == [1] else shape)
+    if len(shape) == 3 and shape[2] == 1:
+        raise WireError(f"{encoding} pixels are grey [H, W] or colour [H, W, 3], not {shape}")
+    declared = _image_size(bytes(payload[:MAX_IMAGE_HEADER_BYTES]), encoding)
+    if declared != (shape[1], shape[0]):
+        raise WireError(f"{encoding} pixels declare {_size(declared)}, the header says "
+                        f"{shape[1]} x {shape[0]}")
     flag = cv2.IMREAD_GRAYSCALE if len(shape) == 2 else cv2.IMREAD_COLOR
-    image = cv2.imdecode(np.frombuffer(payload, np.uint8), flag)
+    try:
+        image = cv2.imdecode(np.frombuffer(payload, np.uint8), flag)
+    except cv2.error:
+        image = None
     if image is None:
         raise WireError(f"cannot decode {encoding} pixels ({len(payload)} bytes)")
     if list(image.shape) != shape:
         raise WireError(f"{encoding} pixels decode to {list(image.shape)}, header says {shape}")
     return image
+
+
+MAX_IMAGE_HEADER_BYTES = 1 << 16  # a JPEG's size (its SOF marker) lies within its first 64 KiB
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless...): they carry the image size
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _size(size: tuple[int, int] | None) -> str:
+    return "no size" if size is None else f"{size[0]} x {size[1]}"
+
+
+def _image_size(head: bytes, encoding: str) -> tuple[int, int] | None:
+    """(width, height) that a PNG's IHDR or a JPEG's start-of-frame declares; None when the
+    bytes are not such an image (or the JPEG's frame header is not within ``head``)."""
+    if encoding == "png":
+        if len(head) < 24 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+            return None
+        return struct.unpack(">II", head[16:24])
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    at = 2
+    while at + 4 <= len(head):
+        if head[at] != 0xFF:
+            return None
+        marker = head[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            at += 2
+            continue
+        (length,) = struct.unpack(">H", head[at + 2:at + 4])
+        if marker in _JPEG_SOF:
+            if at + 9 > len(head):
+                return None
+            height, width = struct.unpack(">HH", head[at + 5:at + 9])
+            return width, height
+        at += 2 + length
+    return None
 
 
 # --- header helpers ----------------------------------------------------------------------------
@@ -84,12 +150,44 @@ def _header_frame(kind: str, body: dict[str, Any]) -> bytes:
                       separators=(",", ":"), allow_nan=False).encode()
 
 
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _nesting_depth(raw: bytes) -> int:
+    """How deeply the JSON text ``raw`` nests arrays and objects (brackets in strings aside),
+    counted without parsing it."""
+    if not raw:
+        return 0
+    codes = np.frombuffer(_JSON_STRING.sub(b'""', raw), np.uint8)
+    step = (np.isin(codes, (0x5B, 0x7B)).astype(np.int32)  # [ {
+            - np.isin(codes, (0x5D, 0x7D)))  # ] }
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _json_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS or not -MAX_COUNT <= (value := int(text)) <= MAX_COUNT:
+        raise WireError(f"integer {text[:24]}{'...' if len(text) > 24 else ''} is out of range "
+                        "(64-bit)")
+    return value
+
+
+def _json_constant(name: str) -> float:
+    raise WireError(f"header holds {name}, which is not JSON")
+
+
 def parse_header(frame: bytes) -> dict[str, Any]:
     if len(frame) > MAX_HEADER_BYTES:
         raise WireError(f"header of {len(frame)} bytes exceeds {MAX_HEADER_BYTES}")
+    raw = bytes(frame)
+    if (depth := _nesting_depth(raw)) > MAX_HEADER_DEPTH:
+        raise WireError(f"header nests {depth} deep, more than {MAX_HEADER_DEPTH}")
     try:
-        header = json.loads(bytes(frame).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw.decode("utf-8"), parse_int=_json_int,
+                            parse_constant=_json_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is one
+        if isinstance(exc, WireError):
+            raise
         raise WireError(f"header is not UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict) or header.get("protocol") != PROTOCOL:
         raise WireError("not a crackscan message (header lacks protocol 'crackscan')")
@@ -163,8 +261,8 @@ class RunStartMessage:
         _expect_frames(frames, 1, cls.TYPE)
         h = parse_header(frames[0])
         cameras = _take(h, "cameras", list)
-        distinct = len(set(cameras)) == len(cameras)
-        if not cameras or not all(isinstance(c, str) for c in cameras) or not distinct:
+        if (not cameras or not all(isinstance(c, str) for c in cameras)
+                or len(set(cameras)) != len(cameras)):
             raise WireError("run_start field 'cameras' must be a non-empty list of distinct "
                             "strings")
         return cls(run_id=_take(h, "run_id", str), source=_take(h, "source", str),
@@ -195,11 +293,12 @@ class FrameMessage:
         return [_header_frame(self.TYPE, header), encode_pixels(self.image, self.encoding)]
 
     @classmethod
-    def from_frames(cls, frames: list[bytes]) -> FrameMessage:
+    def from_frames(cls, frames: list[bytes], max_pixels: int = MAX_PIXELS) -> FrameMessage:
         _expect_frames(frames, 2, cls.TYPE)
         h = parse_header(frames[0])
         encoding = _take(h, "encoding", str)
-        image = decode_pixels(frames[1], encoding, _take(h, "dtype", str), _take(h, "shape", list))
+        image = decode_pixels(frames[1], encoding, _take(h, "dtype", str), _take(h, "shape", list),
+                              max_pixels)
         return cls(run_id=_take(h, "run_id", str), camera_id=_take(h, "camera_id", str),
                    seq=_count(h, "seq"), capture_time=_take(h, "capture_time", float),
                    chainage_m=_take(h, "chainage_m", float), image=image, encoding=encoding)
@@ -376,13 +475,14 @@ class ResultMessage:
         return [_header_frame(self.TYPE, header), encode_pixels(self.mask, "png")]
 
     @classmethod
-    def from_frames(cls, frames: list[bytes]) -> ResultMessage:
+    def from_frames(cls, frames: list[bytes], max_pixels: int = MAX_PIXELS) -> ResultMessage:
         _expect_frames(frames, 2, cls.TYPE)
         h = parse_header(frames[0])
         shape = _take(h, "shape", list)
         if len(shape) != 2:
             raise WireError(f"a result mask is HxW, header says shape {shape}")
-        mask = decode_pixels(frames[1], _take(h, "encoding", str), _take(h, "dtype", str), shape)
+        mask = decode_pixels(frames[1], _take(h, "encoding", str), _take(h, "dtype", str), shape,
+                             max_pixels)
         return cls(run_id=_take(h, "run_id", str), camera_id=_take(h, "camera_id", str),
                    seq=_count(h, "seq"), capture_time=_take(h, "capture_time", float),
                    chainage_m=_take(h, "chainage_m", float),
@@ -432,11 +532,14 @@ MESSAGE_TYPES: dict[str, type] = {
     m.TYPE: m for m in (RunStartMessage, FrameMessage, ResultMessage, EndOfStreamMessage)}
 
 
-def decode(frames: list[bytes]) -> Message:
-    """Any message from its frames; raises :class:`WireError` for anything off-contract."""
+def decode(frames: list[bytes], max_pixels: int = MAX_PIXELS) -> Message:
+    """Any message from its frames; raises :class:`WireError`, and nothing else, for anything
+    off-contract. An image of more than ``max_pixels`` is refused before it is decoded."""
     if not frames:
         raise WireError("empty message")
     kind = parse_header(frames[0]).get("type")
-    if kind not in MESSAGE_TYPES:
+    if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
         raise WireError(f"unknown message type {kind!r}; expected one of {sorted(MESSAGE_TYPES)}")
+    if kind in (FrameMessage.TYPE, ResultMessage.TYPE):
+        return MESSAGE_TYPES[kind].from_frames(frames, max_pixels)
     return MESSAGE_TYPES[kind].from_frames(frames)

@@ -1,9 +1,13 @@
 """The wire contract: every message round-trips, and receiving is strict."""
 
 import json
+import time
 
+import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crackscan import wire
 from crackscan.wire import (
@@ -177,3 +181,126 @@ def test_result_features_travel_and_are_checked():
     header["features"] = {"joint": 1}
     with pytest.raises(WireError, match="features"):
         decode([json.dumps(header).encode(), good[1]])
+
+
+# --- hostile bytes: WireError and nothing else ---------------------------------------------------
+
+def _end_header() -> bytes:
+    return EndOfStreamMessage("r", "c", 0.0, 1, 1, 0, 0).to_frames()[0]
+
+
+def test_the_messages_that_once_stopped_a_stage_are_wire_errors(image):
+    deep = b'{"protocol":"crackscan","v":1,"type":"end","x":' + b"[" * 200_000 + b"]" * 200_000
+    long_ints = [_end_header()[:-1] + b',"frames_read":' + b"9" * digits + b"}"
+                 for digits in (20, 400, 5000)]
+    start = RunStartMessage("r", "s", "replay", 0.0).to_frames()
+    frame_png = FrameMessage("r", "c", 0, 0.0, 0.0, image, "png").to_frames()
+    result = ResultMessage("r", "c", 0, 0.0, 0.0, 1.0, "m", "w", (), np.zeros((8, 8), np.uint8)
+                           ).to_frames()
+    cases = {
+        "nested 200,000 deep": [deep + b"}"],
+        **{f"an integer of {len(f) - len(_end_header()) - 15} digits": [f] for f in long_ints},
+        "cameras [['a']]": _with_header(start, cameras=[["a"]]),
+        "NaN in a header": [_end_header()[:-1] + b',"x":NaN}'],
+        "a PNG frame without pixels": [frame_png[0], b""],
+        "a PNG mask without pixels": [result[0], b""],
+        "a JPEG frame without pixels": [_with_header(frame_png, encoding="jpeg")[0], b""],
+    }
+    for name, frames in cases.items():
+        with pytest.raises(WireError):
+            decode(frames)
+            pytest.fail(f"accepted: {name}")
+
+
+def test_a_grey_raw_frame_with_one_channel_arrives_as_grey():
+    grey = np.arange(64 * 48, dtype=np.uint8).reshape(48, 64, 1)
+    back = decode(FrameMessage("r", "c", 0, 0.0, 0.0, grey, "raw").to_frames())
+    assert back.image.shape == (48, 64)
+    np.testing.assert_array_equal(back.image, grey[..., 0])
+
+
+def test_a_decompression_bomb_is_refused_from_its_header_before_decoding():
+    """A PNG of 8192 x 8192 zeros is a few tens of KB; decoding it takes 64 MB and seconds."""
+    bomb = cv2.imencode(".png", np.zeros((8192, 8192), np.uint8))[1].tobytes()
+    assert len(bomb) < 200_000
+    small = FrameMessage("r", "c", 0, 0.0, 0.0, np.zeros((64, 64), np.uint8), "png").to_frames()
+    started = time.perf_counter()
+    with pytest.raises(WireError, match="over the budget"):
+        decode([_with_header(small, shape=[8192, 8192])[0], bomb])
+    with pytest.raises(WireError, match="declare 8192 x 8192"):  # its header lies about it
+        decode([small[0], bomb])
+    assert time.perf_counter() - started < 1.0  # refused from 24 bytes, never decoded
+    assert decode([_with_header(small, shape=[8192, 8192])[0], bomb], max_pixels=8192 * 8192
+                  ).image.shape == (8192, 8192)  # within a larger budget it is a frame
+
+
+@pytest.mark.parametrize("shape", [(48, 80, 3), (48, 80)])
+def test_a_jpeg_header_declares_its_size(shape):
+    pixels = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    frames = FrameMessage("r", "c", 0, 0.0, 0.0, pixels, "jpeg").to_frames()
+    assert wire._image_size(frames[1], "jpeg") == (80, 48)
+    with pytest.raises(WireError, match="declare 80 x 48"):
+        decode(_with_header(frames, shape=[40, 80, 3][:len(shape)]))
+
+
+def _valid_messages() -> list[list[bytes]]:
+    image = np.random.default_rng(2).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    mask = np.zeros((12, 16), np.uint8)
+    return [RunStartMessage("r", "s", "replay", 1.0, ("cam0", "cam1"), {"a": {"b": [1]}}
+                            ).to_frames(),
+            FrameMessage("r", "c", 3, 1.0, 2.0, image, "raw").to_frames(),
+            FrameMessage("r", "c", 3, 1.0, 2.0, image, "png").to_frames(),
+            FrameMessage("r", "c", 3, 1.0, 2.0, image, "jpeg").to_frames(),
+            ResultMessage("r", "c", 3, 1.0, 2.0, 4.0, "m", "w", (crack(),), mask,
+                          (feature(),)).to_frames(),
+            EndOfStreamMessage("r", "c", 1.0, 5, 5, 0, 0).to_frames()]
+
+
+VALID = _valid_messages()
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=4),
+    max_leaves=12)
+
+
+def _decodes_or_refuses(frames: list[bytes]) -> None:
+    try:
+        decode(frames)
+    except WireError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=4))
+def test_any_bytes_decode_or_are_a_wire_error(frames):
+    _decodes_or_refuses(frames)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(range(len(VALID))), st.data())
+def test_a_valid_message_with_any_field_replaced_decodes_or_is_a_wire_error(which, data):
+    frames = VALID[which]
+    header = json.loads(frames[0])
+    name = data.draw(st.sampled_from(sorted(header) + ["extra"]))
+    header[name] = data.draw(JSON_VALUES)
+    if "cracks" in header and isinstance(header["cracks"], list) and header["cracks"]:
+        if data.draw(st.booleans()):  # or one field of a crack record
+            record = header["cracks"][0]
+            if isinstance(record, dict):
+                record[data.draw(st.sampled_from(sorted(record)))] = data.draw(JSON_VALUES)
+    _decodes_or_refuses([json.dumps(header).encode(), *frames[1:]])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(range(len(VALID))), st.data())
+def test_a_valid_message_with_flipped_bytes_decodes_or_is_a_wire_error(which, data):
+    frames = [bytearray(f) for f in VALID[which]]
+    for _ in range(data.draw(st.integers(1, 8))):
+        part = data.draw(st.integers(0, len(frames) - 1))
+        if frames[part]:
+            at = data.draw(st.integers(0, len(frames[part]) - 1))
+            frames[part][at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(frames) - 1))
+    frames[cut] = frames[cut][:data.draw(st.integers(0, len(frames[cut])))]
+    _decodes_or_refuses([bytes(f) for f in frames])
