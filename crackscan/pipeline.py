@@ -14,6 +14,7 @@ starts, so a bad source, model or database is one clear error, not three crashed
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -44,10 +45,29 @@ class StageFailed(RuntimeError):
     pass
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that forked it dies
+
+
+def _die_with_supervisor(supervisor: int) -> None:
+    """In a stage, between fork and exec: SIGTERM when the supervisor dies (kill -9 included), so
+    no stage outlives it; exit at once if it died before this was set. Linux; elsewhere a no-op.
+    A stage has its own session (a Ctrl-C at the terminal reaches the supervisor alone, which
+    stops the stages in order), so the process group cannot do this."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != supervisor:
+        os._exit(1)
+
+
 def _spawn(stage: str, args: list[str], verbose: bool) -> subprocess.Popen:
     command = [sys.executable, "-m", "crackscan"] + (["-v"] if verbose else []) + [stage] + args
     log.debug("starting %s", " ".join(command))
-    return subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL)
+    supervisor = os.getpid()
+    return subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL,
+                            preexec_fn=lambda: _die_with_supervisor(supervisor))
 
 
 def _stop(process: subprocess.Popen, timeout: float) -> int:
@@ -115,13 +135,20 @@ def _supervise(manager: subprocess.Popen, acquirer: subprocess.Popen,
         raise StageFailed(f"management exited with status {manager.returncode}")
 
 
-def _wait_for_management(manager: subprocess.Popen, timeout: float, signals: list[int]) -> None:
+def _wait_for_management(manager: subprocess.Popen, acquirer: subprocess.Popen, timeout: float,
+                         signals: list[int]) -> None:
     """After the first stop signal: wait until management has finished the run (or given up on
-    it after its drain timeout), ``timeout`` passes or a second stop signal is counted."""
+    it after its drain timeout), ``timeout`` passes, a second stop signal is counted, or
+    acquisition ends without sending its end of stream (stopped while it was still starting:
+    management then has nothing to wait for)."""
     deadline = time.monotonic() + timeout
     while manager.poll() is None:
         if len(signals) > 1:
             log.info("stopped again: ending every stage now")
+            return
+        if acquirer.poll() not in (None, 0):
+            log.info("acquisition ended before its end of stream (status %s): ending every "
+                     "stage now", acquirer.returncode)
             return
         if time.monotonic() >= deadline:
             log.warning("management did not finish the run in time; stopping every stage")
@@ -193,7 +220,7 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
                         # or 8 s pass
                         acquirer.send_signal(signal.SIGTERM)
                     # a second Ctrl-C while management drains ends everything at once (finally)
-                    _wait_for_management(manager,
+                    _wait_for_management(manager, acquirer,
                                          config.management.drain_timeout_s + STOP_GRACE_S,
                                          signals)
             except StageFailed as exc:
@@ -212,6 +239,8 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
         summary = next((r for r in list_runs(session) if r["id"] == run_id), None)
     engine.dispose()
     if summary is None:
+        if stopping:  # stopped while the stages were starting: the run never began
+            raise KeyboardInterrupt
         raise RunIncomplete(f"run {run_id} left no record in {db_url}")
     summary.update(wall_s=wall_s, fps=summary["frames"] / wall_s if wall_s else 0.0,
                    backend=backend_name, workers=workers, db=db_url, interrupted=stopping)

@@ -295,3 +295,67 @@ def test_stop_signals_during_a_run_are_counted_between_the_supervisors_steps():
             time.sleep(0.01)
         assert sorted(signals) == [signal.SIGINT, signal.SIGTERM]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def start_run(tmp_path: Path, db_file: Path) -> tuple[subprocess.Popen, Path]:
+    """``crackscan run`` on a long synthetic source, its temporary files (the socket folder) in
+    their own folder; output to files (a stage that outlived the run would hold a pipe)."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    with (tmp_path / "out.txt").open("w") as out, (tmp_path / "err.txt").open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "crackscan", "run", "--source", "synthetic:200", "--db",
+             f"sqlite:///{db_file}", "--format", "json"], stdout=out, stderr=err, text=True,
+            env={**os.environ, "TMPDIR": str(temp), "OMP_NUM_THREADS": "1"})
+    return process, temp
+
+
+def stages_of(pid: int) -> list[str]:
+    return subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                          text=True).stdout.split()
+
+
+@pytest.mark.parametrize("after_s", [1.5, 3.0])
+def test_sigterm_while_the_run_starts_leaves_no_stage_and_no_socket_folder(tmp_path, after_s):
+    """What a service manager sends, at any moment of the start-up (checks, stages starting):
+    the run ends within seconds as interrupted (130) or, once acquisition was running, stopped
+    (0); no stage or socket folder is left behind."""
+    process, temp = start_run(tmp_path, tmp_path / "x.db")
+    time.sleep(after_s)
+    stages = stages_of(process.pid)
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"crackscan run did not end after SIGTERM:\n"
+                             f"{(tmp_path / 'err.txt').read_text()[-3000:]}") from None
+    err = (tmp_path / "err.txt").read_text()
+    assert process.returncode in (0, 130), err[-2000:]
+    if process.returncode == 0:
+        assert json.loads((tmp_path / "out.txt").read_text())["status"] == "stopped"
+    time.sleep(0.5)
+    assert live(stages) == [], err[-2000:]
+    assert list(temp.glob("crackscan-*")) == []  # the socket folder went with the run
+
+
+@pytest.mark.slow
+def test_stages_die_with_a_killed_supervisor_and_close_the_run(tmp_path):
+    """kill -9 of ``crackscan run`` itself: each stage gets SIGTERM from the kernel (parent-death
+    signal), so none outlives it, and management closes the run as stopped."""
+    db_file = tmp_path / "x.db"
+    process, _ = start_run(tmp_path, db_file)
+    deadline = time.monotonic() + 120
+    while len(stages_of(process.pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stages = stages_of(process.pid)
+    assert len(stages) == 3, (tmp_path / "err.txt").read_text()[-2000:]
+    time.sleep(2.0)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 30
+    while live(stages) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live(stages) == [], (tmp_path / "err.txt").read_text()[-2000:]
+    with sqlite3.connect(db_file) as connection:
+        assert [row[0] for row in connection.execute("select status from runs")] == ["stopped"]

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from crackscan.cli import models, records, stages
 from crackscan.cli.common import setup_logging, torch_module
@@ -58,11 +60,25 @@ def register_backends() -> None:
     register_backend("torch", open_checkpoint)
 
 
+def _interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def _sigterm_interrupts():
+    """SIGTERM (what a service manager sends) means what Ctrl-C means: a KeyboardInterrupt,
+    until a command installs its own handlers (the stages and ``run`` do). Returns the previous
+    handler; in a thread other than the main one nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, stage=args.command if args.command in
                   ("acquire", "infer", "manage") else None)
     register_backends()
+    terminate = _sigterm_interrupts()
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -84,3 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("internal error, a bug in crackscan (run with --debug for the traceback): "
                   "%s: %s", type(exc).__name__, exc)
         return EXIT_INTERNAL_ERROR
+    finally:
+        if terminate is not None:
+            signal.signal(signal.SIGTERM, terminate)
