@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+# the binary crack model that ships beside the bundled lining model: tests of what a binary
+# model's single crack map does (tiles, flips, the fused graph's one output plane) use it
+BINARY_MODEL = ROOT / "inference" / "models" / "crackscan_mobilenet_aspp_binary.onnx"
 
 # --- the command line ---------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from support import cracked_wall_with_truth, crackscan
+from support import BINARY_MODEL, cracked_wall_with_truth, crackscan
 
 from crackscan.config import PipelineConfig
 from inference.backends import bundled_model_path, open_segmenter
@@ -219,7 +219,13 @@ def test_bundled_model_ships_and_loads():
     segmenter = open_segmenter(None, threads=1)  # no --model: the bundled one
     assert segmenter.info.path == path
     assert segmenter.info.name == "mobilenet_aspp"
-    (prob,) = segmenter.segment([np.full((32, 40, 3), 128, np.uint8)])
+    assert segmenter.info.classes == ("background", "crack", "joint", "stain", "spalling", "hole",
+                                      "cable", "marking", "scratch")  # the lining model
+    (seg_map,) = segmenter.segment([np.full((32, 40, 3), 128, np.uint8)])
+    assert seg_map.shape == (2, 32, 40)  # crack probability, class
+    binary = open_segmenter(BINARY_MODEL, threads=1)  # the binary model it started from
+    assert binary.info.classes == ("crack",)
+    (prob,) = binary.segment([np.full((32, 40, 3), 128, np.uint8)])
     assert prob.shape == (32, 40)
 
 
@@ -232,8 +238,8 @@ def crack_scene(height: int = 64, width: int = 96) -> np.ndarray:
 
 def test_flip_averaging_is_the_mean_of_the_mirrored_runs():
     image = crack_scene()
-    plain = open_segmenter(None, threads=1)
-    averaged = open_segmenter(None, threads=1, tta="hflip")
+    plain = open_segmenter(BINARY_MODEL, threads=1)
+    averaged = open_segmenter(BINARY_MODEL, threads=1, tta="hflip")
     assert averaged.backend == "onnxruntime+hflip"
     (as_is,), (mirrored,) = plain.segment([image]), plain.segment([image[:, ::-1].copy()])
     (prob,) = averaged.segment([image])
@@ -245,9 +251,9 @@ def test_all_flips_make_the_answer_mirror_equivariant():
     plain model's answers differ under mirroring (so the check can fail)."""
     image = crack_scene()
     frames = [image, image[:, ::-1].copy(), image[::-1].copy()]
-    plain = open_segmenter(None, threads=1).segment(frames)
+    plain = open_segmenter(BINARY_MODEL, threads=1).segment(frames)
     assert np.abs(plain[0] - plain[1][:, ::-1]).max() > 1e-3
-    flips = open_segmenter(None, threads=1, tta="flips").segment(frames)  # three frames at once
+    flips = open_segmenter(BINARY_MODEL, threads=1, tta="flips").segment(frames)  # three at once
     np.testing.assert_allclose(flips[0], flips[1][:, ::-1], atol=1e-5)
     np.testing.assert_allclose(flips[0], flips[2][::-1], atol=1e-5)
     assert [p.shape for p in flips] == [image.shape[:2]] * 3

@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from support import BINARY_MODEL
 
 from inference.backends import bundled_model_path
 from inference.fused import CRACK, PIXELS, fuse_io
@@ -130,15 +131,18 @@ def test_a_model_with_lining_classes_maps_crack_probability_and_class(tmp_path: 
     assert OnnxRuntimeSegmenter(background_crack, threads=1).segment(images)[0].ndim == 2
 
 
-def test_fused_graph_io_and_metadata() -> None:
-    model, info = load_onnx_model(bundled_model_path())
+@pytest.mark.parametrize("path, planes", [(BINARY_MODEL, []), (bundled_model_path(), [2])],
+                         ids=["binary", "bundled lining model"])
+def test_fused_graph_io_and_metadata(path, planes) -> None:
+    model, info = load_onnx_model(path)
     fused = fuse_io(model, info)
     (pixels,), (crack,) = fused.graph.input, fused.graph.output
     assert pixels.name == PIXELS and pixels.type.tensor_type.elem_type == TensorProto.UINT8
     assert [d.dim_param or d.dim_value for d in pixels.type.tensor_type.shape.dim] == \
         ["batch", "height", "width", 3]
     assert crack.name == CRACK and crack.type.tensor_type.elem_type == TensorProto.FLOAT
-    assert [d.dim_param for d in crack.type.tensor_type.shape.dim] == ["batch", "height", "width"]
+    assert [d.dim_param or d.dim_value for d in crack.type.tensor_type.shape.dim] == \
+        ["batch", *planes, "height", "width"]  # a lining model's map: crack probability, class
     assert {p.key: p.value for p in fused.metadata_props} == info.metadata
     assert model.graph.input[0].name == "image"  # the loaded model is not changed
     onnx.checker.check_model(fused)

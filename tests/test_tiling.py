@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import cracked_wall_with_truth
+from support import BINARY_MODEL, cracked_wall_with_truth
 
-from inference.backends import bundled_model_path
 from inference.onnxruntime_backend import OnnxRuntimeSegmenter
 from inference.segmenter import ModelInfo
 from inference.tiling import (
@@ -259,13 +258,13 @@ def test_fitted_tiled_segmenter_cuts_each_frame_into_its_own_tile_shape() -> Non
 
 @pytest.fixture(scope="module")
 def model() -> OnnxRuntimeSegmenter:
-    return OnnxRuntimeSegmenter(bundled_model_path(), threads=1)
+    return OnnxRuntimeSegmenter(BINARY_MODEL, threads=1)
 
 
 @pytest.fixture(scope="module")
 def batched_model() -> OnnxRuntimeSegmenter:
     """The bundled model in batches of up to 3 same-shaped images."""
-    return OnnxRuntimeSegmenter(bundled_model_path(), threads=1, max_batch=3)
+    return OnnxRuntimeSegmenter(BINARY_MODEL, threads=1, max_batch=3)
 
 
 def test_bundled_model_tiled_matches_whole(model: OnnxRuntimeSegmenter,
@@ -335,7 +334,7 @@ def test_batching_keeps_order_and_identity(model: OnnxRuntimeSegmenter) -> None:
     # max_batch of 2 splits a group; plus 70x90, which pads to a third shape (160x160).
     images = [noise(64, 96, 1), noise(96, 64, 2), noise(64, 96, 3), noise(96, 64, 4),
               noise(70, 90, 5), noise(64, 96, 6), noise(96, 64, 7)]
-    batching = OnnxRuntimeSegmenter(bundled_model_path(), threads=1, max_batch=2)
+    batching = OnnxRuntimeSegmenter(BINARY_MODEL, threads=1, max_batch=2)
     batched = batching.segment(images)
     single = [model.segment([image])[0] for image in images]
     assert batching.batches_run == 5  # 2 + 2 + 1
@@ -363,7 +362,7 @@ def test_sizes_and_batches_are_checked() -> None:
     with pytest.raises(ValueError, match="max_batch 0"):
         TiledSegmenter(MeanChannelSegmenter(), max_batch=0)
     with pytest.raises(ValueError, match="max_batch -1"):
-        OnnxRuntimeSegmenter(bundled_model_path(), max_batch=-1)
+        OnnxRuntimeSegmenter(BINARY_MODEL, max_batch=-1)
 
 
 # --- two-plane maps (a model with lining classes) ---------------------------------------------
