@@ -53,8 +53,14 @@ from acquisition.position import ChainageModel, open_position
 from acquisition.recording import Recorder
 from crackscan.config import PipelineConfig
 from crackscan.errors import UserError
-from crackscan.sockets import KeyRing, SocketSpec, terminate
-from crackscan.wire import EndOfStreamMessage, FrameMessage, RunStartMessage, WireError
+from crackscan.sockets import MAX_MESSAGE_BYTES, KeyRing, SocketSpec, terminate
+from crackscan.wire import (
+    MAX_PIXELS,
+    EndOfStreamMessage,
+    FrameMessage,
+    RunStartMessage,
+    WireError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +122,22 @@ class Counts:
 
     def __init__(self) -> None:
         self.read = self.sent = self.dropped = self.bad = self.recorded = 0
+
+
+def _sendable(message: FrameMessage) -> list[bytes]:
+    """The frames of ``message``, or :class:`WireError` for one that a worker would refuse (more
+    pixels than the wire's budget) or ZeroMQ would drop on the way (over its message limit), so
+    that such a frame is counted bad here instead of vanishing downstream."""
+    height, width = message.image.shape[:2]
+    if height * width > MAX_PIXELS:
+        raise WireError(f"{width} x {height} pixels is over the wire's budget of {MAX_PIXELS} "
+                        "pixels a frame")
+    parts = message.to_frames()
+    size = sum(len(part) for part in parts)
+    if size > MAX_MESSAGE_BYTES:
+        raise WireError(f"the message of {size} bytes is over the limit of {MAX_MESSAGE_BYTES} "
+                        "(--encoding jpeg or png makes it smaller)")
+    return parts
 
 
 def position_model(config: PipelineConfig) -> ChainageModel:
@@ -232,8 +254,8 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
                     capture_time=capture_time, chainage_m=chainage_m,
                     image=item.image, encoding=acquisition.encoding)
                 try:
-                    parts = message.to_frames()
-                except WireError as exc:  # one frame that cannot be encoded is a bad frame
+                    parts = _sendable(message)
+                except WireError as exc:  # one frame that cannot be sent is a bad frame
                     log.warning("run %s: frame %d cannot be sent: %s", run_id, item.index, exc)
                     count.bad += 1
                     continue

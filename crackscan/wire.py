@@ -38,9 +38,10 @@ MAX_COUNT = (1 << 63) - 1  # sequence numbers and counters fit a signed 64-bit c
 MAX_HEADER_DEPTH = 32  # JSON nesting: a result's polyline points are 5 deep, a run's config ~8
 MAX_INT_DIGITS = 19  # every integer fits a signed 64-bit column; a longer one is refused unparsed
 # pixels of one decoded image (the default budget; decode takes another): a decompression bomb (a
-# small PNG declaring 8192 x 8192) is refused from its header before any pixel is decoded;
-# 32 Mpx holds an 8192 x 4096 line-scan frame
-MAX_PIXELS = 32 * 1024 * 1024
+# small PNG declaring 8192 x 8192) is refused from its header before any pixel is decoded, and
+# acquisition refuses a larger frame at the source (counted bad); 64 Mpx holds an 8000 x 8000
+# line-scan frame
+MAX_PIXELS = 64_000_000
 CRACK_TYPES = ("longitudinal", "circumferential", "diagonal", "network")
 END_REASONS = ("end_of_source", "stopped", "source_error")
 MODES = ("replay", "live")

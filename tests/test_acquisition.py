@@ -312,3 +312,28 @@ def test_unknown_mode_is_refused(tmp_path):
         run_acquisition(BrokenSource(), f"push+bind:ipc://{tmp_path}/f",
                         f"push+connect:ipc://{tmp_path}/c", "run-1", "fast", CONFIG,
                         threading.Event())
+
+
+class OversizedSource(BrokenSource):
+    """Two small frames around one of 10000 x 10000 pixels (a view: no 100 MB held)."""
+
+    description = "line-scan camera"
+
+    def __iter__(self):
+        yield SourceFrame(0, 0.0, np.zeros((8, 8, 3), np.uint8))
+        yield SourceFrame(1, 0.1, np.broadcast_to(np.uint8(0), (10_000, 10_000)))
+        yield SourceFrame(2, 0.2, np.zeros((8, 8, 3), np.uint8))
+
+
+def test_a_frame_no_worker_would_take_is_counted_bad_at_the_source(tmp_path, caplog):
+    """Over the wire's pixel budget (or ZeroMQ's message limit) a frame would vanish downstream;
+    acquisition counts it bad and says so, and the run goes on."""
+    consumer = Consumer(tmp_path)
+    try:
+        end = run_in_thread(consumer, OversizedSource(), "replay", CONFIG)
+    finally:
+        consumer.close()
+    assert [m.seq for m in consumer.received] == [0, 2]
+    assert (end.frames_read, end.frames_sent, end.frames_bad) == (3, 2, 1)
+    assert any("frame 1 cannot be sent: 10000 x 10000 pixels is over the wire's budget"
+               in record.getMessage() for record in caplog.records)
