@@ -32,7 +32,7 @@ from crackscan.config import PipelineConfig, load_pipeline_config
 from crackscan.errors import RunIncomplete, UserError
 from inference.backends import bundled_model_path, open_segmenter
 from management.db import make_engine, resolve_url, session_factory
-from management.store import list_runs
+from management.store import close_interrupted_run, list_runs
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
         manager: subprocess.Popen | None = None
         acquirer: subprocess.Popen | None = None
         pool: list[subprocess.Popen] = []
+        failure: StageFailed | None = None
         started = time.monotonic()
         with _counted_stop_signals() as signals:
             try:
@@ -224,7 +225,7 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
                                          config.management.drain_timeout_s + STOP_GRACE_S,
                                          signals)
             except StageFailed as exc:
-                raise RunIncomplete(f"run {run_id} failed: {exc}") from None
+                failure = exc
             finally:
                 for process in [acquirer, *pool, manager]:
                     if process is not None:
@@ -235,9 +236,15 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
         wall_s = time.monotonic() - started
 
     engine = make_engine(db_url)
+    with session_factory(engine).begin() as session:
+        # every stage has ended: a run still "running" will never be closed by management
+        if close_interrupted_run(session, run_id):
+            log.warning("run %s was left running by its pipeline: closed as interrupted", run_id)
     with session_factory(engine)() as session:
         summary = next((r for r in list_runs(session) if r["id"] == run_id), None)
     engine.dispose()
+    if failure is not None:
+        raise RunIncomplete(f"run {run_id} failed: {failure}")
     if summary is None:
         if stopping:  # stopped while the stages were starting: the run never began
             raise KeyboardInterrupt

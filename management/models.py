@@ -34,7 +34,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-RUN_STATUSES = ("running", "complete", "incomplete", "stopped")
+# interrupted: its pipeline died (management killed, say) before management could close it
+RUN_STATUSES = ("running", "complete", "incomplete", "stopped", "interrupted")
 
 
 class UTCDateTime(TypeDecorator):

@@ -214,6 +214,18 @@ def finish_run(session: Session, run_id: str, status: str,
     return run
 
 
+def close_interrupted_run(session: Session, run_id: str) -> bool:
+    """A run still ``running`` after its pipeline has ended (management died before it could
+    finish it) is closed as ``interrupted``, and what it stored is merged into physical cracks;
+    True when it was. A run that is already closed, or missing, is left as it is."""
+    run = session.get(Run, run_id)
+    if run is None or run.status != "running":
+        return False
+    finish_run(session, run_id, "interrupted")
+    merge_run(session, run_id)
+    return True
+
+
 def merge_run(session: Session, run_id: str, link_mm: float = LINK_MM) -> int:
     """Replace the run's physical cracks by a fresh merge of its detections (numbered 1.. in
     order of chainage) and point each detection at its physical crack; returns their number."""

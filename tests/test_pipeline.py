@@ -362,3 +362,35 @@ def test_stages_die_with_a_killed_supervisor_and_close_the_run(tmp_path):
     assert live(stages) == [], (tmp_path / "err.txt").read_text()[-2000:]
     with sqlite3.connect(db_file) as connection:
         assert [row[0] for row in connection.execute("select status from runs")] == ["stopped"]
+
+
+@pytest.mark.slow
+def test_a_run_whose_management_is_killed_is_closed_as_interrupted(tmp_path):
+    """kill -9 of management mid-run: ``crackscan run`` ends with exit 1 (a stage failed), every
+    stage is gone, and the run is closed as interrupted with its detections merged, never left
+    running."""
+    db_file = tmp_path / "x.db"
+    process, _ = start_run(tmp_path, db_file)
+    deadline = time.monotonic() + 120
+    stored = 0
+    while stored < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.3)
+        try:
+            with sqlite3.connect(db_file, timeout=1) as connection:
+                stored = connection.execute("select count(*) from frames").fetchone()[0]
+        except sqlite3.OperationalError:  # not created yet
+            pass
+    stages = stages_of(process.pid)
+    manager = subprocess.run(["pgrep", "-P", str(process.pid), "-f", "crackscan manage"],
+                             capture_output=True, text=True).stdout.split()
+    assert stored >= 3 and len(manager) == 1, (tmp_path / "err.txt").read_text()[-2000:]
+    os.kill(int(manager[0]), signal.SIGKILL)
+    process.wait(timeout=60)
+    err = (tmp_path / "err.txt").read_text()
+    assert process.returncode == 1 and "management exited" in err, err[-2000:]
+    assert live(stages) == []
+    with sqlite3.connect(db_file) as connection:
+        (status,) = connection.execute("select status from runs").fetchone()
+        cracks, linked = connection.execute(
+            "select count(*), count(physical_id) from cracks").fetchone()
+    assert status == "interrupted" and cracks == linked
