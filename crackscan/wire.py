@@ -305,6 +305,15 @@ class FrameMessage:
                    chainage_m=_take(h, "chainage_m", float), image=image, encoding=encoding)
 
 
+def _check_record(cls: type, raw: Any, where: str) -> None:
+    """A record of a result header is a JSON object with no field its dataclass lacks."""
+    if not isinstance(raw, dict):
+        raise WireError(f"a {where} must be a JSON object")
+    unknown = set(raw) - {f.name for f in fields(cls)}
+    if unknown:
+        raise WireError(f"{where} has unknown fields {sorted(unknown)}")
+
+
 def _bbox(raw: dict[str, Any], record: str) -> tuple[int, int, int, int]:
     bbox = raw.get("bbox_px")
     if not (isinstance(bbox, list) and len(bbox) == 4
@@ -356,11 +365,7 @@ class CrackRecord:
 
     @classmethod
     def from_dict(cls, raw: Any) -> CrackRecord:
-        if not isinstance(raw, dict):
-            raise WireError("a crack record must be a JSON object")
-        unknown = set(raw) - {f.name for f in fields(cls)}
-        if unknown:
-            raise WireError(f"crack record has unknown fields {sorted(unknown)}")
+        _check_record(cls, raw, "crack record")
         values: dict[str, Any] = {}
         for f in fields(cls):
             if f.name in ("index", "area_px"):
@@ -421,11 +426,7 @@ class FeatureRecord:
     @classmethod
     def from_dict(cls, raw: Any) -> FeatureRecord:
         where = "feature record"
-        if not isinstance(raw, dict):
-            raise WireError("a feature record must be a JSON object")
-        unknown = set(raw) - {f.name for f in fields(cls)}
-        if unknown:
-            raise WireError(f"feature record has unknown fields {sorted(unknown)}")
+        _check_record(cls, raw, where)
         values: dict[str, Any] = {}
         for f in fields(cls):
             if f.name in ("index", "area_px"):
