@@ -153,6 +153,7 @@ class Recorder:
         self._submit = threading.Lock()
         self._lock = threading.Lock()
         self._written = 0
+        self._written_by_camera = {camera: 0 for camera in cameras}
         self._failed = 0
         self._error: str | None = None
         self._closed = False
@@ -205,6 +206,11 @@ class Recorder:
         """Frames whose image and frames.csv row are on disk."""
         with self._lock:
             return self._written
+
+    def written_by_camera(self) -> dict[str, int]:
+        """Frames on disk (image and row) per camera."""
+        with self._lock:
+            return dict(self._written_by_camera)
 
     def write(self, camera_id: str, seq: int, capture_time: float, chainage_m: float,
               image: np.ndarray) -> None:
@@ -275,6 +281,7 @@ class Recorder:
                                         repr(frame.chainage_m), relative))
                     self._csv_file.flush()
                     self._written += 1
+                    self._written_by_camera[frame.camera_id] += 1
             except (OSError, ValueError, cv2.error) as exc:
                 with self._lock:
                     self._failed += 1

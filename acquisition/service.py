@@ -18,25 +18,23 @@ the run when all have ended.
 Recording. With a ``recorder`` every good frame is written to the recording before it is
 offered to the stream, so a live run's recording keeps the frames the stream drops.
 
-Modes. ``replay``: nothing is dropped. The frame socket's high-water mark is
-``acquisition.queue_frames`` (live: ``live_queue_frames``, 1, as each queued frame adds latency);
-when the workers fall behind, sending waits (polling, so a ``stop`` is seen within ``POLL_MS``)
-and the reader waits with it. ``live``: a send that would wait is not made; the frame is counted
-as dropped and the next one read. A recorded source replayed in live mode is paced at its own
-frame rate (a camera paces itself), so drops measure whether inference keeps up in real time.
-A live frame read more than ``LATE_FRAMES`` frame periods (and ``LATE_MIN_S``) after its capture
-time, because acquisition itself fell behind (a slow disk, a busy CPU), is dropped, not sent, as
-a camera would have overwritten it, so latency stays bounded. Dropped frames are still recorded.
+Dispatch (``acquisition.dispatch``). Workers ask for frames (credit) and a frame goes only to
+a worker with a free slot; every frame sent is kept until management reports its result
+stored, and re-sent when its worker dies or its result is lost. ``replay``: nothing is dropped;
+the reader waits for a free slot (and for room in ``acquisition.in_flight_mb``), so back-pressure
+slows it. ``live``: a frame with no free slot is dropped and counted. A recorded source replayed
+in live mode is paced at its own frame rate (a camera paces itself), so drops measure whether
+inference keeps up in real time. A live frame read more than ``LATE_FRAMES`` frame periods (and
+``LATE_MIN_S``) after its capture time, because acquisition itself fell behind (a slow disk, a
+busy CPU), is dropped, not sent, as a camera would have overwritten it, so latency stays
+bounded. Dropped frames are still recorded.
 
-Draining. After the end message, a run keeps the frame stream open until ``stop`` is set or
-``drain_s`` passes (default ``management.drain_timeout_s``), then closes it with a linger; a
-stopped run (``stop`` already set) until ``finish`` is set or ``STOPPED_DRAIN_S`` passes, so the
-frames it sent before the stop still reach the workers. ZeroMQ's linger alone is not enough:
-it only hands frames to the kernel, and a worker whose receive queue is full when the connection
-closes drops what is still in its socket buffer (libzmq stops reading a peer that hung up while
-its input was throttled). So a run's last frames would be lost whenever workers are behind at
-the end. The pipeline stops acquisition once management has every result; ``crackscan acquire``
-on its own exits after the drain.
+The end. After the source, a run waits until every frame it sent is stored (or given up: no
+worker alive to take it for ``drain_s``, default ``management.drain_timeout_s``), and only then
+sends its end message, so management closes the run the moment the end arrives, however long the
+last frames took. A stopped run (``stop`` set) sends its end at once (every stage may be
+stopping), then waits for the frames it sent up to ``STOPPED_DRAIN_S`` or until ``finish`` is
+set (a second stop).
 """
 
 from __future__ import annotations
@@ -48,9 +46,11 @@ import time
 
 import zmq
 
+from acquisition.dispatch import Dispatcher
 from acquisition.frames import FrameSource
 from acquisition.position import ChainageModel, open_position
-from acquisition.recording import Recorder
+from acquisition.recording import Recorder, RecordingError
+from crackscan import metrics
 from crackscan.config import PipelineConfig
 from crackscan.errors import UserError
 from crackscan.sockets import MAX_MESSAGE_BYTES, KeyRing, SocketSpec, terminate
@@ -65,13 +65,12 @@ from crackscan.wire import (
 log = logging.getLogger(__name__)
 
 MODES = ("live", "replay")
-POLL_MS = 100  # how long one wait for a slow worker lasts before `stop` is checked again
+POLL_MS = 100  # how long one wait for room on the control socket lasts
 CONTROL_SEND_TIMEOUT_S = 10.0  # run_start / end wait this long for room on the control socket
-REPLAY_LINGER_MS = 30_000  # after a drain that was not stopped, queued frames get this long
-STOPPED_LINGER_MS = 1_000
+FRAMES_HWM = 64  # messages queued per worker (credit keeps it far below)
 LATE_FRAMES = 4.0  # live: a frame read this many frame periods after its time is dropped ...
 LATE_MIN_S = 0.2  # ... and at least this late (a camera driver buffers a few frames)
-STOPPED_DRAIN_S = 8.0  # a stopped run keeps its stream open this long for the frames it sent
+STOPPED_DRAIN_S = 8.0  # a stopped run waits this long for the frames it sent to be stored
 CONTROL_LINGER_MS = 5_000
 PROGRESS_EVERY_S = 5.0
 WAIT_WARNING_S = 10.0  # replay: a frame waiting this long for a worker is logged
@@ -87,11 +86,16 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-def _open(spec: str, context: zmq.Context, hwm: int, role: str, keys: KeyRing | None = None
-          ) -> zmq.Socket:
+def _open(spec: str, context: zmq.Context, hwm: int, role: str, bind: bool,
+          keys: KeyRing | None = None) -> zmq.Socket:
+    """The ``role`` socket of ``spec``, which must bind (the frame link) or connect (the
+    control link to management) as ``bind`` says."""
     try:
-        return SocketSpec.parse(spec, authenticated=keys is not None).open(context, hwm=hwm,
-                                                                          keys=keys)
+        parsed = SocketSpec.parse(spec, authenticated=keys is not None)
+        if parsed.bind != bind:
+            raise ValueError(f"{spec}: acquisition {'binds' if bind else 'connects to'} the "
+                             f"{role} link (e.g. push+{'bind' if bind else 'connect'}:...)")
+        return parsed.open(context, hwm=hwm, keys=keys)
     except ValueError as exc:
         raise AcquisitionError(f"bad {role} socket: {exc}") from None
     except zmq.ZMQError as exc:
@@ -118,20 +122,27 @@ def _send(socket: zmq.Socket, parts: list[bytes], stop: threading.Event | None,
 
 
 class Counts:
-    """One camera's frames: read = sent + dropped + bad at the end of a run."""
+    """One camera's frames: read = sent + dropped + bad at the end of a run (each also counted in
+    the ``crackscan_acquisition_frames`` metric)."""
 
-    def __init__(self) -> None:
+    def __init__(self, camera: str) -> None:
+        self.camera = camera
         self.read = self.sent = self.dropped = self.bad = self.recorded = 0
 
+    def add(self, outcome: str, n: int = 1) -> None:
+        setattr(self, outcome, getattr(self, outcome) + n)
+        metrics.ACQUISITION_FRAMES.labels(self.camera, outcome).inc(n)
 
-def _sendable(message: FrameMessage) -> list[bytes]:
+
+def _sendable(message: FrameMessage, max_pixels: int = MAX_PIXELS) -> list[bytes]:
     """The frames of ``message``, or :class:`WireError` for one that a worker would refuse (more
-    pixels than the wire's budget) or ZeroMQ would drop on the way (over its message limit), so
-    that such a frame is counted bad here instead of vanishing downstream."""
+    pixels than the wire's budget, ``acquisition.max_frame_pixels``) or ZeroMQ would drop on the
+    way (over its message limit), so that such a frame is counted bad here instead of vanishing
+    downstream."""
     height, width = message.image.shape[:2]
-    if height * width > MAX_PIXELS:
-        raise WireError(f"{width} x {height} pixels is over the wire's budget of {MAX_PIXELS} "
-                        "pixels a frame")
+    if height * width > max_pixels:
+        raise WireError(f"{width} x {height} pixels is over the wire's budget of {max_pixels} "
+                        "pixels a frame (acquisition.max_frame_pixels)")
     parts = message.to_frames()
     size = sum(len(part) for part in parts)
     if size > MAX_MESSAGE_BYTES:
@@ -168,22 +179,26 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
                     source_label: str | None = None, *, pace: bool | None = None,
                     drain_s: float | None = None, context: zmq.Context | None = None,
                     position: ChainageModel | None = None, recorder: Recorder | None = None,
-                    keys: KeyRing | None = None, finish: threading.Event | None = None
-                    ) -> EndOfStreamMessage:
+                    keys: KeyRing | None = None, finish: threading.Event | None = None,
+                    skip: frozenset[tuple[str, int]] = frozenset()) -> EndOfStreamMessage:
     """Run one acquisition over ``source``; returns the end message that was sent (for a rig:
     one with the totals over its cameras, camera_id ``"cam_a+cam_b"``).
 
     ``frames`` and ``control`` are socket specs (``push+bind:...`` for frames, ``push+connect:...``
-    to management's PULL for control). ``stop`` ends the run early (reason ``"stopped"``).
+    to management's results socket for control). ``stop`` ends the run early (reason ``"stopped"``).
     ``pace``: wait between frames to keep the source's frame rate; default: in live mode only.
-    ``drain_s``: how long the frame stream stays open after the end (see the module docstring).
+    ``drain_s``: after the source, how long frames may wait with no worker making progress on
+    them before the run ends without them (see the module docstring).
     ``context``: the ZeroMQ context (needed for inproc:// endpoints); by default the run makes its
     own and terminates it, which waits for queued messages up to the sockets' linger.
     ``position``: the chainage model (default: from ``config.acquisition.position``).
-    ``recorder``: write every good frame there too (``--record DIR``); closed by the caller.
+    ``recorder``: write every good frame there too (``--record DIR``); closed at the end, so the
+    end's ``frames_recorded`` counts the frames on disk. A frame it cannot write (a full disk)
+    ends the run (reason ``"recording_error"``): a recording with holes is no recording.
     ``keys``: every link CURVE-authenticated (the frame stream serves authorized clients only).
-    ``finish``: set when the frames sent are all stored, so the stream may close; after a stop,
-    the stream stays open for the frames already sent until ``finish`` or ``STOPPED_DRAIN_S``.
+    ``finish``: after a stop, end the wait for the frames already sent now (a second stop).
+    ``skip``: (camera, seq) of frames the run has already stored (``crackscan run --resume``):
+    counted as sent, not sent again.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -194,12 +209,15 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
     own_context = context is None
     context = zmq.Context() if context is None else context
     frame_socket = control_socket = None
-    counts = {camera: Counts() for camera in cameras}
+    counts = {camera: Counts(camera) for camera in cameras}
     reason = "end_of_source"
+    skipped = 0
     try:
-        queue = acquisition.queue_frames if mode == "replay" else acquisition.live_queue_frames
-        frame_socket = _open(frames, context, queue, "frame", keys)
-        control_socket = _open(control, context, 16, "control", keys)
+        frame_socket = _open(frames, context, FRAMES_HWM, "frame", True, keys)
+        control_socket = _open(control, context, 16, "control", False, keys)
+        frame_socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone worker is an error, not a void
+        dispatcher = Dispatcher(frame_socket, control_socket, run_id, mode,
+                                acquisition.ack_timeout_s, acquisition.in_flight_mb)
         label = source_label or source.description
         started_at = time.time()
         start = RunStartMessage(run_id=run_id, source=label, mode=mode, started_at=started_at,
@@ -223,10 +241,14 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
                     reason = "stopped"
                     break
                 camera_id = item.camera_id or cameras[0]
-                count = counts.setdefault(camera_id, Counts())
-                count.read += 1
+                count = counts.setdefault(camera_id, Counts(camera_id))
+                count.add("read")
                 if item.image is None:
-                    count.bad += 1
+                    count.add("bad")
+                    continue
+                if (camera_id, item.index) in skip:
+                    count.add("sent")
+                    skipped += 1
                     continue
                 late = False
                 if pace:
@@ -244,39 +266,36 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
                               else position.chainage_at(item.offset_s if position.clock ==
                                                         "relative" else capture_time))
                 if recorder is not None:  # before the stream, which may drop it
-                    recorder.write(camera_id, item.index, capture_time, chainage_m, item.image)
-                    count.recorded += 1
+                    try:
+                        recorder.write(camera_id, item.index, capture_time, chainage_m,
+                                       item.image)
+                    except RecordingError as exc:  # a full disk: the recording cannot go on
+                        log.error("run %s: %s; ending the run", run_id, exc)
+                        reason = "recording_error"
+                        break
                 if late:
-                    count.dropped += 1
+                    count.add("dropped")
                     continue
                 message = FrameMessage(
                     run_id=run_id, camera_id=camera_id, seq=item.index,
                     capture_time=capture_time, chainage_m=chainage_m,
                     image=item.image, encoding=acquisition.encoding)
                 try:
-                    parts = _sendable(message)
+                    parts = _sendable(message, acquisition.max_frame_pixels)
                 except WireError as exc:  # one frame that cannot be sent is a bad frame
                     log.warning("run %s: frame %d cannot be sent: %s", run_id, item.index, exc)
-                    count.bad += 1
+                    count.add("bad")
                     continue
+                key = (camera_id, item.index)
                 if mode == "replay":
-                    delivered = _send(frame_socket, parts, stop, WAIT_WARNING_S)
-                    if not delivered and not stop.is_set():
-                        log.warning("run %s: frame %d has waited %gs for an inference worker on "
-                                    "%s; still waiting", run_id, item.index, WAIT_WARNING_S,
-                                    frames)
-                        delivered = _send(frame_socket, parts, stop)
-                    if delivered:
-                        count.sent += 1
-                    else:
+                    if not dispatcher.submit(key, parts, stop, WAIT_WARNING_S):
                         reason = "stopped"
                         break
+                    count.add("sent")
+                elif dispatcher.submit(key, parts):
+                    count.add("sent")
                 else:
-                    try:
-                        frame_socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-                        count.sent += 1
-                    except zmq.Again:
-                        count.dropped += 1
+                    count.add("dropped")
                 if time.monotonic() >= next_report:
                     next_report += PROGRESS_EVERY_S
                     read, sent, dropped, bad = _totals(counts)
@@ -292,10 +311,31 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
         if stop.is_set() and reason == "end_of_source":
             reason = "stopped"  # the source ended because it was closed on stop
 
+        drain_s = config.management.drain_timeout_s if drain_s is None else drain_s
+        if dispatcher.flights and reason != "stopped":
+            log.info("run %s: waiting until the %d frame(s) in flight are stored (stop to end "
+                     "now)", run_id, len(dispatcher.flights))
+            if not dispatcher.drain(stop, drain_s) and stop.is_set():
+                reason = "stopped"
+        if skip:
+            log.info("run %s: %d frame(s) were stored before: not sent again", run_id, skipped)
+        if recorder is not None:  # the counts of what is on disk, queued frames written
+            try:
+                recorder.close()
+            except RecordingError as exc:
+                log.error("run %s: %s", run_id, exc)
+                reason = "recording_error" if reason == "end_of_source" else reason
+            for camera_id, written in recorder.written_by_camera().items():
+                counts.setdefault(camera_id, Counts(camera_id)).recorded = written
+        dispatch = dispatcher.stats
+        if dispatch.resent or dispatch.given_up or dispatch.workers_lost:
+            log.warning("run %s: %d frame(s) sent again, %d given up, %d worker(s) lost", run_id,
+                        dispatch.resent, dispatch.given_up, dispatch.workers_lost)
+
         ended_at = time.time()
         for camera_id, count in counts.items():
             # read but neither sent nor bad (the run stopped while it waited): dropped
-            count.dropped = count.read - count.sent - count.bad
+            count.add("dropped", count.read - count.sent - count.bad - count.dropped)
             end = EndOfStreamMessage(run_id=run_id, camera_id=camera_id, ended_at=ended_at,
                                      frames_read=count.read, frames_sent=count.sent,
                                      frames_dropped=count.dropped, frames_bad=count.bad,
@@ -312,25 +352,16 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
         log.info("run %s ended (%s): %d read, %d sent, %d dropped, %d bad%s", run_id, reason,
                  read, sent, dropped, bad, f", {sum(c.recorded for c in counts.values())} "
                  "recorded" if recorder is not None else "")
-        if sent:
-            # the frames already sent are the run's: keep the stream open while workers take
-            # them, until told the run is stored (``finish``, or ``stop`` after a normal end)
-            stopped = reason == "stopped"
-            drain_s = (STOPPED_DRAIN_S if stopped else config.management.drain_timeout_s
-                       if drain_s is None else drain_s)
-            log.info("run %s: keeping the frame stream open up to %gs so workers can take the "
-                     "frames still queued (%s to end now)", run_id, drain_s,
-                     "a second stop" if stopped else "stop")
-            deadline = time.monotonic() + drain_s
-            while time.monotonic() < deadline and not (finish is not None and finish.is_set()):
-                if not stopped and stop.is_set():
-                    break
-                time.sleep(POLL_MS / 1000)
+        if reason == "stopped" and dispatcher.flights:
+            # the end went first: with every stage stopping at once (the supervisor died),
+            # management has it before it goes; the frames in flight may still be stored
+            log.info("run %s: waiting up to %gs for the %d frame(s) in flight (a second stop "
+                     "ends now)", run_id, STOPPED_DRAIN_S, len(dispatcher.flights))
+            dispatcher.drain(finish, drain_s, until=time.monotonic() + STOPPED_DRAIN_S)
         return end
     finally:
-        if frame_socket is not None:
-            frame_socket.close(linger=REPLAY_LINGER_MS if mode == "replay" and not stop.is_set()
-                               else STOPPED_LINGER_MS)
+        if frame_socket is not None:  # every frame sent is stored or given up by now
+            frame_socket.close(linger=0)
         if control_socket is not None:
             control_socket.close(linger=CONTROL_LINGER_MS)
         if own_context:

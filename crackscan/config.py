@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from crackscan.errors import UserError
+from crackscan.wire import MAX_PIXELS
 
 # Tiles are a multiple of the network stride (32 for the encoders crackscan exports), so a tile
 # plus the 32 px mirror margin on both sides needs no further padding.
@@ -102,9 +103,15 @@ class AcquisitionConfig(_Strict):
     position: PositionConfig = PositionConfig()
     folder_fps: float = Field(10.0, gt=0)  # capture rate assumed for an image folder
     encoding: Literal["raw", "jpeg", "png"] = "raw"
-    queue_frames: int = Field(4, ge=1)  # ZeroMQ high-water mark on the frame stream (replay)
-    # live mode: every queued frame adds one frame's inference time to the latency
-    live_queue_frames: int = Field(1, ge=1)
+    # replay: frames sent and not yet stored are kept (encoded) to be sent again if lost; at
+    # most this much memory, then the reader waits (one frame always fits)
+    in_flight_mb: float = Field(512.0, gt=0)
+    # a frame whose result a worker sent but management has not reported stored this long after
+    # is sent again (management lost it: killed or restarted)
+    ack_timeout_s: float = Field(30.0, gt=0)
+    # the wire's pixel budget: a larger frame is counted bad at the source; workers and
+    # management refuse a larger image from its header, before decoding a pixel
+    max_frame_pixels: int = Field(MAX_PIXELS, ge=1)
     # --record DIR: how frames are written (png: lossless; jpeg at this quality: smaller)
     record_encoding: Literal["png", "jpeg"] = "png"
     record_jpeg_quality: int = Field(95, ge=1, le=100)

@@ -1,7 +1,8 @@
 """``crackscan run``: the three stages as separate processes wired over ZeroMQ.
 
-    acquisition --frames (PUSH, bind)--> N x inference --results (PUSH)--> management (PULL, bind)
-         \\------------------ run_start / end (PUSH) ------------------------^
+    acquisition --frames (bind)--> N x inference --results--> management (bind)
+         ^ \\------------------ run_start / end -------------------------^  |
+         +-------------------------- stored ---------------------------------+
 
 Every stage is started as ``python -m crackscan <stage>`` (exactly what a user runs to start a
 stage alone) in its own process session, so a Ctrl-C at the terminal reaches only this
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
+import json
 import logging
 import os
 import signal
@@ -30,13 +33,15 @@ from acquisition.service import new_run_id, position_model
 from acquisition.sources import open_source
 from crackscan.config import PipelineConfig, load_pipeline_config
 from crackscan.errors import RunIncomplete, UserError
+from crackscan.metrics import offset, parse_address
 from inference.backends import bundled_model_path, open_segmenter
 from management.db import make_engine, resolve_url, session_factory
-from management.store import close_interrupted_run, list_runs
+from management.store import close_interrupted_run, list_runs, reopen_run
 
 log = logging.getLogger(__name__)
 
 WORKER_RESTARTS = 3  # per worker slot, before the run is abandoned
+MANAGEMENT_RESTARTS = 3  # before the run is abandoned
 STOP_GRACE_S = 30.0  # on Ctrl-C, management gets its drain timeout and this much more
 RECORDING_CLOSE_S = 600.0  # how long a recording acquisition may take to write its last frames
 
@@ -111,17 +116,35 @@ def _counted_stop_signals() -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
-def _supervise(manager: subprocess.Popen, acquirer: subprocess.Popen,
-               pool: list[subprocess.Popen], start_worker, signals: list[int]) -> None:
+def _supervise(managers: list[subprocess.Popen], acquirer: subprocess.Popen,
+               pool: list[subprocess.Popen], start_worker, start_manager, signals: list[int],
+               finish_s: float) -> None:
     """Wait for management to finish the run, or for a stop signal to be counted in
-    ``signals``; restart inference workers that die (their in-flight frame is lost, which
-    management reports as an incomplete run)."""
-    restarts = 0
-    while manager.poll() is None:
+    ``signals``; restart a stage that dies: an inference worker (acquisition sends the frames it
+    held to the others) or management (``managers[0]`` is replaced; acquisition sends again
+    what it had not reported stored). Gives up on a run whose acquisition ended ``finish_s``
+    ago without management closing it (its end was lost with a management that died)."""
+    restarts = manager_restarts = 0
+    acquisition_ended = None
+    while (code := managers[0].poll()) != 0:
         if signals:
             return
-        if acquirer.poll() not in (None, 0):
-            raise StageFailed(f"acquisition exited with status {acquirer.returncode}")
+        if code is not None:
+            manager_restarts += 1
+            if manager_restarts > MANAGEMENT_RESTARTS:
+                raise StageFailed(f"management exited with status {code}, "
+                                  f"{manager_restarts} times")
+            log.warning("management exited (%s); starting another: acquisition sends again "
+                        "what it was not told is stored", code)
+            managers[0] = start_manager()
+        if (status := acquirer.poll()) not in (None, 0):
+            raise StageFailed(f"acquisition exited with status {status}")
+        if status == 0:
+            acquisition_ended = acquisition_ended or time.monotonic()
+            if time.monotonic() - acquisition_ended > finish_s:
+                log.warning("acquisition ended %.0f s ago and management has not closed the "
+                            "run; stopping", finish_s)
+                return
         for i, worker in enumerate(pool):
             if worker.poll() is not None:
                 restarts += 1
@@ -131,8 +154,6 @@ def _supervise(manager: subprocess.Popen, acquirer: subprocess.Popen,
                 log.warning("inference worker exited (%s); starting another", worker.returncode)
                 pool[i] = start_worker()
         time.sleep(0.1)
-    if manager.returncode != 0:
-        raise StageFailed(f"management exited with status {manager.returncode}")
 
 
 def _wait_for_management(manager: subprocess.Popen, acquirer: subprocess.Popen, timeout: float,
@@ -159,16 +180,24 @@ def _wait_for_management(manager: subprocess.Popen, acquirer: subprocess.Popen, 
 def run_pipeline(source: str, db_url: str | None, model: str | None, backend: str, workers: int,
                  mode: str, config_path: str | None, record: str | None,
                  verbose: bool = False, config: PipelineConfig | None = None,
-                 acquire_args: list[str] | None = None) -> dict:
+                 acquire_args: list[str] | None = None, resume: str | None = None,
+                 metrics_address: str | None = None) -> dict:
     """Run one source through the pipeline; returns the run summary (as ``runs`` reports it,
     plus wall time, fps, backend and workers). ``config``: the run's config when the caller
     changed it (source flags); ``acquire_args``: those flags, passed on to acquisition (which
-    also takes ``--record``)."""
+    also takes ``--record``). ``resume``: complete that run (a replay of ``source`` that was
+    interrupted): the frames it stored are skipped, the rest stored under its id.
+    ``metrics_address``: HOST:PORT; each stage serves its metrics (acquisition on PORT,
+    management PORT+1, worker N PORT+2+N)."""
     if workers < 1:
         raise UserError("--workers must be at least 1")
+    if metrics_address:
+        parse_address(metrics_address)  # a bad address is one line here, not a stage's death
     if config is None:
         config = load_pipeline_config(Path(config_path) if config_path else None)
     acquire_args = list(acquire_args or [])
+    if resume and (record or mode != "replay"):
+        raise UserError("--resume completes a replay: it takes neither --record nor --mode live")
     if record:
         if Path(record).exists() and (not Path(record).is_dir() or any(Path(record).iterdir())):
             raise UserError(f"--record {record}: the folder exists and is not empty; give a new "
@@ -183,11 +212,21 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
     segmenter = open_segmenter(model_path, backend, tta=config.inference.tta)
     backend_name = segmenter.backend
     del segmenter
-    make_engine(db_url).dispose()
+    engine = make_engine(db_url)
+    stored: list[tuple[str, int]] = []
+    if resume:
+        with session_factory(engine).begin() as session:
+            stored = reopen_run(session, resume, source)
+        log.info("resuming run %s: %d frames stored before are skipped", resume, len(stored))
+    engine.dispose()
 
-    run_id = new_run_id()
+    run_id = resume or new_run_id()
     config_args = ["--config", str(config_path)] if config_path else []
     with tempfile.TemporaryDirectory(prefix="crackscan-") as sockets_dir:
+        if resume:
+            skip_file = Path(sockets_dir) / "stored.json"
+            skip_file.write_text(json.dumps(stored))
+            acquire_args += ["--skip-stored", str(skip_file)]
         frames = f"ipc://{sockets_dir}/frames"
         results = f"ipc://{sockets_dir}/results"
         # threads per worker: share the cores instead of oversubscribing them
@@ -202,16 +241,34 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
         started = time.monotonic()
         with _counted_stop_signals() as signals:
             try:
-                manager = _spawn("manage", ["--results", f"pull+bind:{results}", "--db", db_url,
-                                            "--exit-after-runs", "1"] + config_args, verbose)
-                pool = [_spawn("infer", worker_args, verbose) for _ in range(workers)]
+                manager_args = ["--results", f"pull+bind:{results}", "--db", db_url,
+                                "--exit-after-runs", "1"] + config_args
+                ports = itertools.count(1)  # acquisition has PORT, the others PORT+1, +2...
+
+                def metrics_args() -> list[str]:
+                    # a restarted stage takes the next number: its predecessor's may be held
+                    return (["--metrics", offset(metrics_address, next(ports))]
+                            if metrics_address else [])
+
+                if metrics_address:
+                    acquire_args += ["--metrics", metrics_address]
+                manager = _spawn("manage", manager_args + metrics_args(), verbose)
+                pool = [_spawn("infer", worker_args + metrics_args(), verbose)
+                        for _ in range(workers)]
                 acquirer = _spawn("acquire", ["--source", source, "--frames",
                                               f"push+bind:{frames}", "--control",
                                               f"push+connect:{results}", "--run-id", run_id,
                                               "--mode", mode] + config_args + acquire_args,
                                   verbose)
-                _supervise(manager, acquirer, pool, lambda: _spawn("infer", worker_args, verbose),
-                           signals)
+                managers = [manager]
+                try:
+                    _supervise(managers, acquirer, pool,
+                               lambda: _spawn("infer", worker_args + metrics_args(), verbose),
+                               lambda: _spawn("manage", manager_args + metrics_args(), verbose),
+                               signals,
+                               config.management.drain_timeout_s + STOP_GRACE_S)
+                finally:
+                    manager = managers[0]
                 if signals:
                     log.info("stopping: acquisition first, then management stores what is in "
                              "flight")

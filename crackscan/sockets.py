@@ -2,8 +2,13 @@
 
     push+bind:tcp://127.0.0.1:5555      pull+connect:ipc:///tmp/crackscan/frames
 
-Patterns are chosen for what a link needs: PUSH/PULL with a small high-water mark gives
-back-pressure (a replay never drops a frame: the reader waits) and fans frames out to N workers.
+The pattern names which way a link's payload goes (``push``: frames or results leave here;
+``pull``: they arrive here). Every link is a ZeroMQ ROUTER on its binding side and DEALERs on
+its connecting sides, because every link carries replies: a worker's credit and heartbeats back
+to acquisition on the frame link, management's ``stored`` reports back to acquisition on the
+control link (see ``acquisition.dispatch``). So the binding side receives ``[peer, *frames]``
+and addresses a peer with ``[peer, *frames]``; a connecting side sends and receives plain
+``frames``. Acquisition binds the frame link and management the results link.
 
 Security. Loopback TCP and ``ipc://`` endpoints are reachable only from the same host. Binding
 any other interface needs CURVE keys (:class:`KeyRing`, made by ``crackscan keys``): the binding
@@ -26,7 +31,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from crackscan.errors import UserError
 
-PATTERNS = {"push": zmq.PUSH, "pull": zmq.PULL}
+PATTERNS = ("push", "pull")
 MAX_MESSAGE_BYTES = 256 << 20  # a larger message is refused by ZeroMQ before it is read
 
 
@@ -68,12 +73,16 @@ class SocketSpec:
     def __str__(self) -> str:
         return f"{self.pattern}+{'bind' if self.bind else 'connect'}:{self.endpoint}"
 
-    def open(self, context: zmq.Context, hwm: int = 4, keys: KeyRing | None = None
-             ) -> zmq.Socket:
-        """A socket of this spec. ``hwm`` bounds the messages queued per peer: small values keep
-        back-pressure tight and latency low. With ``keys`` the link is CURVE-encrypted and
-        authenticated (close the context with :func:`terminate`)."""
-        socket = context.socket(PATTERNS[self.pattern])
+    def open(self, context: zmq.Context, hwm: int = 4, keys: KeyRing | None = None,
+             routing_id: str | None = None) -> zmq.Socket:
+        """A socket of this spec: a ROUTER when it binds, a DEALER when it connects (module
+        docstring). ``hwm`` bounds the messages queued per peer: small values keep back-pressure
+        tight. With ``keys`` the link is CURVE-encrypted and authenticated (close the context
+        with :func:`terminate`). ``routing_id``: how the binding side addresses this
+        connecting socket (a worker's name on the frame link)."""
+        socket = context.socket(zmq.ROUTER if self.bind else zmq.DEALER)
+        if routing_id is not None:
+            socket.setsockopt(zmq.ROUTING_ID, routing_id.encode())
         socket.setsockopt(zmq.LINGER, 2000)
         socket.setsockopt(zmq.SNDHWM, hwm)
         socket.setsockopt(zmq.RCVHWM, hwm)

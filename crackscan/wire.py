@@ -7,9 +7,17 @@ masks travel as their own frames, described in the header by ``encoding``, ``dty
 
     type       frames                       sent by       to
     run_start  [header]                     acquisition   management
-    frame      [header, pixels]             acquisition   inference (fan-out to N workers)
+    frame      [header, pixels]             acquisition   one inference worker (that gave credit)
     result     [header, mask]               inference     management
     end        [header]                     acquisition   management
+    credit     [header]                     inference     acquisition (frames taken, done, failed)
+    heartbeat  [header]                     inference     acquisition (alive; every HEARTBEAT_S)
+                                            acquisition   management (alive, naming its run)
+    stored     [header]                     management    the run's acquisition (results stored)
+
+Version 2 made dispatch acknowledged (``acquisition.dispatch``): a worker asks for frames with
+``credit``, acquisition keeps each frame until management reports it ``stored``, and re-sends the
+frames of a worker that died (no ``heartbeat`` for ``WORKER_TIMEOUT_S``).
 
 Receiving is strict: frame count, protocol, version, type, field types, dtype and shape are checked
 against the payload, and any violation raises :class:`WireError`, which a stage catches, counts
@@ -31,7 +39,10 @@ import numpy as np
 from crackscan.errors import CrackscanError
 
 PROTOCOL = "crackscan"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+HEARTBEAT_S = 0.5  # a worker (and acquisition) says it is alive this often ...
+WORKER_TIMEOUT_S = 5.0  # ... and a worker silent this long is dead: its frames are re-sent
+MAX_FRAME_KEYS = 10_000  # frames one credit or stored message may name
 ENCODINGS = ("raw", "jpeg", "png")
 MAX_HEADER_BYTES = 1 << 20  # a header is small; a larger one is malformed, not data
 MAX_COUNT = (1 << 63) - 1  # sequence numbers and counters fit a signed 64-bit column
@@ -43,7 +54,7 @@ MAX_INT_DIGITS = 19  # every integer fits a signed 64-bit column; a longer one i
 # line-scan frame
 MAX_PIXELS = 64_000_000
 CRACK_TYPES = ("longitudinal", "circumferential", "diagonal", "network")
-END_REASONS = ("end_of_source", "stopped", "source_error")
+END_REASONS = ("end_of_source", "stopped", "source_error", "recording_error")
 MODES = ("replay", "live")
 
 
@@ -510,7 +521,8 @@ class EndOfStreamMessage:
     frames_sent: int
     frames_dropped: int  # live mode: not sent because inference was behind
     frames_bad: int  # unreadable / corrupt frames skipped
-    reason: str = "end_of_source"  # or "stopped" (Ctrl-C / SIGTERM), "source_error"
+    # or "stopped" (Ctrl-C / SIGTERM), "source_error", "recording_error" (--record failed)
+    reason: str = "end_of_source"
     frames_recorded: int = 0  # written to the --record directory (0 when not recording)
 
     def to_frames(self) -> list[bytes]:
@@ -529,9 +541,110 @@ class EndOfStreamMessage:
                    frames_recorded=_count(h, "frames_recorded") if "frames_recorded" in h else 0)
 
 
-Message = RunStartMessage | FrameMessage | ResultMessage | EndOfStreamMessage
+FrameKey = tuple[str, int]  # (camera_id, seq): a frame of a run
+
+
+def _frame_keys(h: dict[str, Any], name: str) -> tuple[FrameKey, ...]:
+    """A list of [camera_id, seq] pairs."""
+    raw = _take(h, name, list)
+    if len(raw) > MAX_FRAME_KEYS:
+        raise WireError(f"{h.get('type')} field {name!r} names {len(raw)} frames, more than "
+                        f"{MAX_FRAME_KEYS}")
+    keys = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], int) and not isinstance(item[1], bool)
+                and 0 <= item[1] <= MAX_COUNT):
+            raise WireError(f"{h.get('type')} field {name!r} must list [camera_id, seq] pairs")
+        keys.append((item[0], item[1]))
+    return tuple(keys)
+
+
+def _positive(h: dict[str, Any], name: str) -> int:
+    value = _count(h, name)
+    if value < 1:
+        raise WireError(f"{h.get('type')} field {name!r} must be at least 1")
+    return value
+
+
+@dataclass(frozen=True)
+class CreditMessage:
+    """A worker to acquisition, on the frame link. ``consumed``: frame messages it took off its
+    queue since its last credit (the oldest it holds: a link keeps their order, so acquisition
+    knows which, malformed ones included); of those, ``done`` had their results sent to
+    management and ``failed`` could not be processed; anything else it took was unreadable.
+    ``capacity``: frames it may hold at once. A worker introduces itself with ``consumed`` 0."""
+
+    TYPE: ClassVar[str] = "credit"
+    worker: str
+    capacity: int
+    consumed: int = 0
+    done: tuple[FrameKey, ...] = ()
+    failed: tuple[FrameKey, ...] = ()
+
+    def to_frames(self) -> list[bytes]:
+        return [_header_frame(self.TYPE, {
+            "worker": self.worker, "capacity": self.capacity, "consumed": self.consumed,
+            "done": [list(k) for k in self.done], "failed": [list(k) for k in self.failed]})]
+
+    @classmethod
+    def from_frames(cls, frames: list[bytes]) -> CreditMessage:
+        _expect_frames(frames, 1, cls.TYPE)
+        h = parse_header(frames[0])
+        return cls(worker=_take(h, "worker", str), capacity=_positive(h, "capacity"),
+                   consumed=_count(h, "consumed"), done=_frame_keys(h, "done"),
+                   failed=_frame_keys(h, "failed"))
+
+
+@dataclass(frozen=True)
+class HeartbeatMessage:
+    """Alive. A worker sends it on the frame link every ``HEARTBEAT_S`` from a thread of its own
+    (a frame that takes minutes does not make it look dead; ``capacity`` introduces it to an
+    acquisition that started after it); acquisition sends it on the control link naming its run,
+    so a management process that restarted knows where that run's ``stored`` reports go."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    sender: str
+    run_id: str = ""  # acquisition's run; "" from a worker
+    capacity: int = 0  # a worker's; 0 from acquisition
+
+    def to_frames(self) -> list[bytes]:
+        return [_header_frame(self.TYPE, asdict(self))]
+
+    @classmethod
+    def from_frames(cls, frames: list[bytes]) -> HeartbeatMessage:
+        _expect_frames(frames, 1, cls.TYPE)
+        h = parse_header(frames[0])
+        return cls(sender=_take(h, "sender", str), run_id=_take(h, "run_id", str),
+                   capacity=_count(h, "capacity"))
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """Management to a run's acquisition: these frames' results are in the database (stored now,
+    stored before, or refused for their data, which a re-send would not change), so acquisition
+    forgets them."""
+
+    TYPE: ClassVar[str] = "stored"
+    run_id: str
+    frames: tuple[FrameKey, ...]
+
+    def to_frames(self) -> list[bytes]:
+        return [_header_frame(self.TYPE, {"run_id": self.run_id,
+                                          "frames": [list(k) for k in self.frames]})]
+
+    @classmethod
+    def from_frames(cls, frames: list[bytes]) -> StoredMessage:
+        _expect_frames(frames, 1, cls.TYPE)
+        h = parse_header(frames[0])
+        return cls(run_id=_take(h, "run_id", str), frames=_frame_keys(h, "frames"))
+
+
+Message = (RunStartMessage | FrameMessage | ResultMessage | EndOfStreamMessage | CreditMessage
+           | HeartbeatMessage | StoredMessage)
 MESSAGE_TYPES: dict[str, type] = {
-    m.TYPE: m for m in (RunStartMessage, FrameMessage, ResultMessage, EndOfStreamMessage)}
+    m.TYPE: m for m in (RunStartMessage, FrameMessage, ResultMessage, EndOfStreamMessage,
+                        CreditMessage, HeartbeatMessage, StoredMessage)}
 
 
 def decode(frames: list[bytes], max_pixels: int = MAX_PIXELS) -> Message:

@@ -1,15 +1,20 @@
 """The inference stage: pull frames, segment, measure cracks (and, with a multi-class model,
 lining features), push results.
 
-Workers are stateless services: N of them can PULL from one frame stream (ZeroMQ fans frames out)
-and PUSH into one management socket. A run's lifecycle (start, end, counting) is between
-acquisition and management; a worker only turns each frame into exactly one result.
+Workers are stateless services: N of them connect to one acquisition's frame link and to one
+management socket. A run's lifecycle (start, end, counting) is between acquisition and
+management; a worker only turns each frame into exactly one result. It takes frames by credit
+(``acquisition.dispatch``): it says how many it may hold, and after each batch reports which it
+took, sent the results of, or failed, which returns their slots; a thread of its own beats every
+``HEARTBEAT_S`` so acquisition knows it is alive, however long one frame takes. Frames
+acquisition sends to a worker that died go to the others.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -19,10 +24,20 @@ import cv2
 import numpy as np
 import zmq
 
+from crackscan import metrics
 from crackscan.config import PipelineConfig
 from crackscan.geometry import measure_cracks, measure_features
-from crackscan.sockets import KeyRing, SocketSpec
-from crackscan.wire import FrameMessage, ResultMessage, WireError, decode
+from crackscan.sockets import KeyRing, SocketError, SocketSpec
+from crackscan.wire import (
+    HEARTBEAT_S,
+    CreditMessage,
+    FrameKey,
+    FrameMessage,
+    HeartbeatMessage,
+    ResultMessage,
+    WireError,
+    decode,
+)
 from inference.segmenter import Segmenter, split_map
 
 log = logging.getLogger(__name__)
@@ -40,7 +55,8 @@ class WorkerStats:
 
 
 def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """Host, process and a random suffix: unique on the frame link (its routing id there)."""
+    return f"{socket.gethostname()[:200]}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def process_frame(frame: FrameMessage, segmenter: Segmenter, config: PipelineConfig,
@@ -100,36 +116,64 @@ def _send(sock: zmq.Socket, frames: list[bytes], stop: threading.Event) -> bool:
     return False
 
 
-def _receive(inbox: zmq.Socket, stats: WorkerStats) -> FrameMessage | None:
+def _receive(inbox: zmq.Socket, stats: WorkerStats, max_pixels: int) -> FrameMessage | None:
     raw = inbox.recv_multipart(copy=True)
     try:
-        message = decode(raw)
+        message = decode(raw, max_pixels)
         if not isinstance(message, FrameMessage):
             raise WireError(f"expected a frame message, got {message.TYPE!r}")
         return message
     except WireError as exc:
         stats.malformed += 1
+        metrics.INFERENCE_FRAMES.labels("malformed").inc()
         log.warning("skipping malformed message (%d so far): %s", stats.malformed, exc)
         return None
 
 
 def _process(batch: list[FrameMessage], segmenter: Segmenter, config: PipelineConfig,
-             worker: str, stats: WorkerStats) -> list[ResultMessage]:
-    """Results of a batch; a batch that fails is retried frame by frame, so one bad frame never
-    costs the others (or stops the worker)."""
+             worker: str, stats: WorkerStats) -> tuple[list[ResultMessage], list[FrameKey]]:
+    """Results of a batch, and the frames that failed; a batch that fails is retried frame by
+    frame, so one bad frame never costs the others (or stops the worker)."""
     try:
-        return process_frames(batch, segmenter, config, worker)
+        return process_frames(batch, segmenter, config, worker), []
     except Exception:
         if len(batch) > 1:
             log.warning("a batch of %d frames failed; processing them one by one", len(batch))
-    results = []
+    results, failed = [], []
     for frame in batch:
         try:
             results.append(process_frame(frame, segmenter, config, worker))
         except Exception:
             stats.failed += 1
+            metrics.INFERENCE_FRAMES.labels("failed").inc()
+            failed.append((frame.camera_id, frame.seq))
             log.exception("frame %s/%s/%d failed", frame.run_id, frame.camera_id, frame.seq)
-    return results
+    return results, failed
+
+
+def _beat(context: zmq.Context, spec: SocketSpec, keys: KeyRing | None, message: list[bytes],
+          done: threading.Event) -> None:
+    """The heartbeat thread: its own socket on the frame link (a socket belongs to one thread),
+    one beat every HEARTBEAT_S until ``done``; a beat nobody takes is not queued twice."""
+    sock = spec.open(context, hwm=1, keys=keys)
+    try:
+        while True:
+            try:
+                sock.send_multipart(message, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            if done.wait(HEARTBEAT_S):
+                return
+    finally:
+        sock.close(linger=0)
+
+
+def _connecting(text: str, role: str, keys: KeyRing | None) -> SocketSpec:
+    spec = SocketSpec.parse(text, authenticated=keys is not None)
+    if spec.bind:
+        raise SocketError(f"{role} socket {text!r}: a worker connects to it "
+                          f"(e.g. {spec.pattern}+connect:...)")
+    return spec
 
 
 def run_worker(frames: str, results: str, segmenter: Segmenter, config: PipelineConfig,
@@ -141,43 +185,65 @@ def run_worker(frames: str, results: str, segmenter: Segmenter, config: Pipeline
     Micro-batching (``inference.batch_frames`` > 1, for GPUs): after a frame arrives, the
     worker waits up to ``batch_wait_ms`` for more, up to ``batch_frames``, and segments them in
     one call; results go out in the frames' order. With 1 (the default, right for a CPU, which
-    gains nothing from batches) each frame is processed as it comes."""
+    gains nothing from batches) each frame is processed as it comes. The worker may hold one
+    frame more than a batch (the next waits while a batch is worked on)."""
     worker = worker or worker_name()
     stats = WorkerStats()
     batch_frames, wait_s = config.inference.batch_frames, config.inference.batch_wait_ms / 1000
+    capacity = batch_frames + 1
+    max_pixels = config.acquisition.max_frame_pixels
+    frames_spec = _connecting(frames, "frames", keys)
+    results_spec = _connecting(results, "results", keys)
     context = zmq.Context.instance()
-    # one frame queued per worker at most (a batch's worth when batching), so frames go to
-    # whichever worker is free
-    inbox = SocketSpec.parse(frames).open(context, hwm=batch_frames, keys=keys)
-    outbox = SocketSpec.parse(results).open(context, hwm=16, keys=keys)
+    inbox = frames_spec.open(context, hwm=capacity + 1, keys=keys, routing_id=worker)
+    outbox = results_spec.open(context, hwm=16, keys=keys)
+    beating = threading.Event()
+    heart = threading.Thread(target=_beat, name="heartbeat", daemon=True, args=(
+        context, frames_spec, keys, HeartbeatMessage(sender=worker, capacity=capacity)
+        .to_frames(), beating))
+    heart.start()
     try:
+        if not _send(inbox, CreditMessage(worker, capacity).to_frames(), stop):
+            return stats
         while not stop.is_set():
             if not inbox.poll(POLL_MS):
                 continue
-            first = _receive(inbox, stats)
+            consumed = 1
+            first = _receive(inbox, stats, max_pixels)
             batch = [first] if first is not None else []
             deadline = time.monotonic() + wait_s
-            while len(batch) < batch_frames:
+            while consumed < batch_frames:
                 remaining_ms = max(0, round((deadline - time.monotonic()) * 1000))
                 if not inbox.poll(remaining_ms):
                     break
-                message = _receive(inbox, stats)
+                consumed += 1
+                message = _receive(inbox, stats, max_pixels)
                 if message is not None:
                     batch.append(message)
-            if not batch:
-                continue
-            started = time.perf_counter()
-            done = _process(batch, segmenter, config, worker, stats)
-            stats.busy_s += time.perf_counter() - started
-            for result in done:
-                if not _send(outbox, result.to_frames(), stop):
-                    return stats
-                stats.frames += 1
-                stats.cracks += len(result.cracks)
-                if stats.frames % 100 == 0:
-                    log.info("%d frames, %d cracks, %.1f ms/frame", stats.frames, stats.cracks,
-                             1000 * stats.busy_s / stats.frames)
+            done_keys: list[FrameKey] = []
+            failed: list[FrameKey] = []
+            if batch:
+                started = time.perf_counter()
+                done, failed = _process(batch, segmenter, config, worker, stats)
+                stats.busy_s += time.perf_counter() - started
+                for result in done:
+                    if not _send(outbox, result.to_frames(), stop):
+                        return stats
+                    done_keys.append((result.camera_id, result.seq))
+                    stats.frames += 1
+                    stats.cracks += len(result.cracks)
+                    metrics.INFERENCE_FRAMES.labels("done").inc()
+                    metrics.INFERENCE_CRACKS.inc(len(result.cracks))
+                    metrics.INFERENCE_SECONDS.observe(result.inference_ms / 1000)
+                    if stats.frames % 100 == 0:
+                        log.info("%d frames, %d cracks, %.1f ms/frame", stats.frames,
+                                 stats.cracks, 1000 * stats.busy_s / stats.frames)
+            credit = CreditMessage(worker, capacity, consumed, tuple(done_keys), tuple(failed))
+            if not _send(inbox, credit.to_frames(), stop):
+                return stats
     finally:
+        beating.set()
+        heart.join(timeout=2)
         inbox.close(linger=0)
         outbox.close()
     return stats

@@ -9,6 +9,7 @@ mid-run. Nothing here runs at import time; engines are made by the caller and pa
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from management.errors import DatabaseError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///crackscan.db"
 ENV_URL = "CRACKSCAN_DB"
@@ -137,7 +140,21 @@ def make_engine(url: str, *, check_schema: bool = True, create: bool = True) -> 
         engine.dispose()
         raise DatabaseError(f"cannot create the crackscan tables in {shown}: {describe_error(exc)} "
                             "(does the user have CREATE rights there?)") from None
+    _close_stale_runs(engine)
     return engine
+
+
+def _close_stale_runs(engine: Engine) -> None:
+    """Close the runs whose pipeline died (:func:`management.store.close_stale_runs`) whenever
+    a command opens the database. A database that refuses (busy, read-only) keeps them for the
+    next opening."""
+    from management.store import close_stale_runs
+
+    try:
+        with session_factory(engine).begin() as session:
+            close_stale_runs(session)
+    except sa_exc.SQLAlchemyError as exc:
+        log.info("could not close the runs left running: %s", describe_error(exc))
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

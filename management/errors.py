@@ -18,6 +18,11 @@ class RunNotFound(UserError, LookupError):
     """No run of that id in the database."""
 
 
+class ResumeRefused(UserError, ValueError):
+    """A run that ``--resume`` cannot complete (another source, a live run, already complete);
+    the message says why."""
+
+
 class AlignmentError(UserError, ValueError):
     """Two runs cannot be aligned on their ring joints (too few, or they do not line up); the
     message says how many each run has and that a constant offset is the fallback."""

@@ -110,6 +110,10 @@ class Run(Base):
     # when the run's physical cracks were last merged from its detections (None: not yet; a
     # query merges such a run in memory)
     merged_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # while a run is running, management writes this every RUN_HEARTBEAT_S that its acquisition
+    # is heard from: a running run whose heartbeat is older than STALE_RUN_S has lost its
+    # pipeline (a power cut) and is closed as interrupted when the database is next opened
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Frame(Base):

@@ -1,10 +1,16 @@
-"""The management process loop: receive run_start, result and end messages on one PULL socket,
-store them in batched transactions and decide when each run is finished.
+"""The management process loop: receive run_start, result, heartbeat and end messages on one
+socket, store them in batched transactions and decide when each run is finished.
 
-Acquisition (run_start, end) and every inference worker (result) PUSH into the same socket.
-Messages are applied to the database in the order they arrived, so a run_start always precedes
-its run's results and ends in the same or an earlier transaction (a result that overtakes its
-run_start creates the run lazily; see :mod:`management.store`).
+Acquisition (run_start, heartbeat, end) and every inference worker (result) send into the same
+socket (a ROUTER: it knows who sent what). Once a transaction has committed, each run's
+acquisition is told which of its frames are now in the database (``stored``), so it can forget
+them, and re-send any it is not told about (``acquisition.dispatch``); the acquisition of a run
+is whoever sent its run_start, heartbeat or end last. A run's heartbeat is written to the
+database every ``RUN_HEARTBEAT_S``, so a run whose pipeline died can be told from one that runs
+(``store.close_stale_runs``). Messages are applied to the database in the order they arrived,
+so a run_start always precedes its run's results and ends in the same or an earlier
+transaction (a result that overtakes its run_start creates the run lazily; see
+:mod:`management.store`).
 
 Loss rules, in order of importance:
 - A received message is never dropped while the database can take it: a batch that fails for a
@@ -18,7 +24,8 @@ Loss rules, in order of importance:
 
 A run is finished when every camera of its run_start has sent ``end`` and the frames stored
 reach the sum of the ends' ``frames_sent``: status "stopped" when an end's reason was "stopped",
-"incomplete" when one was "source_error" (the source was not read to its end), else "complete".
+"incomplete" when one was "source_error" or "recording_error" (the source was not read to its
+end), else "complete".
 When all ends arrived but results are missing and nothing arrived for the run for
 ``drain_timeout_s``, the run is finished as "incomplete".
 """
@@ -37,12 +44,18 @@ import zmq
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from crackscan import metrics
 from crackscan.config import ManagementConfig
 from crackscan.sockets import KeyRing, SocketError, SocketSpec, terminate
 from crackscan.wire import (
+    MAX_FRAME_KEYS,
+    MAX_PIXELS,
     EndOfStreamMessage,
+    FrameKey,
+    HeartbeatMessage,
     ResultMessage,
     RunStartMessage,
+    StoredMessage,
     WireError,
     decode,
     parse_header,
@@ -58,6 +71,8 @@ MAX_PENDING_BATCHES = 20  # stop reading the socket while this many batches wait
 RETRY_S = 1.0  # wait before retrying a batch the database could not take
 STOP_DRAIN_S = 2.0  # on stop, keep reading what is already queued for at most this long
 STOP_DRAIN_QUIET_MS = 50  # ... until nothing arrives for this long
+RUN_HEARTBEAT_S = 10.0  # a run's heartbeat is written at most this often (store.STALE_RUN_S)
+MAX_UNSENT_ACKS = 100_000  # frames a run's acquisition may be owed before the oldest are dropped
 
 OnRunFinished = Callable[[str, str], Any]  # (run_id, status)
 
@@ -103,12 +118,19 @@ def _claimed_run(frames: list[bytes]) -> str | None:
     return run_id if isinstance(run_id, str) and run_id else None
 
 
+def _run_of(item: Any) -> str:
+    """The run a pending operation is for: malformed and heartbeat ops hold only its id."""
+    return item if isinstance(item, str) else item.run_id
+
+
 class _Manager:
     """The state of one management loop: messages received but not committed, and per-run
     clocks. All database work goes through :mod:`management.store`."""
 
     def __init__(self, sessions: sessionmaker[Session], config: ManagementConfig,
-                 stats: ManagementStats, on_run_finished: OnRunFinished | None) -> None:
+                 stats: ManagementStats, on_run_finished: OnRunFinished | None,
+                 max_pixels: int = MAX_PIXELS) -> None:
+        self.max_pixels = max_pixels
         self.sessions = sessions
         self.config = config
         self.stats = stats
@@ -122,6 +144,9 @@ class _Manager:
         self.retries_noted: set[str] = set()  # runs already given those retries
         self.watches: dict[str, _RunWatch] = {}
         self.finished: list[str] = []
+        self.acquisitions: dict[str, bytes] = {}  # run id -> its acquisition's peer on the socket
+        self.acks: dict[str, list[FrameKey]] = {}  # run id -> frames committed, not yet reported
+        self.beats: dict[str, float] = {}  # run id -> when its heartbeat was last queued
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -140,12 +165,24 @@ class _Manager:
         watch.last_activity = now
         return watch
 
-    def receive(self, frames: list[bytes], now: float) -> None:
+    def receive(self, frames: list[bytes], now: float, sender: bytes | None = None) -> None:
+        """One message, from peer ``sender`` (None: it cannot be answered)."""
         self.stats.messages += 1
         try:
-            message = decode(frames)
+            message = decode(frames, self.max_pixels)
         except WireError as exc:
+            metrics.MANAGEMENT_MESSAGES.labels("malformed").inc()
             self._malformed(_claimed_run(frames), str(exc), now)
+            return
+        metrics.MANAGEMENT_MESSAGES.labels(message.TYPE).inc()
+        if sender is not None and isinstance(message, (RunStartMessage, HeartbeatMessage,
+                                                       EndOfStreamMessage)) and message.run_id:
+            self.acquisitions[message.run_id] = sender
+        if isinstance(message, HeartbeatMessage):
+            if message.run_id and now - self.beats.get(message.run_id, -RUN_HEARTBEAT_S) \
+                    >= RUN_HEARTBEAT_S:
+                self.beats[message.run_id] = now
+                self._queue("heartbeat", message.run_id, now)
             return
         if isinstance(message, ResultMessage):
             self.stats.results += 1
@@ -210,6 +247,8 @@ class _Manager:
                 store.start_run(session, item)
             elif kind == "end":
                 store.end_stream(session, item)
+            elif kind == "heartbeat":
+                store.beat_run(session, item)
             elif not store.count_malformed(session, item):
                 counts["unattributed"] += 1
         write_results()
@@ -218,11 +257,39 @@ class _Manager:
     def _committed(self, ops: list[tuple[str, Any]], counts: dict[str, int]) -> None:
         self.stats.stored += counts["stored"]
         self.stats.duplicates += counts["duplicates"]
+        metrics.MANAGEMENT_RESULTS.labels("stored").inc(counts["stored"])
+        metrics.MANAGEMENT_RESULTS.labels("duplicate").inc(counts["duplicates"])
+        committed_at = time.time()
+        for kind, item in ops:
+            if kind == "result":
+                metrics.CAPTURE_TO_STORED.observe(max(0.0, committed_at - item.capture_time))
         self.stats.malformed_unattributed += counts["unattributed"]
         for kind, item in ops:
-            run_id = item if kind == "malformed" else item.run_id
-            if run_id in self.watches:
+            run_id = _run_of(item)
+            if run_id in self.watches and kind != "heartbeat":
                 self.watches[run_id].dirty = True
+            if kind == "result":
+                self._owe(item)
+
+    def _owe(self, result: ResultMessage) -> None:
+        """``result``'s frame is in the database (or refused for good): tell its acquisition."""
+        owed = self.acks.setdefault(result.run_id, [])
+        owed.append((result.camera_id, result.seq))
+        if len(owed) > MAX_UNSENT_ACKS:  # an acquisition long gone: it would only re-send
+            del owed[:len(owed) - MAX_UNSENT_ACKS]
+
+    def send_acks(self, socket: zmq.Socket) -> None:
+        """Report the frames committed to the acquisitions of their runs (those heard from). A
+        report that cannot be queued is dropped: the frame is sent again and acknowledged then."""
+        for run_id in [run for run in self.acks if run in self.acquisitions]:
+            owed = self.acks.pop(run_id)
+            peer = self.acquisitions[run_id]
+            for start in range(0, len(owed), MAX_FRAME_KEYS):
+                stored = StoredMessage(run_id, tuple(owed[start:start + MAX_FRAME_KEYS]))
+                try:
+                    socket.send_multipart([peer, *stored.to_frames()], flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    break
 
     def flush(self, now: float) -> bool:
         """Commit everything pending; returns False when some of it must wait for a retry."""
@@ -255,13 +322,17 @@ class _Manager:
                 if _is_transient(exc):
                     return self._defer(exc, now)
                 self.stats.rejected += 1
+                if op[0] == "result":
+                    metrics.MANAGEMENT_RESULTS.labels("rejected").inc()
                 kind, item = op
-                what = (f"run {item}" if kind == "malformed" else
+                what = (f"run {item}" if isinstance(item, str) else
                         f"run {item.run_id} camera {getattr(item, 'camera_id', '-')} "
                         f"seq {getattr(item, 'seq', '-')}")
                 log.error("the database refused a %s message (%s), skipped: %s", kind, what,
                           describe_error(exc),
                           exc_info=not isinstance(exc, (sa_exc.SQLAlchemyError, ArithmeticError)))
+                if kind == "result":  # sending it again would not change the answer
+                    self._owe(item)
             else:
                 self.retries_noted |= noted
                 self._committed([op], counts)
@@ -275,12 +346,13 @@ class _Manager:
         Returns the runs noted, for the caller to remember once the transaction committed."""
         if not self.retries:
             return set()
-        runs = {item if kind == "malformed" else item.run_id for kind, item in ops}
+        runs = {_run_of(item) for _kind, item in ops}
         store.count_database_retries(session, runs - self.retries_noted, self.retries)
         return runs
 
     def _defer(self, exc: BaseException, now: float) -> bool:
         self.stats.database_errors += 1
+        metrics.DATABASE_RETRIES.inc()
         self.retries += 1
         self.retry_at = now + RETRY_S
         log.error("cannot write to the database, %d messages kept for a retry in %.0f s: %s",
@@ -300,7 +372,7 @@ class _Manager:
     def _status(self, progress: dict[str, Any]) -> str:
         if "stopped" in progress["end_reasons"]:
             return "stopped"
-        if "source_error" in progress["end_reasons"]:
+        if {"source_error", "recording_error"} & set(progress["end_reasons"]):
             return "incomplete"
         return "complete"
 
@@ -340,6 +412,7 @@ class _Manager:
             return
         self.watches[run_id].finished = True
         self.finished.append(run_id)
+        metrics.RUNS_FINISHED.labels(status).inc()
         log.info("run %s finished: %s, %d frames stored of %s expected, %d duplicates skipped",
                  run_id, status, progress["stored"], progress["expected"], progress["duplicates"])
         self._merge(run_id)
@@ -391,22 +464,23 @@ def run_management(results: str, engine: Engine, config: ManagementConfig,
                    stop: threading.Event, exit_after_runs: int | None = None,
                    on_run_finished: OnRunFinished | None = None,
                    stats: ManagementStats | None = None,
-                   keys: KeyRing | None = None) -> list[str]:
-    """Receive on ``results`` (a PULL SocketSpec string) and store into ``engine`` until ``stop``
-    is set or ``exit_after_runs`` runs have finished; returns the ids of the runs finished, in
-    the order they finished.
+                   keys: KeyRing | None = None, max_pixels: int = MAX_PIXELS) -> list[str]:
+    """Receive on ``results`` (a ``pull+bind:`` SocketSpec string) and store into ``engine``
+    until ``stop`` is set or ``exit_after_runs`` runs have finished; returns the ids of the runs
+    finished, in the order they finished.
 
     ``on_run_finished(run_id, status)`` is called as each run finishes. ``stats``, when given,
     is filled in as messages arrive. On ``stop``, what is already queued on the socket is read
     and everything received is committed before returning. ``keys``: accept only authorized
-    CURVE clients (needed to bind a non-loopback interface).
+    CURVE clients (needed to bind a non-loopback interface). ``max_pixels``: a result's mask
+    over this is refused from its header (``acquisition.max_frame_pixels``).
     """
     spec = SocketSpec.parse(results, authenticated=keys is not None)
-    if spec.pattern != "pull":
-        raise SocketError(f"results socket {results!r} must be a pull socket, "
+    if spec.pattern != "pull" or not spec.bind:
+        raise SocketError(f"results socket {results!r}: management binds it to receive, "
                          "e.g. pull+bind:ipc:///tmp/crackscan/results")
     manager = _Manager(session_factory(engine), config, stats or ManagementStats(),
-                       on_run_finished)
+                       on_run_finished, max_pixels)
     context = zmq.Context()
     socket = spec.open(context, hwm=RESULTS_HWM, keys=keys)
     log.info("management receiving on %s, storing to %s", spec,
@@ -417,20 +491,25 @@ def run_management(results: str, engine: Engine, config: ManagementConfig,
                 break
             if manager.can_receive():
                 if socket.poll(POLL_MS):
-                    manager.receive(socket.recv_multipart(), time.monotonic())
+                    sender, *frames = socket.recv_multipart()
+                    manager.receive(frames, time.monotonic(), sender)
             else:
                 stop.wait(POLL_MS / 1000)
             now = time.monotonic()
             if manager.flush_due(now):
                 manager.flush(now)
+            manager.send_acks(socket)
+            metrics.PENDING_MESSAGES.set(len(manager.pending))
             if not manager.pending:
                 manager.check_runs(now)
         if stop.is_set():
             deadline = time.monotonic() + STOP_DRAIN_S
             while time.monotonic() < deadline and socket.poll(STOP_DRAIN_QUIET_MS):
-                manager.receive(socket.recv_multipart(), time.monotonic())
+                sender, *frames = socket.recv_multipart()
+                manager.receive(frames, time.monotonic(), sender)
         for _attempt in range(3):  # everything received is committed before returning
             if manager.flush(time.monotonic()):
+                manager.send_acks(socket)
                 break
             time.sleep(RETRY_S)
         else:

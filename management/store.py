@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import cv2
@@ -33,7 +33,7 @@ from crackscan.wire import (
     ResultMessage,
     RunStartMessage,
 )
-from management.errors import QueryError, RunNotFound
+from management.errors import QueryError, ResumeRefused, RunNotFound
 from management.features import merge_features
 from management.merge import LINK_MM, merge
 from management.models import (
@@ -66,7 +66,8 @@ def _get_or_create_run(session: Session, run_id: str, started_at: float) -> Run:
         run = Run(id=run_id, source=UNKNOWN, mode=UNKNOWN, started_at=_utc(started_at),
                   status="running", config={}, cameras=[], cameras_ended={}, frames_read=0,
                   frames_sent=0, frames_dropped=0, frames_bad=0, frames_duplicate=0,
-                  frames_malformed=0, database_retries=0)
+                  frames_malformed=0, database_retries=0,
+                  heartbeat_at=datetime.now(timezone.utc))
         session.add(run)
         session.flush()
     return run
@@ -95,6 +96,7 @@ def start_run(session: Session, msg: RunStartMessage) -> Run:
         run.tunnel_id = _tunnel_id(session, tunnel) if isinstance(tunnel, str) and tunnel else None
         run.vehicle = vehicle if isinstance(vehicle, str) and vehicle else None
     run.started_at = _utc(msg.started_at)
+    run.heartbeat_at = datetime.now(timezone.utc)
     run.cameras = list(msg.cameras)
     run.config = dict(msg.config)
     return run
@@ -224,6 +226,61 @@ def close_interrupted_run(session: Session, run_id: str) -> bool:
     finish_run(session, run_id, "interrupted")
     merge_run(session, run_id)
     return True
+
+
+STALE_RUN_S = 300.0  # a running run not heard from for this long has lost its pipeline
+
+
+def beat_run(session: Session, run_id: str) -> None:
+    """The run's acquisition was heard from now (management writes this while the run runs)."""
+    session.execute(update(Run).where(Run.id == run_id, Run.status == "running")
+                    .values(heartbeat_at=datetime.now(timezone.utc)))
+
+
+def close_stale_runs(session: Session, stale_after_s: float = STALE_RUN_S) -> list[str]:
+    """Close as ``interrupted`` (and merge) every run still ``running`` whose heartbeat (for a
+    run from before heartbeats: its start) is more than ``stale_after_s`` old: its pipeline died
+    with nobody left to close it (a power cut). Returns their ids. A run closed this way whose
+    pipeline was only cut off from the database for that long is finished again when its end
+    arrives."""
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=stale_after_s)
+    stale = session.scalars(select(Run.id).where(
+        Run.status == "running",
+        func.coalesce(Run.heartbeat_at, Run.started_at) < cutoff)).all()
+    for run_id in stale:
+        close_interrupted_run(session, run_id)
+        log.warning("run %s was running but not heard from for %.0f s: closed as interrupted "
+                    "(crackscan run --resume %s completes a replay)", run_id, stale_after_s,
+                    run_id)
+    return list(stale)
+
+
+def reopen_run(session: Session, run_id: str, source: str) -> list[tuple[str, int]]:
+    """Ready ``run_id`` to be completed by a second replay of its ``source`` (``crackscan run
+    --resume``, after a power loss or a pipeline that died): returns the (camera, seq) of every
+    frame it has stored, for acquisition to skip, and clears what the second pass counts again
+    (its ends' counters: that pass reads the whole source; the status is ``running`` again).
+    What it stored stays. Refused for an unknown run, another source, a live run (its frames
+    are gone; replay its recording as a new run) and a complete one."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise RunNotFound(f"no run {run_id!r} in the database to resume")
+    if run.source != source:
+        raise ResumeRefused(f"run {run_id} read {run.source!r}, not {source!r}: resume it on "
+                            "the same source")
+    if run.mode != "replay":
+        raise ResumeRefused(f"run {run_id} is a {run.mode} run: only a replay can be resumed "
+                            "(replay its recording as a new run)")
+    if run.status == "complete":
+        raise ResumeRefused(f"run {run_id} is complete: nothing to resume")
+    stored = [(camera, seq) for camera, seq in session.execute(
+        select(Frame.camera_id, Frame.seq).where(Frame.run_id == run_id))]
+    log.info("run %s (%s): %d frames stored; resuming", run_id, run.status, len(stored))
+    run.status, run.ended_at = "running", None
+    run.heartbeat_at = datetime.now(timezone.utc)
+    run.cameras_ended = {}
+    run.frames_read = run.frames_sent = run.frames_dropped = run.frames_bad = 0
+    return stored
 
 
 def merge_run(session: Session, run_id: str, link_mm: float = LINK_MM) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -24,15 +25,20 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 import zmq
+from hypothesis import strategies as st
 
 from acquisition.service import run_acquisition
 from crackscan.config import PipelineConfig, SeverityConfig
 from crackscan.wire import (
+    HEARTBEAT_S,
     CrackRecord,
+    CreditMessage,
     EndOfStreamMessage,
     FrameMessage,
+    HeartbeatMessage,
     ResultMessage,
     RunStartMessage,
+    StoredMessage,
     decode,
 )
 from management.report import MARGIN_LEFT, MARGIN_TOP, PLOT_HEIGHT, PLOT_WIDTH
@@ -307,48 +313,129 @@ def write_video(path: Path, count: int, size: tuple[int, int] = (64, 48), fps: f
     return path
 
 
-class Consumer:
-    """A test's inference worker (PULL on the frame stream) and management (PULL on control)."""
+# --- fuzzing the wire (hypothesis) ---------------------------------------------------------------
 
-    def __init__(self, tmp_path: Path, read_frames: bool = True, delay_s: float = 0.0) -> None:
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=4),
+    max_leaves=12)
+
+
+def replace_a_field(frames: list[bytes], data: st.DataObject) -> list[bytes]:
+    """A valid message's ``frames`` with one header field (or one field of its first crack
+    record) replaced by any JSON value, or a field added."""
+    header = json.loads(frames[0])
+    name = data.draw(st.sampled_from(sorted(header) + ["extra"]))
+    header[name] = data.draw(JSON_VALUES)
+    if "cracks" in header and isinstance(header["cracks"], list) and header["cracks"]:
+        if data.draw(st.booleans()):  # or one field of a crack record
+            record = header["cracks"][0]
+            if isinstance(record, dict):
+                record[data.draw(st.sampled_from(sorted(record)))] = data.draw(JSON_VALUES)
+    return [json.dumps(header).encode(), *frames[1:]]
+
+
+def flip_bytes(frames: list[bytes], data: st.DataObject) -> list[bytes]:
+    """A valid message's ``frames`` with a few bytes changed and one frame cut short."""
+    parts = [bytearray(f) for f in frames]
+    for _ in range(data.draw(st.integers(1, 8))):
+        part = data.draw(st.integers(0, len(parts) - 1))
+        if parts[part]:
+            at = data.draw(st.integers(0, len(parts[part]) - 1))
+            parts[part][at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(parts) - 1))
+    parts[cut] = parts[cut][:data.draw(st.integers(0, len(parts[cut])))]
+    return [bytes(f) for f in parts]
+
+
+class Consumer:
+    """A test's inference worker and management around one acquisition, on real sockets.
+
+    The worker connects to the frame link as a worker does: it gives credit for ``capacity``
+    frames, beats every HEARTBEAT_S, takes each frame (waiting ``delay_s``) and reports it done;
+    with ``read_frames=False`` it gives credit and beats but takes nothing (a busy worker).
+    Management binds the control link, keeps the run_start and end, and reports every frame the
+    worker finished as stored. ``fail``: seq -> how many times the worker reports that frame
+    failed before it does it; ``lose``: seq -> how many of its results management loses (no
+    stored report: acquisition sends it again after ``acquisition.ack_timeout_s``)."""
+
+    def __init__(self, tmp_path: Path, read_frames: bool = True, delay_s: float = 0.0,
+                 capacity: int = 2, fail: dict[int, int] | None = None,
+                 lose: dict[int, int] | None = None) -> None:
         self.frames_spec = f"push+bind:ipc://{tmp_path}/f"
         self.control_spec = f"push+connect:ipc://{tmp_path}/c"
         self.context = zmq.Context()
-        self.control = self.context.socket(zmq.PULL)
+        self.control = self.context.socket(zmq.ROUTER)
         self.control.bind(f"ipc://{tmp_path}/c")
-        self.frames = self.context.socket(zmq.PULL)
-        self.frames.setsockopt(zmq.RCVHWM, 1)  # a busy worker: its queue fills at once
+        self.frames = self.context.socket(zmq.DEALER)
+        self.frames.setsockopt(zmq.ROUTING_ID, b"test-worker")
         self.frames.setsockopt(zmq.RECONNECT_IVL, 10)
         self.frames.connect(f"ipc://{tmp_path}/f")
-        self.read_frames, self.delay_s = read_frames, delay_s
+        self.read_frames, self.delay_s, self.capacity = read_frames, delay_s, capacity
+        self.fail, self.lose = dict(fail or {}), dict(lose or {})
         self.start: RunStartMessage | None = None
         self.end: EndOfStreamMessage | None = None
-        self.received: list[FrameMessage] = []
+        self.acquisition: bytes | None = None  # its peer on the control link
+        self.received: list[FrameMessage] = []  # every frame message, re-sends included
+        self.stored: set[int] = set()  # seqs reported stored
+        self.owed: list[StoredMessage] = []  # until the acquisition's peer is known
         self.received_before_end = -1
+        self._send(CreditMessage("test-worker", capacity).to_frames())
+        self.beat_at = 0.0
+
+    def _send(self, frames: list[bytes]) -> None:
+        self.frames.send_multipart(frames)
+
+    def _take(self) -> None:
+        message = FrameMessage.from_frames(self.frames.recv_multipart())
+        self.received.append(message)
+        time.sleep(self.delay_s)
+        key = (message.camera_id, message.seq)
+        if self.fail.get(message.seq, 0) > 0:
+            self.fail[message.seq] -= 1
+            self._send(CreditMessage("test-worker", self.capacity, 1, failed=(key,)).to_frames())
+            return
+        self._send(CreditMessage("test-worker", self.capacity, 1, done=(key,)).to_frames())
+        if self.lose.get(message.seq, 0) > 0:
+            self.lose[message.seq] -= 1
+            return
+        self.stored.add(message.seq)
+        self.owed.append(StoredMessage(message.run_id, (key,)))
+        self._report()
+
+    def _report(self) -> None:
+        while self.owed and self.acquisition is not None:
+            self.control.send_multipart([self.acquisition, *self.owed.pop(0).to_frames()])
 
     def collect(self, timeout_s: float = 20.0) -> None:
+        """Serve until the run's end arrives."""
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         if self.read_frames:
             poller.register(self.frames, zmq.POLLIN)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.end is not None and (not self.read_frames
-                                         or len(self.received) >= self.end.frames_sent):
+            if self.end is not None:
                 return
-            events = dict(poller.poll(50))
+            if time.monotonic() - self.beat_at >= HEARTBEAT_S:
+                self.beat_at = time.monotonic()
+                self._send(HeartbeatMessage("test-worker", capacity=self.capacity).to_frames())
+            events = dict(poller.poll(20))
             if self.control in events:
-                message = decode(self.control.recv_multipart())
+                peer, *frames = self.control.recv_multipart()
+                message = decode(frames)
+                self.acquisition = peer
+                self._report()
                 if isinstance(message, RunStartMessage):
                     # no order between the two sockets: a frame may overtake the run_start
                     assert self.start is None
                     self.start = message
-                else:
+                elif isinstance(message, EndOfStreamMessage):
                     self.end = message
                     self.received_before_end = len(self.received)
             if self.frames in events:
-                self.received.append(FrameMessage.from_frames(self.frames.recv_multipart()))
-                time.sleep(self.delay_s)
+                self._take()
         raise AssertionError(f"the run did not finish in time: start {self.start}, end {self.end}, "
                              f"frames {[m.seq for m in self.received]}")
 

@@ -9,12 +9,16 @@ import time
 import cv2
 import numpy as np
 import pytest
+import zmq
+from prometheus_client import REGISTRY
 from support import Consumer, frame_image, index_of, run_in_thread, write_video
 
+from acquisition.dispatch import MAX_SENDS
 from acquisition.frames import SourceError, SourceFrame
 from acquisition.service import STOPPED_DRAIN_S, new_run_id, run_acquisition
 from acquisition.sources import open_source
 from crackscan.config import AcquisitionConfig, PipelineConfig
+from crackscan.wire import FrameMessage
 
 CONFIG = PipelineConfig()
 
@@ -154,8 +158,7 @@ def test_synthetic_source(tmp_path):
 def test_replay_sends_every_frame_once_in_order_to_a_slow_consumer(tmp_path):
     count, fps = 30, 25.0
     path = write_video(tmp_path / "drive.mp4", count, size=(320, 240), fps=fps)
-    config = PipelineConfig(acquisition=AcquisitionConfig(speed_kmh=36.0, start_chainage_m=100.0,
-                                                          queue_frames=1))
+    config = PipelineConfig(acquisition=AcquisitionConfig(speed_kmh=36.0, start_chainage_m=100.0))
     consumer = Consumer(tmp_path, delay_s=0.03)
     try:
         with open_source(str(path), config) as source:
@@ -177,22 +180,62 @@ def test_replay_sends_every_frame_once_in_order_to_a_slow_consumer(tmp_path):
     assert (end.frames_read, end.frames_sent, end.frames_dropped, end.frames_bad) == (count, count,
                                                                                      0, 0)
     assert end.reason == "end_of_source"
-    # back-pressure: the reader waited for the consumer, so the end came after most frames
-    assert consumer.received_before_end >= count - 12
+    # the end is sent once every frame sent is stored
+    assert consumer.received_before_end == count and consumer.stored == set(range(count))
 
 
-def test_replay_keeps_the_stream_open_until_a_slow_worker_has_the_last_frames(tmp_path):
-    # small frames: the source ends long before the worker is done, with frames in its socket
+def test_replay_sends_a_frame_no_further_than_the_workers_credit(tmp_path):
+    """A worker that gives credit for two frames and takes none gets two, and the reader waits
+    (replay never drops); a stop then ends the run with those two sent."""
     path = write_video(tmp_path / "drive.mp4", 30, size=(64, 48))
-    consumer = Consumer(tmp_path, delay_s=0.03)
+    consumer = Consumer(tmp_path, read_frames=False, capacity=2)
+    stop = threading.Event()
+    timer = threading.Timer(1.0, stop.set)
+    timer.start()
     try:
         with open_source(str(path), CONFIG) as source:
-            end = run_in_thread(consumer, source, "replay", CONFIG, drain_s=30.0)
+            end = run_in_thread(consumer, source, "replay", CONFIG, stop, finish=stop)
+    finally:
+        timer.cancel()
+        consumer.close()
+    assert end.reason == "stopped" and end.frames_sent == 2 and end.frames_dropped == 1
+
+
+@pytest.mark.parametrize("trouble", ["fail", "lose"])
+def test_a_frame_failed_or_its_result_lost_is_sent_again_until_stored(tmp_path, trouble):
+    """A worker that fails a frame (twice), or a management that loses a result (twice): the
+    frame goes out again, first in line, and the run ends with every frame stored."""
+    path = write_video(tmp_path / "drive.mp4", 12, size=(64, 48))
+    config = PipelineConfig(acquisition=AcquisitionConfig(ack_timeout_s=0.3))
+    consumer = Consumer(tmp_path, **{trouble: {4: 2}})
+    def resent() -> float:
+        return REGISTRY.get_sample_value("crackscan_acquisition_dispatch_total",
+                                         {"event": "resent"}) or 0.0
+
+    before = resent()
+    try:
+        with open_source(str(path), config) as source:
+            end = run_in_thread(consumer, source, "replay", config)
     finally:
         consumer.close()
-    assert consumer.received_before_end < 25  # the end came while most frames were queued
-    assert end.frames_sent == 30
-    assert [m.seq for m in consumer.received] == list(range(30))
+    seqs = [m.seq for m in consumer.received]
+    assert seqs.count(4) == 3 and sorted(set(seqs)) == list(range(12))
+    assert resent() - before == 2  # and the metric says so
+    assert consumer.stored == set(range(12)) and end.frames_sent == 12
+    assert end.reason == "end_of_source"
+
+
+def test_a_frame_that_keeps_failing_is_given_up_after_max_sends(tmp_path, caplog):
+    path = write_video(tmp_path / "drive.mp4", 6, size=(64, 48))
+    consumer = Consumer(tmp_path, fail={2: 99})
+    try:
+        with open_source(str(path), CONFIG) as source:
+            end = run_in_thread(consumer, source, "replay", CONFIG)
+    finally:
+        consumer.close()
+    assert [m.seq for m in consumer.received].count(2) == MAX_SENDS
+    assert consumer.stored == {0, 1, 3, 4, 5} and end.frames_sent == 6
+    assert "frame cam0/2 given up after 3 send(s)" in caplog.text
 
 
 def test_replay_of_a_folder_leaves_a_gap_for_a_bad_image(tmp_path):
@@ -222,8 +265,8 @@ def test_replay_of_a_folder_leaves_a_gap_for_a_bad_image(tmp_path):
 def test_live_mode_drops_frames_a_busy_consumer_cannot_take(tmp_path):
     count, fps = 40, 50.0
     path = write_video(tmp_path / "drive.mp4", count, size=(320, 240), fps=fps)
-    config = PipelineConfig(acquisition=AcquisitionConfig(queue_frames=1))
-    consumer = Consumer(tmp_path, read_frames=False)
+    config = PipelineConfig()
+    consumer = Consumer(tmp_path, delay_s=0.1)
     try:
         with open_source(str(path), config) as source:
             began = time.monotonic()
@@ -235,15 +278,16 @@ def test_live_mode_drops_frames_a_busy_consumer_cannot_take(tmp_path):
     assert end.frames_dropped > 0 and end.frames_sent > 0
     assert end.frames_sent + end.frames_dropped + end.frames_bad == end.frames_read
     assert elapsed >= (count - 1) / fps * 0.9  # a recording played live keeps its frame rate
+    # a frame goes only to a worker with nothing in hand: it never waits behind another
+    assert end.frames_sent <= count * (1 / fps) / 0.1 + 2
 
 
 @pytest.mark.parametrize("finish_after_s", [1.0, pytest.param(None, marks=pytest.mark.slow)])
 def test_stop_ends_a_blocked_replay_with_reason_stopped(tmp_path, finish_after_s):
-    """A stop ends reading at once; the frames already sent are kept flowing until ``finish``
-    (the pipeline's second signal, once management has them) or, without it, for at most
-    STOPPED_DRAIN_S."""
+    """A stop ends reading at once; the run waits for the frames already sent to be stored
+    until ``finish`` (a second signal) or, without it, for at most STOPPED_DRAIN_S."""
     path = write_video(tmp_path / "drive.mp4", 40, size=(320, 240))
-    config = PipelineConfig(acquisition=AcquisitionConfig(queue_frames=1))
+    config = PipelineConfig()
     consumer = Consumer(tmp_path, read_frames=False)
     stop, finish = threading.Event(), threading.Event()
     timers = [threading.Timer(0.5, stop.set)]
@@ -337,3 +381,47 @@ def test_a_frame_no_worker_would_take_is_counted_bad_at_the_source(tmp_path, cap
     assert (end.frames_read, end.frames_sent, end.frames_bad) == (3, 2, 1)
     assert any("frame 1 cannot be sent: 10000 x 10000 pixels is over the wire's budget"
                in record.getMessage() for record in caplog.records)
+
+
+def test_the_pixel_budget_is_a_config_key_the_workers_share(tmp_path, caplog):
+    """``acquisition.max_frame_pixels`` lowered below a frame: acquisition counts it bad, and a
+    worker with the same config refuses such a frame from its header (before decoding)."""
+    from inference.worker import WorkerStats, _receive
+
+    config = PipelineConfig(acquisition=AcquisitionConfig(max_frame_pixels=50))
+    consumer = Consumer(tmp_path)
+    try:
+        end = run_in_thread(consumer, BrokenSource(), "replay", config)  # 8 x 8 frames
+    finally:
+        consumer.close()
+    assert (end.frames_read, end.frames_sent, end.frames_bad) == (3, 0, 3)
+    assert "over the wire's budget of 50 pixels" in caplog.text
+
+    context = zmq.Context()
+    sender, receiver = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
+    sender.bind(f"ipc://{tmp_path}/p")
+    receiver.connect(f"ipc://{tmp_path}/p")
+    frame = FrameMessage(run_id="r", camera_id="cam0", seq=0, capture_time=0.0, chainage_m=0.0,
+                         image=np.zeros((8, 8), np.uint8), encoding="png")
+    sender.send_multipart(frame.to_frames())
+    stats = WorkerStats()
+    assert _receive(receiver, stats, config.acquisition.max_frame_pixels) is None
+    assert stats.malformed == 1
+    sender.close(0)
+    receiver.close(0)
+    context.term()
+
+
+def test_the_end_waits_for_slow_frames_past_the_drain_timeout(tmp_path):
+    """A worker that takes 1 s a frame (an 8000 x 8000 line-scan frame takes far longer) holds
+    the last frames well past ``drain_s``: the run waits while it works on them, and sends its
+    end once every frame is stored."""
+    path = write_video(tmp_path / "drive.mp4", 3, size=(64, 48))
+    consumer = Consumer(tmp_path, delay_s=1.0)
+    try:
+        with open_source(str(path), CONFIG) as source:
+            end = run_in_thread(consumer, source, "replay", CONFIG, drain_s=0.3)
+    finally:
+        consumer.close()
+    assert end.reason == "end_of_source" and end.frames_sent == 3
+    assert consumer.stored == {0, 1, 2} and consumer.received_before_end == 3

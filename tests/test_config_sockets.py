@@ -54,13 +54,25 @@ def test_bad_or_unauthenticated_socket_specs_are_refused(text):
         SocketSpec.parse(text)
 
 
-def test_push_pull_over_a_real_socket(tmp_path):
+def test_a_link_carries_its_payload_and_replies_to_the_peer_that_sent_it(tmp_path):
+    """The binding side (a ROUTER) learns who sent each message and can answer that peer
+    alone (management's stored reports to a run's acquisition); a connecting side (a DEALER)
+    named with a routing id is addressed by it (a worker on the frame link)."""
     context = zmq.Context()
     endpoint = f"ipc://{tmp_path}/s"
     pull = SocketSpec.parse(f"pull+bind:{endpoint}").open(context)
-    push = SocketSpec.parse(f"push+connect:{endpoint}").open(context)
+    push = SocketSpec.parse(f"push+connect:{endpoint}").open(context, routing_id="worker-1")
+    other = SocketSpec.parse(f"push+connect:{endpoint}").open(context)
     push.send_multipart([b"a", b"b"])
-    assert pull.poll(2000) and pull.recv_multipart() == [b"a", b"b"]
+    assert pull.poll(2000) and pull.recv_multipart() == [b"worker-1", b"a", b"b"]
+    other.send(b"c")
+    assert pull.poll(2000)
+    peer, payload = pull.recv_multipart()
+    assert payload == b"c" and peer != b"worker-1"
+    pull.send_multipart([b"worker-1", b"reply"])
+    assert push.poll(2000) and push.recv_multipart() == [b"reply"]
+    assert not other.poll(100)
+    other.close(0)
     push.close(0)
     pull.close(0)
     context.term()

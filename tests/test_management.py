@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import zmq
@@ -27,11 +27,17 @@ from support import (
 
 from crackscan.config import ManagementConfig
 from crackscan.sockets import SocketSpec
-from crackscan.wire import ResultMessage, RunStartMessage
+from crackscan.wire import (
+    HeartbeatMessage,
+    ResultMessage,
+    RunStartMessage,
+    StoredMessage,
+    decode,
+)
 from management import store
 from management.db import DEFAULT_URL, DatabaseError, make_engine, resolve_url, session_factory
 from management.formats import render
-from management.models import Crack, Frame, Tunnel
+from management.models import Crack, Frame, Run, Tunnel
 from management.service import ManagementStats, run_management
 
 RUN_A = "20261121-100000-aaaa"
@@ -152,6 +158,20 @@ def test_finish_run_sets_status_and_end_time(session):
     assert abs(datetime.fromisoformat(run["ended_at"]).timestamp() - time.time()) < 60
     with pytest.raises(ValueError, match="bad run status"):
         store.finish_run(session, RUN_A, "done")
+
+
+def test_a_run_left_running_by_its_pipeline_is_closed_as_interrupted_and_merged(session):
+    store.start_run(session, run_start_message(RUN_A))
+    store.store_results(session, [frame_with_a_crack(seq) for seq in range(3)])
+    session.commit()
+    assert store.close_interrupted_run(session, RUN_A)
+    session.commit()
+    [run] = store.list_runs(session)
+    assert run["status"] == "interrupted" and run["ended_at"] is not None
+    assert run["physical_cracks"] >= 1
+    assert session.scalar(select(func.count(Crack.id)).where(Crack.physical_id.is_(None))) == 0
+    assert not store.close_interrupted_run(session, RUN_A)  # closed runs stay as they are
+    assert not store.close_interrupted_run(session, "no-such-run")
 
 
 def test_list_runs_oldest_first_with_counts(session):
@@ -448,6 +468,16 @@ def test_management_stores_each_frame_once_and_completes_the_run(engine, managem
     with session_factory(engine)() as session:
         assert session.scalar(select(func.count(Frame.id))) == 7
         assert [r["seq"] for r in store.query_cracks(session, run=RUN_A)] == [0, 1, 2, 3]
+    # the run's acquisition (the peer that sent its run_start and ends), and only it, was told
+    # of every frame once committed (the duplicate twice); the workers heard nothing
+    reported = []
+    while acquisition.poll(500):
+        message = decode(acquisition.recv_multipart())
+        assert isinstance(message, StoredMessage) and message.run_id == RUN_A
+        reported += message.frames
+    assert sorted(reported) == sorted([("cam0", 0)] + [("cam0", s) for s in range(4)]
+                                      + [("cam1", s) for s in range(3)])
+    assert not worker_a.poll(0) and not worker_b.poll(0)
 
 
 def test_management_finishes_a_run_with_a_missing_result_as_incomplete(engine, management):
@@ -665,3 +695,99 @@ def test_runs_name_their_tunnel_and_vehicle_and_queries_filter_by_tunnel(session
     assert {c["run"] for c in store.query_physical(session, tunnel="South")} == {RUN_B}
     assert store.query_physical(session, tunnel="East") == []
     assert session.scalar(select(func.count()).select_from(Tunnel)) == 2
+
+
+# --- runs whose pipeline died -------------------------------------------------------------------
+
+def heartbeat_of(engine: Engine, run_id: str) -> datetime | None:
+    with session_factory(engine)() as session:
+        return session.get(Run, run_id).heartbeat_at
+
+
+def test_management_writes_a_run_s_heartbeat_while_its_acquisition_is_heard(engine, management):
+    service = management(ManagementConfig(batch_size=50, batch_seconds=0.05))
+    acquisition = service.pusher()
+    acquisition.send_multipart(run_start_message(RUN_A).to_frames())
+    wait_for(lambda: RUN_A in runs_by_id(engine))
+    old = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with session_factory(engine).begin() as session:
+        session.get(Run, RUN_A).heartbeat_at = old
+    acquisition.send_multipart(HeartbeatMessage("acquisition", run_id=RUN_A).to_frames())
+    wait_for(lambda: heartbeat_of(engine, RUN_A) > old)
+    assert abs(heartbeat_of(engine, RUN_A).timestamp() - time.time()) < 60
+
+
+def test_a_run_not_heard_from_is_closed_as_interrupted_when_the_database_is_next_opened(
+        tmp_path):
+    """A power cut leaves a run running with nobody to close it: the next command that opens
+    the database closes it as interrupted (merged), once its heartbeat is STALE_RUN_S old; a
+    run heard from recently is left running."""
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    engine = make_engine(db)
+    with session_factory(engine).begin() as session:
+        store.start_run(session, run_start_message(RUN_A))
+        store.start_run(session, run_start_message(RUN_B))
+        store.store_results(session, [frame_with_a_crack(seq) for seq in range(2)])
+        session.get(Run, RUN_A).heartbeat_at = datetime.now(timezone.utc) - timedelta(
+            seconds=store.STALE_RUN_S + 5)
+    engine.dispose()
+    engine = make_engine(db, create=False)  # any command: a read command too
+    runs = runs_by_id(engine)
+    assert runs[RUN_A]["status"] == "interrupted" and runs[RUN_A]["physical_cracks"] >= 1
+    assert runs[RUN_B]["status"] == "running"
+    engine.dispose()
+
+
+def test_manage_serves_its_prometheus_metrics(tmp_path):
+    """``crackscan manage --metrics HOST:PORT``: what it received, stored, skipped as duplicate
+    or malformed and finished is on /metrics, with the capture-to-stored latency."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"ipc://{tmp_path}/results"
+    process = subprocess.Popen([sys.executable, "-m", "crackscan", "manage", "--results",
+                                f"pull+bind:{endpoint}", "--db", f"sqlite:///{tmp_path / 'x.db'}",
+                                "--metrics", f"127.0.0.1:{port}"], stderr=subprocess.PIPE,
+                               text=True)
+    context = zmq.Context()
+    push = SocketSpec.parse(f"push+connect:{endpoint}").open(context)
+    try:
+        push.send_multipart(run_start_message(RUN_A).to_frames())
+        for seq in (0, 1, 1):
+            push.send_multipart(frame_with_a_crack(seq).to_frames())
+        push.send_multipart([b"\xff not a header"])
+        push.send_multipart(end_message(RUN_A, frames_sent=2).to_frames())
+
+        def samples() -> dict[tuple, float]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+                text = page.read().decode()
+            return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                    for family in text_string_to_metric_families(text)
+                    for s in family.samples}
+
+        def finished() -> bool:
+            try:
+                return samples().get(("crackscan_management_runs_finished_total",
+                                      (("status", "complete"),))) == 1
+            except OSError:  # not serving yet
+                return False
+
+        wait_for(finished, timeout=30)
+        got = samples()
+        assert got[("crackscan_management_messages_total", (("type", "result"),))] == 3
+        assert got[("crackscan_management_messages_total", (("type", "malformed"),))] == 1
+        assert got[("crackscan_management_results_total", (("outcome", "stored"),))] == 2
+        assert got[("crackscan_management_results_total", (("outcome", "duplicate"),))] == 1
+        assert got[("crackscan_management_capture_to_stored_seconds_count", ())] == 3
+    finally:
+        process.terminate()
+        process.wait(10)
+        push.close(linger=0)
+        context.term()

@@ -102,11 +102,11 @@ def test_record_refuses_a_folder_that_is_not_empty(drive, tmp_path):
 
 def test_live_run_against_a_slow_consumer_drops_frames_but_records_them_all(tmp_path):
     """The acceptance's live case at the service level: a camera-paced source, a consumer that
-    takes nothing, a recording that keeps every frame the stream drops."""
+    takes 0.2 s a frame, a recording that keeps every frame the stream drops."""
     count, fps = 30, 60.0
     video = write_video(tmp_path / "fast.mp4", count, size=(160, 120), fps=fps)
-    config = PipelineConfig(acquisition=AcquisitionConfig(queue_frames=2))
-    consumer = Consumer(tmp_path, read_frames=False)
+    config = PipelineConfig()
+    consumer = Consumer(tmp_path, delay_s=0.2)
     recording = tmp_path / "rec"
     try:
         with open_source(str(video), config) as source, Recorder(
@@ -115,13 +115,41 @@ def test_live_run_against_a_slow_consumer_drops_frames_but_records_them_all(tmp_
             end = run_in_thread(consumer, source, "live", config, recorder=recorder)
     finally:
         consumer.close()
-    # nobody reads: only the few frames the queues hold (2 per side, socket buffers) get out
-    assert end.frames_read == count and 0 < end.frames_sent <= 8
+    # 0.5 s of frames, 0.2 s each: a frame goes out only when the worker's hands are free
+    assert end.frames_read == count and 0 < end.frames_sent <= 4
     assert end.frames_sent + end.frames_dropped == count and end.frames_recorded == count
     replay = list(RecordingSource(recording))
     assert [frame.index for frame in replay] == list(range(count))
     for frame in replay:
         assert np.abs(frame.image.astype(int) - frame_image(frame.index, (160, 120))).mean() < 8
+
+
+@pytest.mark.parametrize("mode", ["live", "replay"])
+def test_a_full_recording_disk_ends_the_run_with_true_counts(tmp_path, caplog, mode):
+    """The recording's disk fills up at frame 4 (writes fail with ENOSPC, from /dev/full): the
+    run ends at once with reason recording_error and one error line, its frames_recorded is
+    what is on disk, and the recording says it is incomplete and why."""
+    video = write_video(tmp_path / "drive.mp4", 12, size=(64, 48), fps=100.0)
+    recording = tmp_path / "rec"
+    consumer = Consumer(tmp_path)
+    try:
+        with open_source(str(video), PipelineConfig()) as source:
+            recorder = Recorder(recording, source=str(video), run_id="run-1", fps=source.fps,
+                                cameras=("cam0",), writers=1)
+            for seq in range(4, 12):  # from frame 4 on, every write meets a full disk
+                (recording / "cam0" / f".{seq:08d}.png.tmp").symlink_to("/dev/full")
+            end = run_in_thread(consumer, source, mode, PipelineConfig(), recorder=recorder)
+    finally:
+        consumer.close()
+    assert end.reason == "recording_error"
+    on_disk = sorted(path.name for path in (recording / "cam0").glob("*.png"))
+    assert end.frames_recorded == len(on_disk) == 4
+    assert end.frames_read == end.frames_sent + end.frames_dropped + end.frames_bad < 12
+    manifest = json.loads((recording / "manifest.json").read_text())
+    assert manifest["complete"] is False and "No space left on device" in manifest["error"]
+    assert manifest["frames"] == 4
+    assert "Traceback" not in caplog.text and "could not be written" in caplog.text
+    assert [frame.index for frame in RecordingSource(recording)] == [0, 1, 2, 3]
 
 
 @pytest.mark.slow
@@ -140,7 +168,7 @@ def test_live_realtime_run_counts_drops_with_bounded_latency_and_a_complete_reco
     assert run["frames"] > 0 and run["frames_dropped"] > 0, "a CPU worker is slower than 30 fps"
     assert run["frames"] + run["frames_dropped"] == run["frames_read"]
     assert run["frames_recorded"] == 90 and len(list(RecordingSource(recording))) == 90
-    # bounded: at most a few queued frames (queue_frames per link) wait for a worker
+    # bounded: a live frame goes only to a worker with nothing in hand
     assert 0 < run["latency_ms_p50"] <= run["latency_ms_p99"] <= run["latency_ms_max"] < 5000
     assert summary["latency_ms_max"] == run["latency_ms_max"]
 
@@ -298,7 +326,7 @@ def test_only_authorized_curve_clients_get_through(tmp_path):
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             if server.poll(100):
-                received.append(server.recv_string())
+                received.append(server.recv_multipart()[-1].decode())  # [peer, payload]
         assert received == ["authorized"]
     finally:
         for sender in senders.values():

@@ -4,13 +4,21 @@ frame's identity and order, and give the same results as one frame at a time."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 import zmq
 
 from crackscan.config import PipelineConfig
-from crackscan.wire import FrameMessage, ResultMessage
+from crackscan.wire import (
+    HEARTBEAT_S,
+    CreditMessage,
+    FrameMessage,
+    HeartbeatMessage,
+    ResultMessage,
+    decode,
+)
 from inference.backends import open_segmenter
 from inference.worker import process_frame, run_worker
 
@@ -28,30 +36,63 @@ def frames_of_two_sizes(count: int = 10) -> list[FrameMessage]:
     return frames
 
 
+def serve_frames(tmp_path, frames: list[FrameMessage], segmenter, config, worker: str = "w1"
+                 ) -> tuple[list[ResultMessage], list[CreditMessage], int]:
+    """``run_worker`` in a thread, and this test as acquisition (the frame link's binding side:
+    frames go out only against the worker's credit) and management (results arrive). Returns
+    the results, the worker's credit messages and how many heartbeats came."""
+    context = zmq.Context()
+    acquisition, management = context.socket(zmq.ROUTER), context.socket(zmq.ROUTER)
+    acquisition.bind(f"ipc://{tmp_path}/frames")
+    management.bind(f"ipc://{tmp_path}/results")
+    stop = threading.Event()
+    thread = threading.Thread(target=run_worker, args=(
+        f"pull+connect:ipc://{tmp_path}/frames", f"push+connect:ipc://{tmp_path}/results",
+        segmenter, config, stop, worker))
+    results, credits, beats = [], [], 0
+    held, queue = 0, list(frames)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 60
+        while queue or held or not credits:  # until every frame's slot came back ...
+            assert time.monotonic() < deadline, f"{len(results)} results"
+            if management.poll(10):
+                _, *parts = management.recv_multipart()
+                results.append(ResultMessage.from_frames(parts))
+            while acquisition.poll(10):
+                peer, *parts = acquisition.recv_multipart()
+                message = decode(parts)
+                if isinstance(message, HeartbeatMessage):
+                    beats += 1
+                    continue
+                assert peer == worker.encode() and message.worker == worker
+                credits.append(message)
+                held -= message.consumed
+                while queue and held < message.capacity:  # all it may hold: batches wait
+                    acquisition.send_multipart([peer, *queue.pop(0).to_frames()])
+                    held += 1
+        while management.poll(500):  # ... and the results sent before it
+            _, *parts = management.recv_multipart()
+            results.append(ResultMessage.from_frames(parts))
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        acquisition.close(linger=0)
+        management.close(linger=0)
+        context.term()
+    return results, credits, beats
+
+
 def test_micro_batches_keep_order_identity_and_results(tmp_path):
     config = PipelineConfig(inference={"batch_frames": 4, "batch_wait_ms": 200, "threads": 1})
     batched = open_segmenter(None, threads=1, batch_frames=4)
     assert batched.backend == "onnxruntime+batch4"
     frames = frames_of_two_sizes()
-    context = zmq.Context()
-    push, pull = context.socket(zmq.PUSH), context.socket(zmq.PULL)
-    push.bind(f"ipc://{tmp_path}/frames")
-    pull.bind(f"ipc://{tmp_path}/results")
-    stop = threading.Event()
-    worker = threading.Thread(target=run_worker, args=(
-        f"pull+connect:ipc://{tmp_path}/frames", f"push+connect:ipc://{tmp_path}/results",
-        batched, config, stop, "w1"))
-    try:
-        worker.start()
-        for frame in frames:  # all at once: the worker finds batches waiting
-            push.send_multipart(frame.to_frames(), copy=False)
-        results = [ResultMessage.from_frames(pull.recv_multipart()) for _ in frames]
-    finally:
-        stop.set()
-        worker.join(timeout=10)
-        push.close(linger=0)
-        pull.close(linger=0)
-        context.term()
+    results, credits, _ = serve_frames(tmp_path, frames, batched, config)
+    # the worker introduced itself (a batch and one more), then returned every frame's slot
+    assert credits[0].consumed == 0 and credits[0].capacity == 5
+    assert sum(c.consumed for c in credits) == len(frames)
+    assert [key for c in credits for key in c.done] == [("cam0", f.seq) for f in frames]
     assert batched.batches_run < len(frames)  # frames really went through in batches
     assert [r.seq for r in results] == list(range(len(frames)))
     single = open_segmenter(None, threads=1)
@@ -62,6 +103,33 @@ def test_micro_batches_keep_order_identity_and_results(tmp_path):
                                                             frame.capture_time)
         assert np.array_equal(result.mask, alone.mask), frame.seq
         assert [c.length_mm for c in result.cracks] == [c.length_mm for c in alone.cracks]
+
+
+def test_a_frame_that_fails_is_reported_failed_and_a_slow_frame_keeps_the_heart_beating(
+        tmp_path):
+    """A frame the segmenter cannot take is reported failed (its slot returned, acquisition
+    sends it again); while one frame takes long, the heartbeat thread still says the worker is
+    alive."""
+
+    class SlowOnOdd:
+        def __init__(self, inner):
+            self.inner, self.info = inner, inner.info
+
+        def segment(self, images):
+            if images[0].shape[0] == 7:
+                raise ValueError("cannot segment this")
+            time.sleep(4 * HEARTBEAT_S)
+            return self.inner.segment(images)
+
+    config = PipelineConfig(inference={"threads": 1})
+    frames = frames_of_two_sizes(3)
+    frames[1] = FrameMessage(run_id="run-b", camera_id="cam0", seq=1, capture_time=1.7e9,
+                             chainage_m=0.0, image=np.zeros((7, 9, 3), np.uint8))
+    results, credits, beats = serve_frames(tmp_path, frames, SlowOnOdd(open_segmenter(
+        None, threads=1)), config)
+    assert [r.seq for r in results] == [0, 2]
+    assert [key for c in credits for key in c.failed] == [("cam0", 1)]
+    assert beats >= 4
 
 
 def test_a_lining_model_s_joint_is_a_lining_feature_never_a_crack(tmp_path) -> None:

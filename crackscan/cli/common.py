@@ -67,6 +67,12 @@ def backend_flag(p):
                    "training checkpoint (.pt)")
 
 
+def metrics_flag(p, what: str = "this stage's"):
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help=f"serve {what} Prometheus metrics at http://HOST:PORT/metrics "
+                        "(docs/metrics.md)")
+
+
 def keys_flag(p):
     p.add_argument("--keys", metavar="DIR", help="CURVE keys from `crackscan keys`: "
                    "authenticate and encrypt every link (needed to bind a non-loopback "

@@ -4,6 +4,7 @@ synth (a drive video, or lining training tiles), bench."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import threading
@@ -16,6 +17,7 @@ from crackscan.cli.common import (
     backend_flag,
     db_flag,
     keys_flag,
+    metrics_flag,
     print_json,
     source_flags,
     stop_on_signals,
@@ -31,7 +33,8 @@ def cmd_run(args) -> int:
     summary = run_pipeline(
         source=args.source, db_url=args.db, model=args.model, backend=args.backend,
         workers=args.workers, mode=args.mode, config_path=args.config, record=args.record,
-        verbose=args.verbose, config=source_config(args), acquire_args=source_args(args))
+        verbose=args.verbose, config=source_config(args), acquire_args=source_args(args),
+        resume=args.resume, metrics_address=args.metrics)
     if args.format == "json":
         print_json(summary)
     else:
@@ -241,7 +244,9 @@ def cmd_acquire(args) -> int:
     keys = load_keys(args)
     finish = threading.Event()
     stop = stop_on_signals(again=finish)
+    serve_metrics(args)
     run_id = args.run_id or new_run_id()
+    skip = read_skip_file(Path(args.skip_stored)) if args.skip_stored else frozenset()
     with open_source(args.source, config) as source:
         recorder = None
         if args.record:
@@ -257,7 +262,7 @@ def cmd_acquire(args) -> int:
             end = run_acquisition(source, args.frames, args.control, run_id, args.mode, config,
                                   stop, source_label=args.source,
                                   pace=True if args.realtime else None, recorder=recorder,
-                                  keys=keys, finish=finish)
+                                  keys=keys, finish=finish, skip=skip)
         finally:
             if recorder is not None:
                 recorder.close()
@@ -265,6 +270,26 @@ def cmd_acquire(args) -> int:
     log.info("end of stream: read %d, sent %d, dropped %d, bad %d (%s)", end.frames_read,
              end.frames_sent, end.frames_dropped, end.frames_bad, end.reason)
     return 0
+
+
+def serve_metrics(args) -> None:
+    if args.metrics:
+        from crackscan.metrics import serve
+
+        serve(args.metrics)
+
+
+def read_skip_file(path: Path) -> frozenset[tuple[str, int]]:
+    """``acquire --skip-stored FILE``: a JSON list of [camera_id, seq] pairs."""
+    try:
+        pairs = json.loads(path.read_text())
+        if not isinstance(pairs, list) or not all(
+                isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                and isinstance(p[1], int) and not isinstance(p[1], bool) for p in pairs):
+            raise ValueError("expected a JSON list of [camera_id, seq] pairs")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--skip-stored {path}: {exc}") from None
+    return frozenset((camera, seq) for camera, seq in pairs)
 
 
 def cmd_infer(args) -> int:
@@ -278,6 +303,7 @@ def cmd_infer(args) -> int:
                                max_batch=inference.max_batch,
                                batch_frames=inference.batch_frames, spin=inference.spin,
                                tta=inference.tta)
+    serve_metrics(args)
     stop = stop_on_signals()
     stats = run_worker(args.frames, args.results, segmenter, config, stop,
                        keys=load_keys(args))
@@ -292,9 +318,11 @@ def cmd_manage(args) -> int:
 
     config = load_pipeline_config(args.config)
     engine = make_engine(resolve_url(args.db))
+    serve_metrics(args)
     stop = stop_on_signals()
     finished = run_management(args.results, engine, config.management, stop,
-                              exit_after_runs=args.exit_after_runs, keys=load_keys(args))
+                              exit_after_runs=args.exit_after_runs, keys=load_keys(args),
+                              max_pixels=config.acquisition.max_frame_pixels)
     log.info("management done: %d run(s) finished", len(finished))
     return 0
 
@@ -356,6 +384,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "counted")
     p.add_argument("--config", help="pipeline YAML (see configs/pipeline.yaml)")
     p.add_argument("--format", choices=["table", "json"], default="table")
+    metrics_flag(p, "each stage's (acquisition on PORT, management PORT+1, worker N "
+                    "PORT+2+N)")
+    p.add_argument("--resume", metavar="RUN_ID",
+                   help="complete that interrupted replay (same --source): store only the "
+                        "frames it is missing")
 
     p = add(sub, "acquire", cmd_acquire, "the acquisition service alone")
     source_flags(p)
@@ -367,6 +400,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-id")
     p.add_argument("--mode", choices=["replay", "live"], default="replay")
     p.add_argument("--config")
+    metrics_flag(p)
+    p.add_argument("--skip-stored", metavar="FILE",
+                   help="JSON list of [camera_id, seq] the run has already stored: counted as "
+                        "sent, not sent again (what run --resume passes)")
 
     p = add(sub, "infer", cmd_infer, "one inference worker alone")
     p.add_argument("--frames", default="pull+connect:tcp://127.0.0.1:5555")
@@ -376,6 +413,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: config)")
     p.add_argument("--config")
     keys_flag(p)
+    metrics_flag(p)
 
     p = add(sub, "manage", cmd_manage, "the management service alone (stores results)")
     p.add_argument("--results", default="pull+bind:tcp://127.0.0.1:5556")
@@ -383,6 +421,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config")
     p.add_argument("--exit-after-runs", type=int, help="exit after this many runs finished")
     keys_flag(p)
+    metrics_flag(p)
 
     p = add(sub, "keys", cmd_keys, "create CURVE keys for links between hosts")
     p.add_argument("--out", required=True, metavar="DIR", help="key folder (created)")
