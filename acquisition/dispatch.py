@@ -188,20 +188,14 @@ class Dispatcher:
         clocks: silent workers, results management has not stored, this run's heartbeat."""
         events = dict(self.poller.poll(timeout_ms))
         now = time.monotonic()
-        if self.frames in events:
-            for _ in range(MAX_READS):
+        for socket, handle in ((self.frames, self._on_frame_link),
+                               (self.control, self._on_control_link)):
+            for _ in range(MAX_READS if socket in events else 0):
                 try:
-                    parts = self.frames.recv_multipart(flags=zmq.NOBLOCK)
+                    parts = socket.recv_multipart(flags=zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self._on_frame_link(parts[1:], now)
-        if self.control in events:
-            for _ in range(MAX_READS):
-                try:
-                    parts = self.control.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._on_control_link(parts, now)
+                handle(parts, now)
         if now - self.checked_at >= CHECK_EVERY_S:
             self.checked_at = now
             self._check_clocks(now)
@@ -217,8 +211,9 @@ class Dispatcher:
                 pass
 
     def _on_frame_link(self, parts: list[bytes], now: float) -> None:
+        """``parts``: the sending worker's routing id, then the message."""
         try:
-            message = decode(parts)
+            message = decode(parts[1:])
         except WireError as exc:
             self._malformed("frame", str(exc))
             return

@@ -26,7 +26,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from acquisition.service import new_run_id, position_model
@@ -36,12 +37,12 @@ from crackscan.errors import RunIncomplete, UserError
 from crackscan.metrics import offset, parse_address
 from inference.backends import bundled_model_path, open_segmenter
 from management.db import make_engine, resolve_url, session_factory
-from management.store import close_interrupted_run, list_runs, reopen_run
+from management.store import close_interrupted_run, list_runs, reopen_run, stored_frames
 
 log = logging.getLogger(__name__)
 
-WORKER_RESTARTS = 3  # per worker slot, before the run is abandoned
-MANAGEMENT_RESTARTS = 3  # before the run is abandoned
+STAGE_RESTARTS = 3  # restarts of management, of acquisition, and per worker slot, before the
+# run is abandoned
 STOP_GRACE_S = 30.0  # on Ctrl-C, management gets its drain timeout and this much more
 RECORDING_CLOSE_S = 600.0  # how long a recording acquisition may take to write its last frames
 
@@ -116,44 +117,84 @@ def _counted_stop_signals() -> Iterator[list[int]]:
             signal.signal(signum, handler)
 
 
-def _supervise(managers: list[subprocess.Popen], acquirer: subprocess.Popen,
-               pool: list[subprocess.Popen], start_worker, start_manager, signals: list[int],
-               finish_s: float) -> None:
+@dataclass
+class _Stages:
+    """The processes of one run and how to start each again."""
+
+    manager: subprocess.Popen
+    acquirer: subprocess.Popen
+    pool: list[subprocess.Popen]
+    start_manager: Callable[[], subprocess.Popen]
+    start_worker: Callable[[], subprocess.Popen]
+    # None: the source cannot be read again (a camera, a live run, a recording being written)
+    start_acquirer: Callable[[], subprocess.Popen] | None
+
+
+def _supervise(stages: _Stages, signals: list[int], finish_s: float) -> None:
     """Wait for management to finish the run, or for a stop signal to be counted in
     ``signals``; restart a stage that dies: an inference worker (acquisition sends the frames it
-    held to the others) or management (``managers[0]`` is replaced; acquisition sends again
-    what it had not reported stored). Gives up on a run whose acquisition ended ``finish_s``
-    ago without management closing it (its end was lost with a management that died)."""
-    restarts = manager_restarts = 0
+    held to the others), management (acquisition sends again what it was not told is stored),
+    acquisition of a replay (the new one reads the source again and skips the frames stored).
+    Gives up on a run whose acquisition ended ``finish_s`` ago without management closing it
+    (its end was lost with a management that died)."""
+    worker_restarts = manager_restarts = acquirer_restarts = 0
     acquisition_ended = None
-    while (code := managers[0].poll()) != 0:
+    while (code := stages.manager.poll()) != 0:
         if signals:
             return
         if code is not None:
             manager_restarts += 1
-            if manager_restarts > MANAGEMENT_RESTARTS:
+            if manager_restarts > STAGE_RESTARTS:
                 raise StageFailed(f"management exited with status {code}, "
                                   f"{manager_restarts} times")
             log.warning("management exited (%s); starting another: acquisition sends again "
                         "what it was not told is stored", code)
-            managers[0] = start_manager()
-        if (status := acquirer.poll()) not in (None, 0):
-            raise StageFailed(f"acquisition exited with status {status}")
-        if status == 0:
+            stages.manager = stages.start_manager()
+        if (status := stages.acquirer.poll()) not in (None, 0):
+            acquirer_restarts += 1
+            if stages.start_acquirer is None or acquirer_restarts > STAGE_RESTARTS:
+                raise StageFailed(f"acquisition exited with status {status}")
+            log.warning("acquisition exited (%s); starting another, which reads the source "
+                        "again and skips the frames stored", status)
+            stages.acquirer = stages.start_acquirer()
+        elif status == 0:
             acquisition_ended = acquisition_ended or time.monotonic()
             if time.monotonic() - acquisition_ended > finish_s:
                 log.warning("acquisition ended %.0f s ago and management has not closed the "
                             "run; stopping", finish_s)
                 return
-        for i, worker in enumerate(pool):
+        for i, worker in enumerate(stages.pool):
             if worker.poll() is not None:
-                restarts += 1
-                if restarts > WORKER_RESTARTS * len(pool):
+                worker_restarts += 1
+                if worker_restarts > STAGE_RESTARTS * len(stages.pool):
                     raise StageFailed(f"inference workers keep failing (last status "
                                       f"{worker.returncode})")
                 log.warning("inference worker exited (%s); starting another", worker.returncode)
-                pool[i] = start_worker()
+                stages.pool[i] = stages.start_worker()
         time.sleep(0.1)
+
+
+def _stored_frames(db_url: str, run_id: str) -> list[tuple[str, int]]:
+    """(camera, seq) of every frame ``run_id`` has stored."""
+    engine = make_engine(db_url)
+    try:
+        with session_factory(engine)() as session:
+            return stored_frames(session, run_id)
+    finally:
+        engine.dispose()
+
+
+def _without_flags(args: list[str], *flags: str) -> list[str]:
+    """``args`` without each of ``flags`` and its value."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        else:
+            out.append(arg)
+    return out
 
 
 def _wait_for_management(manager: subprocess.Popen, acquirer: subprocess.Popen, timeout: float,
@@ -237,53 +278,60 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
         manager: subprocess.Popen | None = None
         acquirer: subprocess.Popen | None = None
         pool: list[subprocess.Popen] = []
+        stages: _Stages | None = None  # once every stage has started
         failure: StageFailed | None = None
         started = time.monotonic()
         with _counted_stop_signals() as signals:
             try:
                 manager_args = ["--results", f"pull+bind:{results}", "--db", db_url,
                                 "--exit-after-runs", "1"] + config_args
+                acquirer_args = ["--source", source, "--frames", f"push+bind:{frames}",
+                                 "--control", f"push+connect:{results}", "--run-id", run_id,
+                                 "--mode", mode] + config_args + acquire_args
                 ports = itertools.count(1)  # acquisition has PORT, the others PORT+1, +2...
+                restarts = itertools.count(1)
 
                 def metrics_args() -> list[str]:
                     # a restarted stage takes the next number: its predecessor's may be held
                     return (["--metrics", offset(metrics_address, next(ports))]
                             if metrics_address else [])
 
-                if metrics_address:
-                    acquire_args += ["--metrics", metrics_address]
+                def restart_acquirer() -> subprocess.Popen:
+                    skip = Path(sockets_dir) / f"stored-{next(restarts)}.json"
+                    skip.write_text(json.dumps(_stored_frames(db_url, run_id)))
+                    return _spawn("acquire", _without_flags(acquirer_args, "--skip-stored",
+                                                            "--metrics")
+                                  + ["--skip-stored", str(skip)] + metrics_args(), verbose)
+
                 manager = _spawn("manage", manager_args + metrics_args(), verbose)
                 pool = [_spawn("infer", worker_args + metrics_args(), verbose)
                         for _ in range(workers)]
-                acquirer = _spawn("acquire", ["--source", source, "--frames",
-                                              f"push+bind:{frames}", "--control",
-                                              f"push+connect:{results}", "--run-id", run_id,
-                                              "--mode", mode] + config_args + acquire_args,
-                                  verbose)
-                managers = [manager]
-                try:
-                    _supervise(managers, acquirer, pool,
-                               lambda: _spawn("infer", worker_args + metrics_args(), verbose),
-                               lambda: _spawn("manage", manager_args + metrics_args(), verbose),
-                               signals,
-                               config.management.drain_timeout_s + STOP_GRACE_S)
-                finally:
-                    manager = managers[0]
+                acquirer = _spawn("acquire", acquirer_args + (
+                    ["--metrics", metrics_address] if metrics_address else []), verbose)
+                stages = _Stages(
+                    manager, acquirer, pool,
+                    start_manager=lambda: _spawn("manage", manager_args + metrics_args(),
+                                                 verbose),
+                    start_worker=lambda: _spawn("infer", worker_args + metrics_args(), verbose),
+                    start_acquirer=restart_acquirer if mode == "replay" and not record else None)
+                _supervise(stages, signals, config.management.drain_timeout_s + STOP_GRACE_S)
                 if signals:
                     log.info("stopping: acquisition first, then management stores what is in "
                              "flight")
-                    if acquirer.poll() is None:
+                    if stages.acquirer.poll() is None:
                         # it stops reading, sends its end, and keeps the frames it sent flowing
                         # to the workers until management has them (the second SIGTERM, below)
                         # or 8 s pass
-                        acquirer.send_signal(signal.SIGTERM)
+                        stages.acquirer.send_signal(signal.SIGTERM)
                     # a second Ctrl-C while management drains ends everything at once (finally)
-                    _wait_for_management(manager, acquirer,
+                    _wait_for_management(stages.manager, stages.acquirer,
                                          config.management.drain_timeout_s + STOP_GRACE_S,
                                          signals)
             except StageFailed as exc:
                 failure = exc
             finally:
+                if stages is not None:  # the stages running now, restarted ones included
+                    acquirer, pool, manager = stages.acquirer, stages.pool, stages.manager
                 for process in [acquirer, *pool, manager]:
                     if process is not None:
                         # acquisition finishes writing its recording before it exits

@@ -255,6 +255,12 @@ def close_stale_runs(session: Session, stale_after_s: float = STALE_RUN_S) -> li
     return list(stale)
 
 
+def stored_frames(session: Session, run_id: str) -> list[tuple[str, int]]:
+    """(camera, seq) of every frame ``run_id`` has stored."""
+    return [(camera, seq) for camera, seq in session.execute(
+        select(Frame.camera_id, Frame.seq).where(Frame.run_id == run_id))]
+
+
 def reopen_run(session: Session, run_id: str, source: str) -> list[tuple[str, int]]:
     """Ready ``run_id`` to be completed by a second replay of its ``source`` (``crackscan run
     --resume``, after a power loss or a pipeline that died): returns the (camera, seq) of every
@@ -273,8 +279,7 @@ def reopen_run(session: Session, run_id: str, source: str) -> list[tuple[str, in
                             "(replay its recording as a new run)")
     if run.status == "complete":
         raise ResumeRefused(f"run {run_id} is complete: nothing to resume")
-    stored = [(camera, seq) for camera, seq in session.execute(
-        select(Frame.camera_id, Frame.seq).where(Frame.run_id == run_id))]
+    stored = stored_frames(session, run_id)
     log.info("run %s (%s): %d frames stored; resuming", run_id, run.status, len(stored))
     run.status, run.ended_at = "running", None
     run.heartbeat_at = datetime.now(timezone.utc)

@@ -477,3 +477,26 @@ def test_a_run_lost_to_a_power_cut_is_completed_by_resume(tmp_path):
     again = crackscan("run", "--source", "synthetic:3", "--db", db, "--resume", run_id,
                       check=False)
     assert again.returncode == 2 and "is complete: nothing to resume" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_acquisition_of_a_replay_is_restarted_and_skips_what_was_stored(tmp_path):
+    """kill -9 of acquisition mid-replay: the supervisor starts another on the same run, which
+    reads the source again, skips the frames stored, and completes the run: each frame once."""
+    db_file = tmp_path / "x.db"
+    process, _ = start_run(tmp_path, db_file, "synthetic:3")
+    assert wait_for_stored(db_file, 10, process) >= 10, (tmp_path / "err.txt").read_text()[-2000:]
+    acquirer = subprocess.run(["pgrep", "-P", str(process.pid), "-f", "crackscan acquire"],
+                              capture_output=True, text=True).stdout.split()
+    assert len(acquirer) == 1
+    os.kill(int(acquirer[0]), signal.SIGKILL)
+    process.wait(timeout=180)
+    err = (tmp_path / "err.txt").read_text()
+    assert process.returncode == 0 and "acquisition exited (-9); starting another" in err, \
+        err[-3000:]
+    summary = json.loads((tmp_path / "out.txt").read_text())
+    assert summary["status"] == "complete" and summary["frames"] == 75
+    assert summary["frames_read"] == 75  # the second acquisition's one pass
+    with sqlite3.connect(db_file) as connection:
+        seqs = [row[0] for row in connection.execute("select seq from frames order by seq")]
+    assert seqs == list(range(75))
