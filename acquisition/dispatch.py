@@ -112,13 +112,16 @@ class Dispatcher:
         self.bytes += self.flights[key].size
         if self.mode == "live":
             self.pump(0)
-            if self._send_new(key):
+            if key not in self.flights or self._send_new(key):
                 return True
             self._forget(key)
             return False
         waiting_since = time.monotonic()
         warned_at = waiting_since
         while True:
+            if key not in self.flights:
+                # reported stored while it waited: an earlier acquisition of the run sent it
+                return True
             self._send_resends()
             if not self.resend and self._room_for(key) and self._send_new(key):
                 return True

@@ -382,60 +382,57 @@ def test_stages_die_with_a_killed_supervisor_and_close_the_run(tmp_path):
         assert [row[0] for row in connection.execute("select status from runs")] == ["stopped"]
 
 
+def stage_pids(process: subprocess.Popen, stage: str) -> list[int]:
+    return [int(pid) for pid in subprocess.run(
+        ["pgrep", "-P", str(process.pid), "-f", f"crackscan {stage}"], capture_output=True,
+        text=True).stdout.split()]
+
+
 @pytest.mark.slow
-def test_a_killed_management_is_restarted_and_the_run_completes(tmp_path):
-    """kill -9 of management mid-replay: the supervisor starts another, which binds the same
-    socket; acquisition sends again every frame it was not told is stored (here after 2 s), and
-    the run completes with each source frame stored once."""
+def test_every_stage_killed_or_frozen_in_turn_mid_replay_loses_no_frame(tmp_path):
+    """One replay of 100 frames with two workers, as it goes: one worker frozen (SIGSTOP: it
+    hangs, and is only silent), the other killed (-9), then management (and the frozen worker
+    wakes up), then acquisition. The frames a worker held go to the others, a new worker,
+    management and acquisition are started; acquisition sends again what management lost (``ack_timeout_s`` 2 s here), the new
+    acquisition reads the source again and skips what is stored. The run completes, exit 0,
+    every source frame stored exactly once."""
     db_file = tmp_path / "x.db"
     config = tmp_path / "pipeline.yaml"
     config.write_text("acquisition:\n  ack_timeout_s: 2\n")
-    process, _ = start_run(tmp_path, db_file, "synthetic:3", "--config", str(config))
-    assert wait_for_stored(db_file, 5, process) >= 5, (tmp_path / "err.txt").read_text()[-2000:]
-    manager = subprocess.run(["pgrep", "-P", str(process.pid), "-f", "crackscan manage"],
-                             capture_output=True, text=True).stdout.split()
-    assert len(manager) == 1
-    os.kill(int(manager[0]), signal.SIGKILL)
-    process.wait(timeout=180)
+    process, _ = start_run(tmp_path, db_file, "synthetic:4", "--workers", "2", "--config",
+                           str(config))
+    frozen = None
+    try:
+        for stored, stage, signal_number in ((5, "infer", signal.SIGSTOP),
+                                             (15, "infer", signal.SIGKILL),
+                                             (35, "manage", signal.SIGKILL),
+                                             (55, "acquire", signal.SIGKILL)):
+            assert wait_for_stored(db_file, stored, process) >= stored, \
+                (tmp_path / "err.txt").read_text()[-3000:]
+            pid = next(p for p in stage_pids(process, stage) if p != frozen)
+            os.kill(pid, signal_number)
+            if signal_number == signal.SIGSTOP:
+                frozen = pid
+            elif stage == "manage":  # the frozen worker wakes up, long declared dead
+                os.kill(frozen, signal.SIGCONT)
+        process.wait(timeout=240)
+    finally:
+        with contextlib.suppress(ProcessLookupError, TypeError):  # the run's stop killed it
+            os.kill(frozen, signal.SIGKILL)
     err = (tmp_path / "err.txt").read_text()
-    assert process.returncode == 0 and "management exited (-9); starting another" in err, \
-        err[-3000:]
+    assert process.returncode == 0, err[-3000:]
+    for line in ("silent for", "inference worker exited (-9); starting another",
+                 "management exited (-9); starting another",
+                 "acquisition exited (-9); starting another", "sent again"):
+        assert line in err, line
     summary = json.loads((tmp_path / "out.txt").read_text())
-    assert summary["status"] == "complete" and summary["frames"] == 75, err[-3000:]
+    assert summary["status"] == "complete" and summary["frames"] == 100
+    assert summary["frames_read"] == 100  # the last acquisition's one pass
     with sqlite3.connect(db_file) as connection:
         seqs = [row[0] for row in connection.execute("select seq from frames order by seq")]
         cracks, linked = connection.execute(
             "select count(*), count(physical_id) from cracks").fetchone()
-    assert seqs == list(range(75)) and cracks == linked
-
-
-@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGSTOP])
-def test_a_worker_killed_or_frozen_mid_replay_loses_no_frame(tmp_path, signal_number):
-    """kill -9 (or SIGSTOP: a worker that hangs) of one of two inference workers in the middle of
-    a replay: the frames it held are sent to the other, the supervisor starts a new worker, and
-    the run is complete with every source frame stored exactly once."""
-    db_file = tmp_path / "x.db"
-    process, _ = start_run(tmp_path, db_file, "synthetic:3", "--workers", "2")
-    assert wait_for_stored(db_file, 5, process) >= 5, (tmp_path / "err.txt").read_text()[-2000:]
-    workers = subprocess.run(["pgrep", "-P", str(process.pid), "-f", "crackscan infer"],
-                             capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2
-    os.kill(int(workers[0]), signal_number)
-    try:
-        process.wait(timeout=180)
-    finally:
-        if signal_number == signal.SIGSTOP:  # the supervisor's stop killed it already, normally
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(workers[0]), signal.SIGKILL)
-    err = (tmp_path / "err.txt").read_text()
-    assert process.returncode == 0, err[-3000:]
-    summary = json.loads((tmp_path / "out.txt").read_text())
-    assert summary["status"] == "complete", err[-3000:]
-    assert summary["frames"] == summary["frames_read"] == 75
-    assert "sent again" in err  # what it held did go to the other worker
-    with sqlite3.connect(db_file) as connection:
-        seqs = [row[0] for row in connection.execute("select seq from frames order by seq")]
-    assert seqs == list(range(75))
+    assert seqs == list(range(100)) and cracks == linked
 
 
 @pytest.mark.slow
@@ -477,26 +474,3 @@ def test_a_run_lost_to_a_power_cut_is_completed_by_resume(tmp_path):
     again = crackscan("run", "--source", "synthetic:3", "--db", db, "--resume", run_id,
                       check=False)
     assert again.returncode == 2 and "is complete: nothing to resume" in again.stderr
-
-
-@pytest.mark.slow
-def test_a_killed_acquisition_of_a_replay_is_restarted_and_skips_what_was_stored(tmp_path):
-    """kill -9 of acquisition mid-replay: the supervisor starts another on the same run, which
-    reads the source again, skips the frames stored, and completes the run: each frame once."""
-    db_file = tmp_path / "x.db"
-    process, _ = start_run(tmp_path, db_file, "synthetic:3")
-    assert wait_for_stored(db_file, 10, process) >= 10, (tmp_path / "err.txt").read_text()[-2000:]
-    acquirer = subprocess.run(["pgrep", "-P", str(process.pid), "-f", "crackscan acquire"],
-                              capture_output=True, text=True).stdout.split()
-    assert len(acquirer) == 1
-    os.kill(int(acquirer[0]), signal.SIGKILL)
-    process.wait(timeout=180)
-    err = (tmp_path / "err.txt").read_text()
-    assert process.returncode == 0 and "acquisition exited (-9); starting another" in err, \
-        err[-3000:]
-    summary = json.loads((tmp_path / "out.txt").read_text())
-    assert summary["status"] == "complete" and summary["frames"] == 75
-    assert summary["frames_read"] == 75  # the second acquisition's one pass
-    with sqlite3.connect(db_file) as connection:
-        seqs = [row[0] for row in connection.execute("select seq from frames order by seq")]
-    assert seqs == list(range(75))
