@@ -791,3 +791,55 @@ def test_manage_serves_its_prometheus_metrics(tmp_path):
         process.wait(10)
         push.close(linger=0)
         context.term()
+
+
+def test_a_full_disk_under_the_database_loses_nothing_and_the_run_completes_once_freed(
+        tmp_path):
+    """``crackscan manage`` whose files may not grow (RLIMIT_FSIZE: SQLite's writes fail as on a
+    full disk): each batch that fails stays buffered and is retried, with an error line and no
+    traceback; once there is room again (the limit lifted from outside), everything received
+    is stored once and the run completes, its database retries counted."""
+    import resource
+    import subprocess
+    import sys
+
+    db_file = tmp_path / "x.db"
+    make_engine(f"sqlite:///{db_file}").dispose()  # the schema, so the limit leaves little room
+    limit = db_file.stat().st_size + 40_000
+    endpoint = f"ipc://{tmp_path}/results"
+
+    def cap_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    with (tmp_path / "err.txt").open("w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "crackscan", "manage", "--results",
+                                    f"pull+bind:{endpoint}", "--db", f"sqlite:///{db_file}",
+                                    "--exit-after-runs", "1"], stderr=err,
+                                   preexec_fn=cap_file_size)
+    context = zmq.Context()
+    push = SocketSpec.parse(f"push+connect:{endpoint}").open(context)
+    try:
+        push.send_multipart(run_start_message(RUN_A).to_frames())
+        count = 60
+        for seq in range(count):
+            push.send_multipart(result_message(RUN_A, seq, tuple(
+                crack_record(i, 100.0 + seq, 0.3, 80.0) for i in range(8))).to_frames())
+        wait_for(lambda: "cannot write to the database" in (tmp_path / "err.txt").read_text(),
+                 timeout=30)
+        assert process.poll() is None  # still serving, holding what it received
+        resource.prlimit(process.pid, resource.RLIMIT_FSIZE,
+                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        push.send_multipart(end_message(RUN_A, frames_sent=count).to_frames())
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        push.close(linger=0)
+        context.term()
+    log = (tmp_path / "err.txt").read_text()
+    assert "Traceback" not in log
+    engine = make_engine(f"sqlite:///{db_file}")
+    run = runs_by_id(engine)[RUN_A]
+    engine.dispose()
+    assert (run["status"], run["frames"], run["frames_duplicate"]) == ("complete", count, 0)
+    assert run["database_retries"] > 0
