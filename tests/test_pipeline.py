@@ -392,10 +392,10 @@ def stage_pids(process: subprocess.Popen, stage: str) -> list[int]:
 def test_every_stage_killed_or_frozen_in_turn_mid_replay_loses_no_frame(tmp_path):
     """One replay of 100 frames with two workers, as it goes: one worker frozen (SIGSTOP: it
     hangs, and is only silent), the other killed (-9), then management (and the frozen worker
-    wakes up), then acquisition. The frames a worker held go to the others, a new worker,
-    management and acquisition are started; acquisition sends again what management lost (``ack_timeout_s`` 2 s here), the new
-    acquisition reads the source again and skips what is stored. The run completes, exit 0,
-    every source frame stored exactly once."""
+    wakes up), then acquisition. The frames a worker held go to the others; a new worker,
+    management and acquisition are started; acquisition sends again what management lost
+    (``ack_timeout_s`` 2 s here); the new acquisition reads the source again and skips what is
+    stored. The run completes, exit 0, every source frame stored exactly once."""
     db_file = tmp_path / "x.db"
     config = tmp_path / "pipeline.yaml"
     config.write_text("acquisition:\n  ack_timeout_s: 2\n")
