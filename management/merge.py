@@ -56,6 +56,7 @@ from crackscan.geometry import (
     prune_spurs,
 )
 
+LINK_CHUNK_POINTS = 20_000  # points whose neighbours are found at once (bounds the memory)
 LINK_MM = 10.0  # two detections closer than this (in different frames) are one crack
 LINK_STEP_MM = 2.0  # polylines resampled this finely for linking
 GRID_MM = 1.0  # raster of the union
@@ -131,10 +132,21 @@ def link_groups(detections: list[dict[str, Any]], link_mm: float = LINK_MM) -> l
         owners.append(np.full(len(sampled), i))
     owner = np.concatenate(owners)
     frame = np.array([frame_of[i] for i in range(len(detections))])[owner]
-    pairs = cKDTree(np.concatenate(points)).query_pairs(link_mm, output_type="ndarray")
-    pairs = pairs[frame[pairs[:, 0]] != frame[pairs[:, 1]]]
-    return components(np.stack([owner[pairs[:, 0]], owner[pairs[:, 1]]], axis=1),
-                      len(detections))
+    everything = np.concatenate(points)
+    tree = cKDTree(everything)
+    n = len(detections)
+    linked = []
+    # the points' neighbours a chunk at a time, reduced at once to pairs of detections: a point
+    # has tens of neighbours on its own line, so all point pairs of a long run at once would
+    # take gigabytes (300 MB for 4,800 detections)
+    for start in range(0, len(everything), LINK_CHUNK_POINTS):
+        chunk = cKDTree(everything[start:start + LINK_CHUNK_POINTS])
+        near = chunk.sparse_distance_matrix(tree, link_mm, output_type="ndarray")
+        i, j = near["i"].astype(np.int64) + start, near["j"].astype(np.int64)
+        other_frame = frame[i] != frame[j]
+        linked.append(np.unique(owner[i[other_frame]] * n + owner[j[other_frame]]))
+    codes = np.unique(np.concatenate(linked))
+    return components(np.stack([codes // n, codes % n], axis=1), n)
 
 
 def components(pairs: np.ndarray, n: int) -> list[list[int]]:

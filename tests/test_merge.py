@@ -254,3 +254,19 @@ def test_a_crack_seen_whole_takes_the_median_maximum_width_of_its_full_views():
     (crack,) = merge(views + [part])
     assert crack.width_max_mm == 2.2 and crack.severity == SEVERITY.classify(2.2)
     assert crack.width_p95_mm == 2.0
+
+
+def test_linking_in_chunks_of_points_gives_the_groups_of_all_points_at_once(monkeypatch):
+    """The neighbours of the resampled points are found a chunk at a time (memory): with chunks
+    of 50 points the groups are those of one chunk holding every point."""
+    from management import merge as merging
+
+    parts = []
+    for n, (start_m, angle) in enumerate([(100.0, 10.0), (100.9, 80.0), (102.0, 45.0),
+                                          (105.0, 0.0)]):
+        parts += frames_of(crack_line(start_m, 900.0, angle, 1500.0 + 300 * n, wiggle_mm=4.0),
+                           window_m=0.3, step_m=0.2)
+    whole = merging.link_groups(parts)
+    monkeypatch.setattr(merging, "LINK_CHUNK_POINTS", 50)
+    assert merging.link_groups(parts) == whole
+    assert 1 < len(whole) < len(parts)
