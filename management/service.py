@@ -207,8 +207,10 @@ class _Manager:
             self._queue("end", message, now)
             self.pending_control = True
         else:
-            self._malformed(message.run_id, f"a {message.TYPE} message does not belong on the "
-                            "results socket", now)
+            # a frame (or a worker's credit, or a stored report) sent here by mistake
+            self._malformed(getattr(message, "run_id", None) or None,
+                            f"a {message.TYPE} message does not belong on the results socket",
+                            now)
 
     def _malformed(self, run_id: str | None, reason: str, now: float) -> None:
         self.stats.malformed += 1

@@ -843,3 +843,21 @@ def test_a_full_disk_under_the_database_loses_nothing_and_the_run_completes_once
     engine.dispose()
     assert (run["status"], run["frames"], run["frames_duplicate"]) == ("complete", count, 0)
     assert run["database_retries"] > 0
+
+
+def test_a_credit_or_stored_message_sent_to_management_is_counted_not_fatal(engine, management):
+    """Valid messages of the other links (a worker's credit, a stored report) arriving on the
+    results socket are malformed there: counted, and management goes on (found by the socket
+    fuzz test: they once made it exit)."""
+    from crackscan.wire import CreditMessage
+
+    service = management(ManagementConfig(batch_size=50, batch_seconds=0.05))
+    push = service.pusher()
+    push.send_multipart(CreditMessage("w", 2, 1, (("cam0", 0),)).to_frames())
+    push.send_multipart(StoredMessage(RUN_A, (("cam0", 0),)).to_frames())
+    push.send_multipart(run_start_message(RUN_A).to_frames())
+    push.send_multipart(result_message(RUN_A, 0).to_frames())
+    push.send_multipart(end_message(RUN_A, frames_sent=1).to_frames())
+    assert service.join() == [RUN_A]
+    assert runs_by_id(engine)[RUN_A]["status"] == "complete"
+    assert service.stats.malformed == 2

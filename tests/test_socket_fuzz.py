@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import zmq
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from support import flip_bytes, frame_image, replace_a_field
@@ -92,6 +92,9 @@ def take_credit(stages: SimpleNamespace, timeout_s: float = 30) -> CreditMessage
     """The worker's next credit (heartbeats skipped)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        for name in ("manage", "infer"):  # a stage that died fails the test at once
+            assert getattr(stages, name).poll() is None, \
+                (stages.folder / f"{name}.txt").read_text()[-2000:]
         if stages.acquisition.poll(100):
             _, *frames = stages.acquisition.recv_multipart()
             message = decode(frames)
@@ -101,10 +104,14 @@ def take_credit(stages: SimpleNamespace, timeout_s: float = 30) -> CreditMessage
     raise AssertionError(f"no credit from the worker within {timeout_s}s:\n{errors}")
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+# no shrinking: each example costs real sockets and processes, and a failure says what it sent
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck),
+          phases=(Phase.explicit, Phase.reuse, Phase.generate))
 @given(data=st.data())
 def test_fuzzed_messages_are_counted_and_both_stages_keep_serving(stages, data):
     for _ in range(12):
+        # every message type, to both: a valid credit, heartbeat or stored report arriving at
+        # management once made it exit
         seed = data.draw(st.sampled_from(SEEDS))
         how = data.draw(st.sampled_from(["bytes", "field", "flip"]))
         frames = (data.draw(st.lists(st.binary(max_size=64), min_size=1, max_size=4))
