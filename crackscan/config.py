@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from crackscan.errors import UserError
-from crackscan.wire import MAX_PIXELS
+from crackscan.wire import MAX_PIXELS, PHOTO_MAX_PX
 
 # Tiles are a multiple of the network stride (32 for the encoders crackscan exports), so a tile
 # plus the 32 px mirror margin on both sides needs no further padding.
@@ -152,6 +152,11 @@ class InferenceConfig(_Strict):
     # test-time augmentation: "hflip" or "flips" average each frame's probabilities with its
     # mirror images (2 or 4 model runs a frame: office replay, not a vehicle at speed)
     tta: Literal["none", "hflip", "flips"] = "none"
+    # evidence: a JPEG of the frame around each crack (its box plus a quarter of its size on
+    # every side, at least 16 px) travels with the result and is stored with the detection,
+    # scaled to at most photo_max_px on its longer side; 0: no photos
+    photo_max_px: int = Field(320, ge=0, le=PHOTO_MAX_PX)
+    photo_jpeg_quality: int = Field(85, ge=1, le=100)
 
     @model_validator(mode="after")
     def _check_tiles(self) -> InferenceConfig:

@@ -8,12 +8,15 @@ masks travel as their own frames, described in the header by ``encoding``, ``dty
     type       frames                       sent by       to
     run_start  [header]                     acquisition   management
     frame      [header, pixels]             acquisition   one inference worker (that gave credit)
-    result     [header, mask]               inference     management
+    result     [header, mask, photo...]     inference     management
     end        [header]                     acquisition   management
     credit     [header]                     inference     acquisition (frames taken, done, failed)
     heartbeat  [header]                     inference     acquisition (alive; every HEARTBEAT_S)
                                             acquisition   management (alive, naming its run)
     stored     [header]                     management    the run's acquisition (results stored)
+
+Version 3 added the optional photos of a result: a JPEG of the frame around each crack, one frame
+each after the mask, described by the header's ``photos`` list.
 
 Version 2 made dispatch acknowledged (``acquisition.dispatch``): a worker asks for frames with
 ``credit``, acquisition keeps each frame until management reports it ``stored``, and re-sends the
@@ -39,7 +42,7 @@ import numpy as np
 from crackscan.errors import CrackscanError
 
 PROTOCOL = "crackscan"
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 HEARTBEAT_S = 0.5  # a worker (and acquisition) says it is alive this often ...
 WORKER_TIMEOUT_S = 5.0  # ... and a worker silent this long is dead: its frames are re-sent
 MAX_FRAME_KEYS = 10_000  # frames one credit or stored message may name
@@ -53,6 +56,7 @@ MAX_INT_DIGITS = 19  # every integer fits a signed 64-bit column; a longer one i
 # acquisition refuses a larger frame at the source (counted bad); 64 Mpx holds an 8000 x 8000
 # line-scan frame
 MAX_PIXELS = 64_000_000
+PHOTO_MAX_PX = 512  # a crack photo's longer side at most (the worker writes inference.photo_max_px)
 CRACK_TYPES = ("longitudinal", "circumferential", "diagonal", "network")
 END_REASONS = ("end_of_source", "stopped", "source_error", "recording_error")
 MODES = ("replay", "live")
@@ -325,11 +329,11 @@ def _check_record(cls: type, raw: Any, where: str) -> None:
         raise WireError(f"{where} has unknown fields {sorted(unknown)}")
 
 
-def _bbox(raw: dict[str, Any], record: str) -> tuple[int, int, int, int]:
-    bbox = raw.get("bbox_px")
+def _bbox(raw: dict[str, Any], record: str, name: str = "bbox_px") -> tuple[int, int, int, int]:
+    bbox = raw.get(name)
     if not (isinstance(bbox, list) and len(bbox) == 4
             and all(isinstance(v, int) and not isinstance(v, bool) for v in bbox)):
-        raise WireError(f"{record} field 'bbox_px' must be four integers [x, y, width, height]")
+        raise WireError(f"{record} field {name!r} must be four integers [x, y, width, height]")
     return tuple(bbox)  # type: ignore[return-value]  # four ints, checked above
 
 
@@ -459,10 +463,55 @@ class FeatureRecord:
 
 
 @dataclass(frozen=True)
+class CrackPhoto:
+    """The frame's pixels around one crack of a result, as JPEG: ``crack`` is the crack's
+    ``index``, ``box_px`` ([x, y, width, height] in frame pixels) the region the photo shows,
+    scaled to at most :data:`PHOTO_MAX_PX` on its longer side."""
+
+    crack: int
+    box_px: tuple[int, int, int, int]
+    jpeg: bytes = field(repr=False)
+
+
+def _photos(h: dict[str, Any], frames: list[bytes], cracks: tuple[CrackRecord, ...],
+            shape: list[int]) -> tuple[CrackPhoto, ...]:
+    """A result's photos from its header's ``photos`` list and frames 2..: each names one of
+    its cracks once, shows a box inside the frame, and is a JPEG no larger than PHOTO_MAX_PX."""
+    raw = _take(h, "photos", list) if "photos" in h else []
+    _expect_frames(frames, 2 + len(raw), "result (with its photos)")
+    indices = {crack.index for crack in cracks}
+    photos: list[CrackPhoto] = []
+    for item, jpeg in zip(raw, frames[2:], strict=True):
+        if not (isinstance(item, dict) and set(item) == {"crack", "box_px"}):
+            raise WireError("a result photo is {\"crack\": index, \"box_px\": [x, y, w, h]}")
+        crack = _count(item, "crack", "result photo")
+        if crack not in indices or any(p.crack == crack for p in photos):
+            raise WireError(f"result photo of crack {crack}: no such crack, or a second photo")
+        x, y, w, h_ = box = _bbox(item, "result photo", "box_px")
+        if not (x >= 0 and y >= 0 and w > 0 and h_ > 0 and x + w <= shape[1]
+                and y + h_ <= shape[0]):
+            raise WireError(f"result photo box {list(box)} is not inside the frame "
+                            f"({shape[1]} x {shape[0]})")
+        size = _image_size(bytes(jpeg[:MAX_IMAGE_HEADER_BYTES]), "jpeg")
+        if size is None or not (0 < max(size) <= PHOTO_MAX_PX):
+            raise WireError(f"result photo of crack {crack} is not a JPEG of at most "
+                            f"{PHOTO_MAX_PX} px a side ({_size(size)})")
+        try:  # small: decoding it costs well under a millisecond, and proves it is whole
+            whole = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_UNCHANGED) is not None
+        except cv2.error:
+            whole = False
+        if not whole:
+            raise WireError(f"result photo of crack {crack} does not decode as JPEG")
+        photos.append(CrackPhoto(crack=crack, box_px=box, jpeg=bytes(jpeg)))
+    return tuple(photos)
+
+
+@dataclass(frozen=True)
 class ResultMessage:
     """What inference found in one frame: the measured cracks, the binary crack mask (HxW
     uint8, 0 or 255), sent as its own PNG-encoded frame, and the lining features a multi-class
-    model found (none from a binary model; a header without ``features`` has none)."""
+    model found (none from a binary model; a header without ``features`` has none), and a photo
+    of the frame around each crack where the worker keeps them (:class:`CrackPhoto`)."""
 
     TYPE: ClassVar[str] = "result"
     run_id: str
@@ -476,6 +525,7 @@ class ResultMessage:
     cracks: tuple[CrackRecord, ...]
     mask: np.ndarray = field(repr=False)
     features: tuple[FeatureRecord, ...] = ()
+    photos: tuple[CrackPhoto, ...] = ()
 
     def to_frames(self) -> list[bytes]:
         header = {name: getattr(self, name) for name in
@@ -485,24 +535,30 @@ class ResultMessage:
                       shape=list(self.mask.shape))
         if self.features:
             header["features"] = [f.to_dict() for f in self.features]
-        return [_header_frame(self.TYPE, header), encode_pixels(self.mask, "png")]
+        if self.photos:
+            header["photos"] = [{"crack": p.crack, "box_px": list(p.box_px)} for p in self.photos]
+        return [_header_frame(self.TYPE, header), encode_pixels(self.mask, "png"),
+                *(p.jpeg for p in self.photos)]
 
     @classmethod
     def from_frames(cls, frames: list[bytes], max_pixels: int = MAX_PIXELS) -> ResultMessage:
-        _expect_frames(frames, 2, cls.TYPE)
+        if len(frames) < 2:
+            raise WireError(f"a {cls.TYPE} message has 2 frames and a photo per crack, got "
+                            f"{len(frames)}")
         h = parse_header(frames[0])
         shape = _take(h, "shape", list)
         if len(shape) != 2:
             raise WireError(f"a result mask is HxW, header says shape {shape}")
+        cracks = tuple(CrackRecord.from_dict(c) for c in _take(h, "cracks", list))
         mask = decode_pixels(frames[1], _take(h, "encoding", str), _take(h, "dtype", str), shape,
                              max_pixels)
+        photos = _photos(h, frames, cracks, shape)
         return cls(run_id=_take(h, "run_id", str), camera_id=_take(h, "camera_id", str),
                    seq=_count(h, "seq"), capture_time=_take(h, "capture_time", float),
                    chainage_m=_take(h, "chainage_m", float),
                    inference_ms=_take(h, "inference_ms", float), model=_take(h, "model", str),
                    worker=_take(h, "worker", str),
-                   cracks=tuple(CrackRecord.from_dict(c) for c in _take(h, "cracks", list)),
-                   mask=mask,
+                   cracks=cracks, mask=mask, photos=photos,
                    features=tuple(FeatureRecord.from_dict(f)
                                   for f in (_take(h, "features", list) if "features" in h
                                             else [])))

@@ -30,6 +30,8 @@ from crackscan.geometry import measure_cracks, measure_features
 from crackscan.sockets import KeyRing, SocketError, SocketSpec
 from crackscan.wire import (
     HEARTBEAT_S,
+    CrackPhoto,
+    CrackRecord,
     CreditMessage,
     FrameKey,
     FrameMessage,
@@ -96,8 +98,45 @@ def process_frames(frames: list[FrameMessage], segmenter: Segmenter, config: Pip
             capture_time=frame.capture_time, chainage_m=frame.chainage_m,
             inference_ms=round((share_s + time.perf_counter() - measured) * 1000, 2),
             model=segmenter.info.label, worker=worker, cracks=tuple(cracks), mask=mask,
-            features=features))
+            features=features,
+            # photo boxes are in mask pixels: a frame of another size (never seen) has none
+            photos=(crack_photos(frame.image, cracks, config.inference.photo_max_px,
+                                 config.inference.photo_jpeg_quality)
+                    if frame.image.shape[:2] == mask.shape[:2] else ())))
     return results
+
+
+PHOTO_MARGIN = 0.25  # a crack photo shows its box plus this share of the box's size each side ...
+PHOTO_MIN_MARGIN_PX = 16  # ... and at least this many pixels
+
+
+def crack_photos(image: np.ndarray, cracks: list[CrackRecord], max_px: int,
+                 quality: int) -> tuple[CrackPhoto, ...]:
+    """The evidence of each crack: the frame around its box (with a margin, clipped to the
+    frame) as a JPEG at most ``max_px`` on its longer side; none when ``max_px`` is 0."""
+    if max_px <= 0:
+        return ()
+    height, width = image.shape[:2]
+    photos = []
+    for crack in cracks:
+        x, y, w, h = crack.bbox_px
+        margin = max(PHOTO_MIN_MARGIN_PX, round(PHOTO_MARGIN * max(w, h)))
+        x0, y0 = max(0, x - margin), max(0, y - margin)
+        x1, y1 = min(width, x + w + margin), min(height, y + h + margin)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        crop = image[y0:y1, x0:x1]
+        scale = max_px / max(x1 - x0, y1 - y0)
+        if scale < 1:
+            crop = cv2.resize(crop, (max(1, round((x1 - x0) * scale)),
+                                     max(1, round((y1 - y0) * scale))),
+                              interpolation=cv2.INTER_AREA)
+        ok, jpeg = cv2.imencode(".jpg", np.ascontiguousarray(crop),
+                                [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if ok:
+            photos.append(CrackPhoto(crack=crack.index, box_px=(x0, y0, x1 - x0, y1 - y0),
+                                     jpeg=jpeg.tobytes()))
+    return tuple(photos)
 
 
 def _grey(image: np.ndarray) -> np.ndarray:

@@ -26,3 +26,7 @@ class ResumeRefused(UserError, ValueError):
 class AlignmentError(UserError, ValueError):
     """Two runs cannot be aligned on their ring joints (too few, or they do not line up); the
     message says how many each run has and that a constant offset is the fallback."""
+
+
+class CrackNotFound(UserError, LookupError):
+    """No physical crack of that number in that run (or no detection of that key)."""

@@ -187,6 +187,11 @@ class Crack(Base):
     # the binary mask inside bbox_px as PNG (0 / 255; other cracks of the frame that reach into
     # the box show too), None for records stored before masks were kept
     mask_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    # the frame's pixels around the detection as JPEG (schema 0005): photo_box_px ([x, y, w, h]
+    # in frame pixels) is the region it shows, bbox_px plus a margin, scaled to at most
+    # PHOTO_MAX_PX on its long side; None for records stored without photos
+    photo_jpeg: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    photo_box_px: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
     physical_id: Mapped[int | None] = mapped_column(
         ForeignKey("physical_cracks.id", ondelete="SET NULL", name="fk_cracks_physical_id"),
         nullable=True, index=True)
@@ -226,6 +231,33 @@ class PhysicalCrack(Base):
     seq_first: Mapped[int] = mapped_column(BigInteger)
     seq_last: Mapped[int] = mapped_column(BigInteger)
     polyline: Mapped[list[list[float]]] = mapped_column(JSON)
+
+
+VERDICTS = ("confirmed", "rejected", "site_visit")  # an inspector's verdict on a physical crack
+REJECT_REASONS = ("joint", "stain", "scratch", "other")  # why a rejected crack is not a crack
+
+
+class CrackReview(Base):
+    """An inspector's verdict on one physical crack of a run (schema 0005): ``verdict`` one of
+    :data:`VERDICTS`, ``reason`` one of :data:`REJECT_REASONS` for a rejection (None otherwise),
+    with a note, who and when. Reviews are kept, never overwritten: a crack's verdict is its
+    latest review. They name the crack by (run, number), which a re-merge of unchanged
+    detections keeps (merging is deterministic); ``chainage_m`` / ``arc_mm`` record where the
+    crack was, so a verdict stays a label (exportable for training) whatever happens later."""
+
+    __tablename__ = "crack_reviews"
+    __table_args__ = (Index("ix_reviews_run_number", "run_id", "number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    number: Mapped[int] = mapped_column(Integer)
+    verdict: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    note: Mapped[str] = mapped_column(String, default="")
+    reviewer: Mapped[str] = mapped_column(String(100))
+    reviewed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    chainage_m: Mapped[float] = mapped_column(Float)
+    arc_mm: Mapped[float] = mapped_column(Float)
 
 
 class LiningFeature(Base):

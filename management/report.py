@@ -53,6 +53,7 @@ from management.store import (
     QueryError,
     RunNotFound,
     crack_mask,
+    latest_reviews,
     list_runs,
     query_cracks,
     query_features,
@@ -122,6 +123,14 @@ def _class_ranges(severity: SeverityConfig) -> list[str]:
     return out + [f">= {limits[-1]:g} mm"]
 
 
+def severity_classes(config: Any) -> list[dict[str, str]]:
+    """The run's severity classes, narrow to wide, with the colour the report and the map draw
+    each in and its width range: ``[{"name", "colour" (#rrggbb), "range"}, ...]``."""
+    severity = _severity(config)
+    return [{"name": name, "colour": _hex(rgb), "range": text} for name, rgb, text in zip(
+        severity.names, class_colours(len(severity.names)), _class_ranges(severity), strict=True)]
+
+
 # --- data --------------------------------------------------------------------------------------
 
 def _cracks_of_run(session: Session, run: Run) -> tuple[list[dict], dict[int, list[dict]]]:
@@ -139,6 +148,9 @@ def _cracks_of_run(session: Session, run: Run) -> tuple[list[dict], dict[int, li
             physical.append({"run": run.id, "number": number, **crack.to_dict(),
                              "merged": False})
             members[number] = [detections[i] for i in crack.members]
+        rejected = {number for (_, number), review in latest_reviews(session, [run.id]).items()
+                    if review["verdict"] == "rejected"}  # as query_physical leaves them out
+        physical = [crack for crack in physical if crack["number"] not in rejected]
         physical.sort(key=lambda r: (r["chainage_m"], r["number"]))
     return physical, members
 

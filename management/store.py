@@ -24,7 +24,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from sqlalchemy import delete, func, select, tuple_, update
+from sqlalchemy import Integer, delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from crackscan.wire import (
@@ -33,12 +33,15 @@ from crackscan.wire import (
     ResultMessage,
     RunStartMessage,
 )
-from management.errors import QueryError, ResumeRefused, RunNotFound
+from management.errors import CrackNotFound, QueryError, ResumeRefused, RunNotFound
 from management.features import merge_features
 from management.merge import LINK_MM, merge
 from management.models import (
+    REJECT_REASONS,
     RUN_STATUSES,
+    VERDICTS,
     Crack,
+    CrackReview,
     Frame,
     LiningFeature,
     PhysicalCrack,
@@ -139,11 +142,15 @@ def store_results(session: Session, results: list[ResultMessage]) -> tuple[int, 
                       capture_time=_utc(result.capture_time), chainage_m=result.chainage_m,
                       width=int(width), height=int(height), inference_ms=result.inference_ms,
                       worker=result.worker, crack_count=len(result.cracks), stored_at=now)
+        photos = {photo.crack: photo for photo in result.photos}
         for record in result.cracks:
             fields = record.to_dict()
             start_m, end_m = sorted((record.chainage_start_m, record.chainage_end_m))
+            photo = photos.get(record.index)
             fields.update(chainage_start_m=start_m, chainage_end_m=end_m,
-                          mask_png=_mask_crop_png(result.mask, record.bbox_px))
+                          mask_png=_mask_crop_png(result.mask, record.bbox_px),
+                          photo_jpeg=None if photo is None else photo.jpeg,
+                          photo_box_px=None if photo is None else list(photo.box_px))
             frame.cracks.append(Crack(run_id=result.run_id, camera_id=result.camera_id,
                                       seq=result.seq, **fields))
         for feature in result.features:  # none from a binary model
@@ -312,6 +319,24 @@ def merge_run(session: Session, run_id: str, link_mm: float = LINK_MM) -> int:
     return len(rows)
 
 
+def import_physical_cracks(session: Session, run_id: str, cracks: list[dict[str, Any]]) -> int:
+    """Add cracks merged elsewhere (another inspection system's records, a benchmark's tunnel)
+    to a run as physical cracks without detections, numbered on after its last; each dict has
+    the fields of :class:`management.models.PhysicalCrack` but ``run_id`` and ``number``.
+    Marks the run merged; returns how many were added."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise RunNotFound(f"no run {run_id!r} in the database")
+    last = session.scalar(select(func.max(PhysicalCrack.number))
+                          .where(PhysicalCrack.run_id == run_id)) or 0
+    rows = [{**crack, "run_id": run_id, "number": last + i}
+            for i, crack in enumerate(cracks, start=1)]
+    for start in range(0, len(rows), 5000):
+        session.execute(PhysicalCrack.__table__.insert(), rows[start:start + 5000])
+    run.merged_at = datetime.now(timezone.utc)
+    return len(rows)
+
+
 # --- readers -----------------------------------------------------------------------------------
 
 def _stored_frames(session: Session, run_id: str) -> int:
@@ -356,6 +381,14 @@ def run_latency(session: Session, run_id: str) -> dict[str, float | None]:
 
     return {"latency_ms_p50": percentile(0.5), "latency_ms_p99": percentile(0.99),
             "latency_ms_max": round(delays[-1], 1)}
+
+
+def run_config(session: Session, run_id: str) -> dict[str, Any]:
+    """The configuration a run was started with (its run_start's), {} when it sent none."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise RunNotFound(f"no run {run_id!r} in the database")
+    return dict(run.config or {})
 
 
 def list_runs(session: Session) -> list[dict[str, Any]]:
@@ -524,13 +557,19 @@ def query_physical(session: Session, run: str | None = None,
                    min_width_mm: float | None = None, min_length_mm: float | None = None,
                    chainage: tuple[float, float] | None = None, crack_type: str | None = None,
                    severity: str | None = None, sort: str = "chainage_m",
-                   limit: int | None = None, tunnel: str | None = None) -> list[dict[str, Any]]:
+                   limit: int | None = None, tunnel: str | None = None,
+                   verdict: str | None = None) -> list[dict[str, Any]]:
     """Physical cracks, with the filters, sorting and limit of :func:`query_cracks` (a physical
     crack's ``width_max_mm`` and ``length_mm`` are its merged ones; its extent is over all its
     detections). Stored ones for runs that were merged; a run not merged yet (still running, or
     stored before merging existed) is merged in memory, so the answer is always complete; its
-    records say ``"merged": false``."""
+    records say ``"merged": false``.
+
+    Each record carries its inspector's ``verdict`` (None: not reviewed) and ``verdict_reason``.
+    ``verdict`` filters by it (one of :data:`VERDICT_FILTERS`); by default (None) cracks an
+    inspector rejected are left out, as they are of every count and export."""
     field, descending = _check_query(min_width_mm, min_length_mm, limit, chainage, sort)
+    _check_verdict(verdict)
     statement = select(Run.id, Run.merged_at).order_by(Run.started_at, Run.id)
     if run is not None:
         statement = statement.where(Run.id == run)
@@ -558,7 +597,8 @@ def query_physical(session: Session, run: str | None = None,
                 and (crack_type is None or record["type"] == crack_type)
                 and (severity is None or record["severity"] == severity))
 
-    records = [record for record in records if keep(record)]
+    _attach_verdicts(session, records, [run_id for run_id, _ in runs])
+    records = [record for record in records if keep(record) and _verdict_keeps(verdict, record)]
     records.sort(key=lambda r: (r["run"], r["chainage_m"], r["number"]))  # runs stay in order
     if field != "chainage_m" or descending:
         records.sort(key=lambda r: r[field], reverse=descending)  # stable: ties keep that order
@@ -686,3 +726,331 @@ def _crack_dict(crack: Crack, capture_time: datetime, physical: int | None) -> d
         "physical": physical,  # the number of its physical crack in the run; None until merged
     }
 
+
+
+# --- reviews: an inspector's verdict on a physical crack ---------------------------------------
+
+# what query_physical's ``verdict`` takes: a verdict, "unreviewed", "any"; None: not rejected
+VERDICT_FILTERS = (*VERDICTS, "unreviewed", "any")
+REVIEWER_MAX = 100
+NOTE_MAX = 2000
+
+
+def _check_verdict(verdict: str | None) -> None:
+    if verdict is not None and verdict not in VERDICT_FILTERS:
+        raise QueryError(f"bad verdict {str(verdict)[:40]!r}: one of {', '.join(VERDICT_FILTERS)}")
+
+
+def _verdict_keeps(verdict: str | None, record: dict[str, Any]) -> bool:
+    given = record.get("verdict")
+    if verdict is None:
+        return given != "rejected"
+    if verdict == "any":
+        return True
+    if verdict == "unreviewed":
+        return given is None
+    return given == verdict
+
+
+def latest_reviews(session: Session, run_ids: list[str]) -> dict[tuple[str, int], dict[str, Any]]:
+    """The latest review of every reviewed physical crack of these runs, by (run, number)."""
+    latest: dict[tuple[str, int], dict[str, Any]] = {}
+    for start in range(0, len(run_ids), 500):
+        rows = session.scalars(select(CrackReview)
+                               .where(CrackReview.run_id.in_(run_ids[start:start + 500]))
+                               .order_by(CrackReview.reviewed_at, CrackReview.id))
+        latest.update(((row.run_id, row.number), _review_dict(row)) for row in rows)
+    return latest
+
+
+def _attach_verdicts(session: Session, records: list[dict[str, Any]], run_ids: list[str]) -> None:
+    latest = latest_reviews(session, run_ids) if run_ids else {}
+    for record in records:
+        review = latest.get((record["run"], record["number"]))
+        record["verdict"] = None if review is None else review["verdict"]
+        record["verdict_reason"] = None if review is None else review["reason"]
+
+
+def _review_dict(row: CrackReview) -> dict[str, Any]:
+    return {"run": row.run_id, "number": row.number, "verdict": row.verdict,
+            "reason": row.reason, "note": row.note, "reviewer": row.reviewer,
+            "reviewed_at": _iso(row.reviewed_at), "chainage_m": row.chainage_m,
+            "arc_mm": row.arc_mm}
+
+
+def physical_crack(session: Session, run_id: str, number: int) -> dict[str, Any]:
+    """One physical crack of a run, whatever its verdict; CrackNotFound names what is missing."""
+    if session.get(Run, run_id) is None:
+        raise RunNotFound(f"no run {run_id!r} in the database")
+    for record in query_physical(session, run=run_id, verdict="any"):
+        if record["number"] == number:
+            return record
+    raise CrackNotFound(f"run {run_id!r} has no physical crack {number}")
+
+
+def add_review(session: Session, run_id: str, number: int, verdict: str,
+               reason: str | None = None, note: str = "", reviewer: str = "") -> dict[str, Any]:
+    """Store an inspector's verdict on physical crack ``number`` of ``run_id`` (kept beside the
+    earlier ones; the latest counts). A rejection needs a reason (:data:`REJECT_REASONS`), the
+    other verdicts take none; QueryError names a bad argument."""
+    if verdict not in VERDICTS:
+        raise QueryError(f"bad verdict {str(verdict)[:40]!r}: one of {', '.join(VERDICTS)}")
+    if verdict == "rejected" and reason not in REJECT_REASONS:
+        raise QueryError(f"a rejected crack needs a reason: one of {', '.join(REJECT_REASONS)}")
+    if verdict != "rejected" and reason is not None:
+        raise QueryError(f"only a rejection has a reason (verdict {verdict!r}, reason {reason!r})")
+    reviewer = (reviewer or "").strip()
+    if not (0 < len(reviewer) <= REVIEWER_MAX and reviewer.isprintable()):
+        raise QueryError(f"a review names its reviewer (1 to {REVIEWER_MAX} printable "
+                         "characters)")
+    if len(note) > NOTE_MAX:
+        raise QueryError(f"a review note has at most {NOTE_MAX} characters, got {len(note)}")
+    crack = physical_crack(session, run_id, number)
+    row = CrackReview(run_id=run_id, number=number, verdict=verdict, reason=reason, note=note,
+                      reviewer=reviewer, reviewed_at=datetime.now(timezone.utc),
+                      chainage_m=crack["chainage_m"], arc_mm=crack["arc_mm"])
+    session.add(row)
+    session.flush()
+    return _review_dict(row)
+
+
+def crack_reviews(session: Session, run_id: str, number: int) -> list[dict[str, Any]]:
+    """Every review of one physical crack, oldest first."""
+    rows = session.scalars(select(CrackReview).where(CrackReview.run_id == run_id,
+                                                     CrackReview.number == number)
+                           .order_by(CrackReview.reviewed_at, CrackReview.id))
+    return [_review_dict(row) for row in rows]
+
+
+# --- evidence: the detections of a physical crack, with their photos ---------------------------
+
+def crack_detections(session: Session, run_id: str, number: int) -> list[dict[str, Any]]:
+    """The per-frame detections of one physical crack (as :func:`query_cracks`), each with
+    ``photo`` (whether a photo is stored); a run not merged yet is merged in memory."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise RunNotFound(f"no run {run_id!r} in the database")
+    if run.merged_at is None:
+        detections = query_cracks(session, run=run_id)
+        merged = merge(detections)
+        if not 0 < number <= len(merged):
+            raise CrackNotFound(f"run {run_id!r} has no physical crack {number}")
+        chosen = [detections[i] for i in merged[number - 1].members]
+    else:
+        physical_id = session.scalar(select(PhysicalCrack.id).where(
+            PhysicalCrack.run_id == run_id, PhysicalCrack.number == number))
+        if physical_id is None:
+            raise CrackNotFound(f"run {run_id!r} has no physical crack {number}")
+        rows = session.execute(_crack_statement(run=run_id)
+                               .where(Crack.physical_id == physical_id)).all()
+        chosen = [_crack_dict(*row) for row in rows]
+    keys = [(d["camera"], d["seq"], d["index"]) for d in chosen]
+    with_photo = set()
+    for start in range(0, len(keys), 500):
+        with_photo.update(session.execute(
+            select(Crack.camera_id, Crack.seq, Crack.index)
+            .where(Crack.run_id == run_id, Crack.photo_jpeg.is_not(None),
+                   tuple_(Crack.camera_id, Crack.seq, Crack.index).in_(keys[start:start + 500]))
+        ).all())
+    for detection in chosen:
+        detection["photo"] = (detection["camera"], detection["seq"], detection["index"]) in {
+            tuple(key) for key in with_photo}
+    return chosen
+
+
+def detection_evidence(session: Session, run_id: str, camera_id: str, seq: int, index: int
+                       ) -> dict[str, Any]:
+    """What a detection's evidence is drawn from: ``photo_jpeg`` and ``photo_box_px`` (None when
+    no photo was kept), ``mask_png`` and ``bbox_px``; CrackNotFound when there is no such
+    detection."""
+    row = session.execute(select(Crack.photo_jpeg, Crack.photo_box_px, Crack.mask_png,
+                                 Crack.bbox_px).where(
+        Crack.run_id == run_id, Crack.camera_id == camera_id, Crack.seq == seq,
+        Crack.index == index)).first()
+    if row is None:
+        raise CrackNotFound(f"run {run_id!r} has no detection {index} in frame {seq} of camera "
+                            f"{camera_id!r}")
+    photo, box, mask, bbox = row
+    return {"photo_jpeg": photo, "photo_box_px": None if box is None else list(box),
+            "mask_png": mask, "bbox_px": list(bbox)}
+
+
+# --- the lining map: a viewport's cracks, or their density where there are too many ------------
+
+# (run, when merged) -> the longest chainage extent of its physical cracks: a viewport's cracks
+# start at most that far before it, which bounds the index range a viewport query reads
+_LONGEST_EXTENT: dict[tuple[str, str, datetime], float] = {}
+
+
+def _longest_extent_m(session: Session, run: Run) -> float:
+    key = (str(session.get_bind().url), run.id, run.merged_at)
+    if key not in _LONGEST_EXTENT:
+        if len(_LONGEST_EXTENT) > 256:
+            _LONGEST_EXTENT.clear()
+        _LONGEST_EXTENT[key] = float(session.scalar(
+            select(func.max(PhysicalCrack.chainage_end_m - PhysicalCrack.chainage_start_m))
+            .where(PhysicalCrack.run_id == run.id)) or 0.0)
+    return _LONGEST_EXTENT[key]
+
+
+def _viewport_statement(run_id: str, chainage: tuple[float, float], arc: tuple[float, float],
+                        min_width_mm: float | None, min_length_mm: float | None,
+                        crack_type: str | None, severity: str | None,
+                        longest_m: float = math.inf) -> Any:
+    statement = select(PhysicalCrack).where(
+        PhysicalCrack.run_id == run_id,
+        PhysicalCrack.chainage_start_m <= chainage[1], PhysicalCrack.chainage_end_m >= chainage[0],
+        PhysicalCrack.arc_start_mm <= arc[1], PhysicalCrack.arc_end_mm >= arc[0])
+    if math.isfinite(longest_m):
+        statement = statement.where(PhysicalCrack.chainage_start_m >= chainage[0] - longest_m)
+    if min_width_mm is not None:
+        statement = statement.where(PhysicalCrack.width_max_mm >= min_width_mm)
+    if min_length_mm is not None:
+        statement = statement.where(PhysicalCrack.length_mm >= min_length_mm)
+    if crack_type is not None:
+        statement = statement.where(PhysicalCrack.type == crack_type)
+    if severity is not None:
+        statement = statement.where(PhysicalCrack.severity == severity)
+    return statement
+
+
+def _check_range(name: str, value: tuple[float, float]) -> None:
+    if not (len(value) == 2 and all(math.isfinite(v) for v in value) and value[0] <= value[1]):
+        raise QueryError(f"bad {name} range {value!r}: two finite numbers, start <= end")
+
+
+def viewport_cracks(session: Session, run_id: str, chainage: tuple[float, float],
+                    arc: tuple[float, float], min_width_mm: float | None = None,
+                    min_length_mm: float | None = None, crack_type: str | None = None,
+                    severity: str | None = None, verdict: str | None = None,
+                    limit: int = 5000) -> dict[str, Any]:
+    """The physical cracks of a run whose extent meets the viewport (``chainage`` m x ``arc``
+    mm), filtered as :func:`query_physical`: ``{"cracks": [...], "total": n}``, or, when more
+    than ``limit`` meet it, ``{"cracks": None, "total": n}`` (ask :func:`viewport_density`).
+    The filtering is done by the database for a merged run (the map's many small queries)."""
+    _check_range("chainage", chainage)
+    _check_range("arc", arc)
+    _check_query(min_width_mm, min_length_mm, limit, None, "chainage_m")
+    _check_verdict(verdict)
+    run = session.get(Run, run_id)
+    if run is None:
+        raise RunNotFound(f"no run {run_id!r} in the database")
+    if run.merged_at is None:  # merged in memory: small (running) runs only
+        records = [r for r in query_physical(
+            session, run=run_id, min_width_mm=min_width_mm, min_length_mm=min_length_mm,
+            chainage=chainage, crack_type=crack_type, severity=severity, verdict=verdict)
+            if r["arc_start_mm"] <= arc[1] and r["arc_end_mm"] >= arc[0]]
+        return {"total": len(records), "cracks": records if len(records) <= limit else None}
+    statement = _viewport_statement(run_id, chainage, arc, min_width_mm, min_length_mm,
+                                    crack_type, severity, _longest_extent_m(session, run))
+    total = session.scalar(select(func.count()).select_from(statement.subquery())) or 0
+    if total > limit:  # verdicts are few: the count before them is close enough to decide
+        return {"total": total, "cracks": None}
+    records = [_physical_dict(row, True) for row in session.scalars(
+        statement.order_by(PhysicalCrack.chainage_m, PhysicalCrack.number))]
+    _attach_verdicts(session, records, [run_id])
+    records = [r for r in records if _verdict_keeps(verdict, r)]
+    return {"total": len(records), "cracks": records}
+
+
+def viewport_density(session: Session, run_id: str, chainage: tuple[float, float],
+                     arc: tuple[float, float], cells: tuple[int, int] = (200, 50),
+                     min_width_mm: float | None = None, min_length_mm: float | None = None,
+                     crack_type: str | None = None, severity: str | None = None
+                     ) -> dict[str, Any]:
+    """The viewport cut into ``cells`` (along, across) cells, counted by the database: each
+    cell with cracks (by their centre) as ``[i, j, count, widest width_max_mm]``, with the
+    cell size; the map draws these where a viewport holds too many cracks to draw. Rejected
+    cracks are counted too (verdicts are applied to drawn cracks only)."""
+    _check_range("chainage", chainage)
+    _check_range("arc", arc)
+    along, across = cells
+    if not (0 < along <= 2000 and 0 < across <= 500):
+        raise QueryError(f"bad density cells {cells!r}: 1..2000 along, 1..500 across")
+    run = session.get(Run, run_id)
+    if run is None:
+        raise RunNotFound(f"no run {run_id!r} in the database")
+    cell_m = max((chainage[1] - chainage[0]) / along, 1e-3)
+    cell_mm = max((arc[1] - arc[0]) / across, 1e-3)
+    if run.merged_at is None:
+        records = viewport_cracks(session, run_id, chainage, arc, min_width_mm, min_length_mm,
+                                  crack_type, severity, "any", limit=10 ** 9)["cracks"]
+        bins: dict[tuple[int, int], list[float]] = {}
+        for r in records:
+            key = (int((r["chainage_m"] - chainage[0]) // cell_m),
+                   int((r["arc_mm"] - arc[0]) // cell_mm))
+            count, widest = bins.get(key, (0, 0.0))
+            bins[key] = [count + 1, max(widest, r["width_max_mm"])]
+        found = [[i, j, int(c), w] for (i, j), (c, w) in sorted(bins.items())]
+    else:
+        base = _viewport_statement(run_id, chainage, arc, min_width_mm, min_length_mm,
+                                   crack_type, severity, _longest_extent_m(session, run)).where(
+            PhysicalCrack.chainage_m >= chainage[0], PhysicalCrack.arc_mm >= arc[0]).subquery()
+        # cell index = floor((x - start) / size); x >= start, so truncation is floor, and
+        # Postgres' CAST rounds: floor() there, CAST (truncates) on SQLite
+        postgres = session.get_bind().dialect.name == "postgresql"
+
+        def cell(column: Any, start: float, size: float) -> Any:
+            value = (column - start) / size
+            return func.floor(value) if postgres else value.cast(Integer)
+
+        i = cell(base.c.chainage_m, chainage[0], cell_m).label("i")
+        j = cell(base.c.arc_mm, arc[0], cell_mm).label("j")
+        rows = session.execute(select(i, j, func.count(), func.max(base.c.width_max_mm))
+                               .group_by(i, j).order_by(i, j)).all()
+        found = [[int(a), int(b), int(c), float(w)] for a, b, c, w in rows]
+    return {"cell_m": cell_m, "cell_mm": cell_mm, "cells": [c for c in found
+                                                            if c[0] < along and c[1] < across]}
+
+
+def run_severity_counts(session: Session, run_ids: list[str]) -> dict[str, dict[str, int]]:
+    """Physical cracks per severity of each run, rejected ones left out (counted by the
+    database for merged runs)."""
+    counts: dict[str, dict[str, int]] = {run_id: {} for run_id in run_ids}
+    merged = set(session.scalars(select(Run.id).where(Run.merged_at.is_not(None))))
+    for run_id in run_ids:
+        if run_id not in merged:
+            for crack in query_physical(session, run=run_id):
+                counts[run_id][crack["severity"]] = counts[run_id].get(crack["severity"], 0) + 1
+            continue
+        rows = session.execute(select(PhysicalCrack.severity, func.count())
+                               .where(PhysicalCrack.run_id == run_id)
+                               .group_by(PhysicalCrack.severity)).all()
+        counts[run_id] = {severity: int(n) for severity, n in rows}
+        rejected = [number for (_, number), review in latest_reviews(session, [run_id]).items()
+                    if review["verdict"] == "rejected"]
+        for start in range(0, len(rejected), 500):
+            for severity, n in session.execute(
+                    select(PhysicalCrack.severity, func.count())
+                    .where(PhysicalCrack.run_id == run_id,
+                           PhysicalCrack.number.in_(rejected[start:start + 500]))
+                    .group_by(PhysicalCrack.severity)).all():
+                counts[run_id][severity] -= int(n)
+        counts[run_id] = {k: v for k, v in counts[run_id].items() if v}
+    return counts
+
+
+def run_extent(session: Session, run_id: str) -> dict[str, list[float]]:
+    """Where a run's frames and physical cracks lie: ``chainage_m`` [start, end] and
+    ``arc_mm`` [start, end] (0..1000 mm round the ring when it has no crack)."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise RunNotFound(f"no run {run_id!r} in the database")
+    frames = session.execute(select(func.min(Frame.chainage_m), func.max(Frame.chainage_m))
+                             .where(Frame.run_id == run_id)).one()
+    if run.merged_at is not None:
+        cracks = session.execute(select(
+            func.min(PhysicalCrack.chainage_start_m), func.max(PhysicalCrack.chainage_end_m),
+            func.min(PhysicalCrack.arc_start_mm), func.max(PhysicalCrack.arc_end_mm))
+            .where(PhysicalCrack.run_id == run_id)).one()
+    else:
+        found = query_physical(session, run=run_id, verdict="any")
+        cracks = ((min((c["chainage_start_m"] for c in found), default=None),
+                   max((c["chainage_end_m"] for c in found), default=None),
+                   min((c["arc_start_mm"] for c in found), default=None),
+                   max((c["arc_end_mm"] for c in found), default=None)))
+    starts = [v for v in (frames[0], cracks[0]) if v is not None]
+    ends = [v for v in (frames[1], cracks[1]) if v is not None]
+    return {"chainage_m": [min(starts, default=0.0), max(ends, default=0.0)],
+            "arc_mm": [0.0 if cracks[2] is None else cracks[2],
+                       1000.0 if cracks[3] is None else cracks[3]]}

@@ -12,6 +12,7 @@ from support import flip_bytes, replace_a_field
 
 from crackscan import wire
 from crackscan.wire import (
+    CrackPhoto,
     CrackRecord,
     CreditMessage,
     EndOfStreamMessage,
@@ -187,6 +188,43 @@ def test_result_features_travel_and_are_checked():
         decode([json.dumps(header).encode(), good[1]])
 
 
+def _jpeg(width: int, height: int) -> bytes:
+    ok, data = cv2.imencode(".jpg", np.full((height, width, 3), 120, np.uint8))
+    return data.tobytes()
+
+
+def test_result_photos_travel_and_are_checked():
+    mask = np.zeros((64, 256), np.uint8)
+    photo = CrackPhoto(crack=0, box_px=(2, 4, 230, 40), jpeg=_jpeg(230, 40))
+    message = ResultMessage("r", "c", 0, 0.0, 0.0, 1.0, "m", "w", (crack(),), mask,
+                            photos=(photo,))
+    frames = message.to_frames()
+    assert len(frames) == 3 and _header(frames)["photos"] == [{"crack": 0,
+                                                                "box_px": [2, 4, 230, 40]}]
+    assert decode(frames).photos == (photo,)
+    header = _header(frames)
+    for change, extra, match in (
+            (lambda h: h["photos"][0].update(crack=7), None, "no such crack"),
+            (lambda h: h["photos"].append(dict(h["photos"][0])), frames[2], "second photo"),
+            (lambda h: h["photos"][0].update(box_px=[200, 0, 100, 10]), None, "inside"),
+            (lambda h: h["photos"][0].update(box_px=[0, 0, 0, 10]), None, "inside"),
+            (lambda h: h["photos"][0].update(box_px=[0, 0, 1]), None, "box_px"),
+            (lambda h: h["photos"][0].update(size=3), None, "photo is"),
+            (lambda h: h.update(photos={"0": 1}), None, "photos")):
+        changed = json.loads(json.dumps(header))
+        change(changed)
+        with pytest.raises(WireError, match=match):
+            decode([json.dumps(changed).encode(), *frames[1:], *([extra] if extra else [])])
+    with pytest.raises(WireError, match="frame"):  # a photo announced, none sent
+        decode(frames[:2])
+    with pytest.raises(WireError, match="frame"):  # a photo sent, none announced
+        decode([frames[0], frames[1], frames[2], frames[2]])
+    for payload, match in ((b"not a jpeg", "not a JPEG"), (_jpeg(600, 20), "at most 512"),
+                           (_jpeg(230, 40)[:200], "decode")):
+        with pytest.raises(WireError, match=match):
+            decode([frames[0], frames[1], payload])
+
+
 # --- hostile bytes: WireError and nothing else ---------------------------------------------------
 
 def _end_header() -> bytes:
@@ -257,6 +295,9 @@ def _valid_messages() -> list[list[bytes]]:
             FrameMessage("r", "c", 3, 1.0, 2.0, image, "jpeg").to_frames(),
             ResultMessage("r", "c", 3, 1.0, 2.0, 4.0, "m", "w", (crack(),), mask,
                           (feature(),)).to_frames(),
+            ResultMessage("r", "c", 3, 1.0, 2.0, 4.0, "m", "w", (crack(),),
+                          np.zeros((64, 256), np.uint8),
+                          photos=(CrackPhoto(0, (0, 0, 16, 8), _jpeg(16, 8)),)).to_frames(),
             EndOfStreamMessage("r", "c", 1.0, 5, 5, 0, 0).to_frames(),
             CreditMessage("w", 2, 1, (("c", 3),), (("c", 4),)).to_frames(),
             HeartbeatMessage("acquisition", "r").to_frames(),

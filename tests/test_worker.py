@@ -6,9 +6,11 @@ from __future__ import annotations
 import threading
 import time
 
+import cv2
 import numpy as np
 import pytest
 import zmq
+from support import crack_record
 
 from crackscan.config import PipelineConfig
 from crackscan.wire import (
@@ -20,7 +22,7 @@ from crackscan.wire import (
     decode,
 )
 from inference.backends import open_segmenter
-from inference.worker import process_frame, run_worker
+from inference.worker import crack_photos, process_frame, run_worker
 
 
 def frames_of_two_sizes(count: int = 10) -> list[FrameMessage]:
@@ -103,6 +105,7 @@ def test_micro_batches_keep_order_identity_and_results(tmp_path):
                                                             frame.capture_time)
         assert np.array_equal(result.mask, alone.mask), frame.seq
         assert [c.length_mm for c in result.cracks] == [c.length_mm for c in alone.cracks]
+        assert [p.crack for p in result.photos] == [c.index for c in result.cracks]
 
 
 def test_a_frame_that_fails_is_reported_failed_and_a_slow_frame_keeps_the_heart_beating(
@@ -156,3 +159,21 @@ def test_a_lining_model_s_joint_is_a_lining_feature_never_a_crack(tmp_path) -> N
     assert joint.arc_end_mm - joint.arc_start_mm == pytest.approx(95 * 2.0)
     assert joint.length_mm == pytest.approx(96 * 2.0, abs=2)
     assert joint.area_px == 8 * 96
+
+
+def test_each_crack_s_photo_shows_its_box_with_a_margin_within_the_frame():
+    ramp = (np.arange(300)[:, None] + np.arange(900)[None, :]) // 5  # smooth: JPEG keeps it
+    image = np.dstack([ramp, ramp[::-1], ramp[:, ::-1]]).astype(np.uint8)
+    cracks = [crack_record(0, 1.0, 1.0, 10.0, bbox_px=(0, 100, 40, 20)),      # at the edge
+              crack_record(1, 1.0, 1.0, 10.0, bbox_px=(100, 50, 800, 100))]   # long: scaled
+    small, large = crack_photos(image, cracks, max_px=320, quality=85)
+    assert small.box_px == (0, 84, 56, 52)  # 16 px margin, clipped at x = 0
+    decoded = cv2.imdecode(np.frombuffer(small.jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape == (52, 56, 3)
+    assert np.abs(decoded.astype(int) - image[84:136, 0:56]).mean() < 3  # the frame's pixels
+    assert large.box_px == (0, 0, 900, 300)  # 200 px margin (a quarter), clipped all round
+    assert cv2.imdecode(np.frombuffer(large.jpeg, np.uint8), cv2.IMREAD_COLOR).shape == \
+        (107, 320, 3)
+    assert crack_photos(image, cracks, max_px=0, quality=85) == ()
+    grey = crack_photos(image[:, :, 0], cracks[:1], max_px=320, quality=85)[0]
+    assert cv2.imdecode(np.frombuffer(grey.jpeg, np.uint8), cv2.IMREAD_UNCHANGED).ndim == 2

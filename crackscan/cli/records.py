@@ -16,6 +16,9 @@ from crackscan.cli.common import (
 
 log = logging.getLogger("crackscan")
 
+# management.store.VERDICT_FILTERS (a test keeps them equal; the CLI imports management lazily)
+VERDICT_FILTERS = ("confirmed", "rejected", "site_visit", "unreviewed", "any")
+
 
 def cmd_runs(args) -> int:
     from management.db import session_factory
@@ -32,7 +35,7 @@ def cmd_runs(args) -> int:
 # query flags that filter or shape cracks only: lining features have no width, type or
 # severity, and are listed merged (physical) only
 CRACK_ONLY_FLAGS = (("--detections", "detections"), ("--min-width-mm", "min_width_mm"),
-                    ("--type", "type"), ("--severity", "severity"))
+                    ("--type", "type"), ("--severity", "severity"), ("--verdict", "verdict"))
 
 
 def cmd_query(args) -> int:
@@ -49,6 +52,9 @@ def cmd_query(args) -> int:
                             "--sort and --limit")
     elif args.kind is not None:
         raise UserError("--kind filters lining features: add --features")
+    elif args.detections and args.verdict is not None:
+        raise UserError("--verdict filters physical cracks (an inspector reviews those): "
+                        "drop --detections")
     chainage = parse_chainage(args.chainage) if args.chainage else None
     engine = read_database(args.db)
     with session_factory(engine)() as session:
@@ -58,10 +64,11 @@ def cmd_query(args) -> int:
                                      sort=args.sort, limit=args.limit, tunnel=args.tunnel)
         else:
             query = query_cracks if args.detections else query_physical
+            verdict = {} if args.detections else {"verdict": args.verdict}
             records = query(session, run=args.run, min_width_mm=args.min_width_mm,
                             min_length_mm=args.min_length_mm, chainage=chainage,
                             crack_type=args.type, severity=args.severity, sort=args.sort,
-                            limit=args.limit, tunnel=args.tunnel)
+                            limit=args.limit, tunnel=args.tunnel, **verdict)
     print(render(records, args.format))
     return 0
 
@@ -69,69 +76,36 @@ def cmd_query(args) -> int:
 def cmd_compare(args) -> int:
     import math
 
-    from management.compare import CHANGE_COLUMNS, change_rows, compare_runs
+    from management.compare import CHANGE_COLUMNS, change_rows
     from management.db import session_factory
-    from management.errors import AlignmentError
-    from management.features import JOINT_KIND, ring_joints
+    from management.errors import RunNotFound
     from management.formats import render
-    from management.landmarks import MIN_JOINTS, align_on_joints
-    from management.store import QueryError, list_runs, query_features, query_physical
+    from management.inspections import compare_inspections
+    from management.store import QueryError
 
     if not math.isfinite(args.offset_m):
         raise UserError(f"--offset-m must be a finite number, got {args.offset_m!r}")
     engine = read_database(args.db)
     with session_factory(engine)() as session:
-        known = {run["id"]: run for run in list_runs(session)}
-        for run_id in (args.run_a, args.run_b):
-            if run_id not in known:
-                raise UserError(f"no run {run_id!r} in the database (`crackscan runs` lists "
-                                "them)")
-        tunnels = [known[args.run_a]["tunnel"], known[args.run_b]["tunnel"]]
-        if None not in tunnels and tunnels[0] != tunnels[1]:
-            log.warning("comparing runs of different tunnels: %s is of %s, %s of %s",
-                        args.run_a, tunnels[0], args.run_b, tunnels[1])
-        before = query_physical(session, run=args.run_a)
-        after = query_physical(session, run=args.run_b)
-        joints_a = ring_joints(query_features(session, run=args.run_a, kind=JOINT_KIND))
-        joints_b = ring_joints(query_features(session, run=args.run_b, kind=JOINT_KIND))
-    # --align joints (the default where both runs have ring joints): RUN_B's chainages mapped
-    # between the joints both runs saw, --offset-m only a hint; an explicit --align joints that
-    # cannot align is exit 2, the default falls back to --offset-m with a warning.
-    alignment = None
-    align = args.align or ("joints" if min(len(joints_a), len(joints_b)) >= MIN_JOINTS
-                           else "offset")
-    if align == "joints":
         try:
-            alignment = align_on_joints(joints_a, joints_b, offset_hint_m=args.offset_m,
-                                        labels=(args.run_a, args.run_b))
-        except AlignmentError as exc:
-            if args.align == "joints":
-                raise
-            log.warning("%s; comparing with --offset-m %g instead", exc, args.offset_m)
-    elif args.align is None:
-        log.info("ring joints stored: %d of %s, %d of %s (at least %d each to align on them): "
-                 "comparing with --offset-m %g", len(joints_a), args.run_a, len(joints_b),
-                 args.run_b, MIN_JOINTS, args.offset_m)
-    try:
-        report = compare_runs(before, after, tolerance_mm=args.tolerance_mm,
-                              offset_m=args.offset_m if alignment is None else 0.0,
-                              chainage_map=alignment)
-    except QueryError as exc:  # name the flags, not the parameters
-        raise UserError(str(exc).replace("tolerance_mm", "--tolerance-mm")
-                        .replace("offset_m", "--offset-m")) from None
-    if alignment is not None:
-        log.info("%s aligned on %s by %d ring joints (%d and %d stored): scale %.5f, rms %.3f m",
-                 args.run_b, args.run_a, len(alignment.pairs), alignment.joints_a,
-                 alignment.joints_b, alignment.scale, alignment.rms_m)
+            report = compare_inspections(session, args.run_a, args.run_b,
+                                         tolerance_mm=args.tolerance_mm, align=args.align,
+                                         offset_m=args.offset_m)
+        except RunNotFound as exc:
+            raise UserError(str(exc)) from None
+        except QueryError as exc:  # name the flags, not the parameters
+            raise UserError(str(exc).replace("tolerance_mm", "--tolerance-mm")
+                            .replace("offset_m", "--offset-m")) from None
+    alignment = report["alignment"] if report["alignment"]["method"] == "joints" else None
     if args.format == "json":
-        print_json({"before_run": args.run_a, "after_run": args.run_b, **report})
+        print_json(report)
         return 0
     rows = change_rows(report)
     if args.format == "table":
         s = report["summary"]
         aligned = (f"offset {args.offset_m:g} m" if alignment is None else
-                   f"aligned on {len(alignment.pairs)} ring joints, scale {alignment.scale:.4f}, "
-                   f"rms {alignment.rms_m:.3f} m")
+                   f"aligned on {alignment['joints_matched']} ring joints, scale "
+                   f"{alignment['scale']:.4f}, rms {alignment['rms_m']:.3f} m")
         print(f"{args.run_a} -> {args.run_b}: {s['before']} cracks before, {s['after']} after; "
               f"{s['matched']} matched ({s['grown']} grown), {s['new']} new, {s['gone']} gone "
               f"(tolerance {args.tolerance_mm:g} mm, {aligned})")
@@ -157,6 +131,32 @@ def cmd_report(args) -> int:
     print(f"report of run {report['run']}: {report['cracks']} physical cracks (from "
           f"{report['detections']} detections) -> {report['path']}")
     return 0
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from management.web.app import Tokens, create_app, read_token_file
+
+    tokens = read_token_file(Path(args.token_file)) if args.token_file else Tokens()
+    if args.host not in LOOPBACK and not tokens.required:
+        raise UserError(f"--host {args.host} serves the crack records beyond this machine: give "
+                        "--token-file (lines 'read TOKEN' / 'review TOKEN'), or bind 127.0.0.1")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be 1..65535, got {args.port}")
+    engine = read_database(args.db)
+    app = create_app(engine, tokens)
+    log.info("serving the crack records of %s at http://%s:%d/ (%s)", engine.url.render_as_string(
+        hide_password=True), args.host, args.port,
+        "token needed" if tokens.required else "open: loopback only")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            access_log=False, server_header=False)
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 2
 
 
 def cmd_db(args) -> int:
@@ -222,6 +222,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--type", choices=["longitudinal", "circumferential", "diagonal", "network"])
     p.add_argument("--severity", help="a severity class name (config severity.names)")
     p.add_argument("--tunnel", help="the runs of this tunnel (run --tunnel)")
+    p.add_argument("--verdict", choices=VERDICT_FILTERS,
+                   help="physical cracks with this inspector's verdict (`serve` reviews them); "
+                        "default: all but those rejected")
     p.add_argument("--sort", default="chainage_m",
                    help="chainage_m (default), length_mm, width_max_mm, width_mean_mm or arc_mm "
                         "(--features: chainage_m, length_mm, area_mm2 or arc_mm); a leading '-' "
@@ -259,6 +262,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="length of the chainage sections of the statistics table (m)")
     p.add_argument("--largest", type=int, default=10,
                    help="how many of the largest cracks to list with their mask crops")
+
+    p = add(sub, "serve", cmd_serve, "serve the crack records as a web application: tunnels and "
+            "inspections, the lining map, each crack's photos and history, comparison, "
+            "inspectors' review, exports (docs/web.md)")
+    db_flag(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; any other needs --token-file)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--token-file", metavar="FILE",
+                   help="lines 'read TOKEN' / 'review TOKEN': every request then needs one "
+                        "(reading, or reading and reviewing)")
 
     p = add(sub, "db", cmd_db, "show or upgrade the database schema (back the database up before "
             "an upgrade)")

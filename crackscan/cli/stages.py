@@ -134,6 +134,8 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from crackscan.bench import run_bench
 
+    if args.web:
+        return _bench_web(args)
     if not 0 <= args.overlap < 1:
         raise UserError(f"--overlap must be in 0..1 (a share of the frame), got {args.overlap}")
     if args.frames < 1 or args.workers < 1 or args.repeat < 1:
@@ -162,6 +164,22 @@ def cmd_bench(args) -> int:
             else:
                 print(f"{key:22s} {value:.3f}" if isinstance(value, float)
                       else f"{key:22s} {value}")
+    return 0
+
+
+def _bench_web(args) -> int:
+    """``bench --web``: the web application's map requests on a long synthetic tunnel."""
+    from crackscan.bench_web import run_web_bench
+
+    if args.cracks < 1 or args.length_m <= 0 or args.queries < 1:
+        raise UserError("--cracks and --queries must be at least 1, --length-m above 0")
+    result = run_web_bench(args.db, cracks=args.cracks, length_m=args.length_m,
+                           queries=args.queries)
+    if args.format == "json":
+        print_json(result)
+    else:
+        for key, value in result.items():
+            print(f"{key:22s} {value}")
     return 0
 
 
@@ -447,6 +465,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="instead: the bare backend on batches of these sizes of full --tile px "
                         "tiles cut from the source (tiles/s and latency per batch size)")
     p.add_argument("--tile", type=int, default=512, help="tile side for --batches (px)")
+    p.add_argument("--web", action="store_true",
+                   help="instead: the web application's lining-map requests (p50 / p95) and "
+                        "first paint on a synthetic tunnel of --cracks over --length-m")
+    p.add_argument("--db", help="--web: the database to add the tunnel to (default: a "
+                   "throw-away SQLite file)")
+    p.add_argument("--cracks", type=int, default=100_000, help="--web: physical cracks")
+    p.add_argument("--length-m", type=float, default=10_000.0, help="--web: tunnel length")
+    p.add_argument("--queries", type=int, default=50, help="--web: requests per viewport size")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
     p = add(sub, "synth", cmd_synth, "write a synthetic tunnel drive (mp4) and its ground "

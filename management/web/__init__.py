@@ -1,0 +1,1 @@
+"""The web application for crack records (``crackscan serve``): :mod:`management.web.app`."""
