@@ -155,8 +155,14 @@ def cmd_serve(args) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             access_log=False, server_header=False)
     server = uvicorn.Server(config)
-    server.run()
-    return 0 if server.started else 2
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn stops gracefully, then raises the signal again
+        pass
+    if not server.started:
+        raise UserError(f"cannot serve at {args.host}:{args.port} (is the port in use?)")
+    log.info("stopped serving")
+    return 0
 
 
 def cmd_db(args) -> int:

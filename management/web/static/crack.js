@@ -12,19 +12,29 @@
     document.querySelector("#reason-row").hidden = form.verdict.value !== "rejected";
   });
 
-  function miniMap(c) {  // the polyline in tunnel coordinates, 1:1 in mm, with a scale bar
-    const pts = c.polyline.map(p => [p[0] * 1000, p[1]]);
-    const xs = pts.map(p => p[0]), ys = pts.map(p => p[1]);
-    const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
-    const span = Math.max(x1 - x0, y1 - y0, 10), pad = span * 0.15, W = 280, s = W / (span + 2 * pad);
-    const px = p => [((p[0] - x0 + pad) * s).toFixed(1), ((y1 + pad - p[1]) * s).toFixed(1)];
-    const H = Math.max(60, (y1 - y0 + 2 * pad) * s);
-    const bar = Math.pow(10, Math.floor(Math.log10(span)));
-    return `<svg width="${W}" height="${H.toFixed(0)}" style="background:#fff;border:1px solid #e3e6ea" id="minimap">
-      <polyline points="${pts.map(p => px(p).join(",")).join(" ")}" fill="none" stroke="#c0001a" stroke-width="2"/>
-      <line x1="8" y1="${H - 10}" x2="${8 + bar * s}" y2="${H - 10}" stroke="#333" stroke-width="2"/>
-      <text x="8" y="${H - 14}">${bar >= 1000 ? bar / 1000 + " m" : bar + " mm"}</text>
-      <text x="${W - 8}" y="14" text-anchor="end">chainage → · arc ↑</text></svg>`;
+  function miniMap(c) {  // where it is: the crack and its neighbours, 1:1, with the chainage
+    const box = document.querySelector("#minimap");
+    const map = L.map(box, {crs: L.CRS.Simple, minZoom: -9, maxZoom: 14, zoomSnap: 0.25,
+                            attributionControl: false, preferCanvas: true});
+    const pad = Math.max(0.5, (c.chainage_end_m - c.chainage_start_m) * 0.5);
+    const bounds = L.latLngBounds([(c.arc_start_mm - pad * 1000) / 1000, c.chainage_start_m - pad],
+                                  [(c.arc_end_mm + pad * 1000) / 1000, c.chainage_end_m + pad]);
+    map.fitBounds(bounds);
+    const q = new URLSearchParams({chainage: `${c.chainage_start_m - 3 * pad}:${c.chainage_end_m + 3 * pad}`,
+                                   arc: `${c.arc_start_mm - 3000 * pad}:${c.arc_end_mm + 3000 * pad}`, verdict: "any"});
+    crackscan.api(`/api/runs/${enc}/cracks?${q}`).then(found => {
+      for (const other of found.cracks || []) {
+        if (other.number === c.number) continue;
+        L.polyline(other.polyline.map(p => [p[1] / 1000, p[0]]), {color: "#90a4ae", weight: 2})
+          .bindTooltip(`crack ${other.number}`).on("click", () => { location.href = `/runs/${enc}/cracks/${other.number}`; })
+          .addTo(map);
+      }
+      L.polyline(c.polyline.map(p => [p[1] / 1000, p[0]]), {color: "#c0001a", weight: 4}).addTo(map);
+    }).catch(() => {});
+    const where = L.control({position: "bottomleft"});
+    where.onAdd = () => { const d = L.DomUtil.create("div", "legend");
+      d.textContent = `chainage ${crackscan.num(c.chainage_m, 2)} m · arc ${crackscan.num(c.arc_mm, 0)} mm`; return d; };
+    where.addTo(map);
   }
   function chart(history, key, label) {  // a measurement over the inspections
     const items = history.filter(h => h[key] !== null);
@@ -50,7 +60,9 @@
       ["type", crackscan.esc(c.type)], ["orientation", `${crackscan.num(c.orientation_deg, 0)}°`],
       ["detections", `${c.detections} in ${c.frames} frames (${crackscan.esc(c.cameras.join(", "))})`]];
     document.querySelector("#crack").innerHTML =
-      `<table id="measurements">${rows.map(r => `<tr><th class="text">${r[0]}</th><td class="text">${r[1]}</td></tr>`).join("")}</table>${miniMap(c)}`;
+      `<table id="measurements">${rows.map(r => `<tr><th class="text">${r[0]}</th><td class="text">${r[1]}</td></tr>`).join("")}</table>
+       <div id="minimap" style="width:360px;height:260px;border:1px solid #e3e6ea;background:#fafafa"></div>`;
+    miniMap(c);
     document.querySelector("#reviews").innerHTML = c.reviews.length ?
       `<table><tr><th class="text">when (UTC)</th><th class="text">who</th><th class="text">verdict</th><th class="text">note</th></tr>${
         c.reviews.slice().reverse().map(r => `<tr><td class="text">${crackscan.date(r.reviewed_at)}</td><td class="text">${crackscan.esc(r.reviewer)}</td>
