@@ -1003,6 +1003,33 @@ def viewport_density(session: Session, run_id: str, chainage: tuple[float, float
                                                             if c[0] < along and c[1] < across]}
 
 
+VIEWPORT_MARGIN_M = 5.0  # feature detections this far beyond a viewport join the merge there
+
+
+def viewport_features(session: Session, run_id: str, chainage: tuple[float, float],
+                      limit: int = 5000) -> list[dict[str, Any]]:
+    """The lining features of a run that meet a chainage window, merged from the detections
+    within it and VIEWPORT_MARGIN_M either side only (the map's layer: cheap on a long run). A
+    feature reaching beyond that margin is drawn as far as it; ``number`` is None (the run-wide
+    numbers are :func:`query_features`')."""
+    _check_range("chainage", chainage)
+    if session.get(Run, run_id) is None:
+        raise RunNotFound(f"no run {run_id!r} in the database")
+    lo, hi = chainage[0] - VIEWPORT_MARGIN_M, chainage[1] + VIEWPORT_MARGIN_M
+    longest = session.scalar(select(func.max(LiningFeature.chainage_end_m
+                                             - LiningFeature.chainage_start_m))
+                             .where(LiningFeature.run_id == run_id)) or 0.0
+    rows = session.scalars(select(LiningFeature).where(
+        LiningFeature.run_id == run_id, LiningFeature.chainage_start_m <= hi,
+        LiningFeature.chainage_start_m >= lo - longest, LiningFeature.chainage_end_m >= lo)
+        .order_by(LiningFeature.chainage_m, LiningFeature.camera_id, LiningFeature.seq,
+                  LiningFeature.index))
+    merged = merge_features([_feature_dict(row) for row in rows])
+    found = [{"run": run_id, "number": None, **feature.to_dict()} for feature in merged
+             if feature.chainage_start_m <= chainage[1] and feature.chainage_end_m >= chainage[0]]
+    return found[:limit]
+
+
 def run_severity_counts(session: Session, run_ids: list[str]) -> dict[str, dict[str, int]]:
     """Physical cracks per severity of each run, rejected ones left out (counted by the
     database for merged runs)."""

@@ -322,3 +322,34 @@ def test_the_cli_offers_the_store_s_verdict_filters():
     from crackscan.cli.records import VERDICT_FILTERS
 
     assert VERDICT_FILTERS == store.VERDICT_FILTERS
+
+
+def test_the_map_s_lining_features_are_merged_within_the_viewport(engine):
+    import dataclasses
+
+    from crackscan.wire import FeatureRecord
+
+    def joint(chainage: float, arc: float) -> FeatureRecord:  # one frame's piece of a ring joint
+        return FeatureRecord(index=0, kind="joint", area_px=768, area_mm2=3072.0,
+                             bbox_px=(0, 0, 8, 96), chainage_m=chainage,
+                             chainage_start_m=chainage - 0.005, chainage_end_m=chainage + 0.005,
+                             arc_mm=arc + 1000.0, arc_start_mm=arc, arc_end_mm=arc + 2000.0,
+                             length_mm=2000.0, orientation_deg=90.0)
+
+    with session_factory(engine)() as session:
+        store.start_run(session, run_start_message(RUN))
+        results = [dataclasses.replace(result_message(RUN, seq, chainage_m=chainage),
+                                       features=(joint(chainage, arc),))
+                   for seq, (chainage, arc) in enumerate(((110.0, 0.0), (110.0, 2000.0),
+                                                          (150.0, 0.0), (300.0, 0.0)))]
+        store.store_results(session, results)
+        session.commit()
+    with TestClient(create_app(engine)) as client:
+        window = client.get(f"/api/runs/{RUN}/features", params={"chainage": "100:160"}).json()
+        assert [(f["kind"], f["chainage_m"], f["arc_start_mm"], f["arc_end_mm"])
+                for f in window] == [("joint", 110.0, 0.0, 4000.0), ("joint", 150.0, 0.0, 2000.0)]
+        assert {f["number"] for f in window} == {None}
+        numbered = client.get(f"/api/runs/{RUN}/features").json()
+        assert [f["number"] for f in numbered] == [1, 2, 3]
+        assert client.get(f"/api/runs/{RUN}/features", params={"chainage": "9:1"}
+                          ).status_code == 400

@@ -74,6 +74,7 @@ from management.store import (
     run_severity_counts,
     viewport_cracks,
     viewport_density,
+    viewport_features,
 )
 
 log = logging.getLogger(__name__)
@@ -420,12 +421,16 @@ def create_app(engine: Engine, tokens: Tokens | None = None) -> FastAPI:
                      chainage: Annotated[str | None, Query(description="START:END (m)")] = None,
                      kind: Annotated[str | None, Query(max_length=32)] = None,
                      limit: Annotated[int, Query(ge=1, le=20000)] = 5000) -> list[dict[str, Any]]:
-        """Physical lining features (joints, stains...; never cracks) of a run."""
+        """Physical lining features (joints, stains...; never cracks) of a run, numbered as
+        ``crackscan query --features`` does; with ``chainage``, those of that window merged
+        from its own detections (the map's layer, cheap on a long run; ``number`` null)."""
         _check_id(run_id, "run id")
         with sessions() as session:
             _run(session, run_id)
-            return query_features(session, run=run_id, kind=kind,
-                                  chainage=_range(chainage, "chainage"), limit=limit)
+            window = _range(chainage, "chainage")
+            if window is not None and kind is None:
+                return viewport_features(session, run_id, window, limit=limit)
+            return query_features(session, run=run_id, kind=kind, chainage=window, limit=limit)
 
     # --- API: a crack --------------------------------------------------------------------------
     @app.get("/api/runs/{run_id}/cracks/{number}", tags=["cracks"])

@@ -14,7 +14,9 @@
   let run;
   try { run = await crackscan.api(`/api/runs/${enc}`); } catch (error) { crackscan.fail("#status", error); return; }
   document.title = `crackscan: lining map of ${runId}`;
-  document.querySelector("#title").textContent = `run ${runId}` + (run.tunnel ? ` · ${run.tunnel}` : "");
+  document.querySelector("#title").innerHTML = `run ${crackscan.esc(runId)}` + (run.tunnel ? ` · ${crackscan.esc(run.tunnel)}` : "")
+    + ` · ${crackscan.date(run.started_at)} · ${crackscan.esc(run.status)} · ${run.frames} frames · `
+    + crackscan.severityBadges(run.physical_by_severity, run.severity_classes);
   const colours = Object.fromEntries(run.severity_classes.map(c => [c.name, c.colour]));
   for (const c of run.severity_classes) form.severity.add(new Option(`${c.name} (${c.range})`, c.name));
   for (const t of run.crack_types) form.type.add(new Option(t, t));
@@ -109,7 +111,7 @@
       for (const f of shown) {
         L.rectangle([[f.arc_start_mm / 1000, f.chainage_start_m], [f.arc_end_mm / 1000, f.chainage_end_m]],
                     {color: "#8050b0", weight: 1, fillOpacity: 0.08})
-          .bindTooltip(`${crackscan.esc(f.kind)} ${f.number}`).addTo(features);
+          .bindTooltip(`${crackscan.esc(f.kind)}, ${crackscan.num(f.length_mm, 0)} mm`).addTo(features);
       }
       status.textContent = `chainage ${chainage[0].toFixed(1)} – ${chainage[1].toFixed(1)} m, arc ${arc[0].toFixed(0)} – ${arc[1].toFixed(0)} mm · `
         + (found.cracks ? `${found.cracks.length} cracks drawn` : `${found.total} cracks, shown as density (zoom in to draw them)`)
