@@ -186,7 +186,62 @@ def interpolated(args, checkpoint: Path) -> tuple[Path, dict[str, str]]:
          "origin_sha256": file_sha256(origin)[:8]})}
 
 
+def _model_classes(model: str | None) -> list[str]:
+    """The class names of an ONNX model (default: the bundled one), background first."""
+    import json
+
+    import onnx
+
+    from inference.backends import bundled_model_path
+
+    path = Path(model) if model else bundled_model_path()
+    if not path.is_file():
+        raise UserError(f"--model {path}: no such file")
+    try:
+        metadata = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
+                    .metadata_props}
+        classes = json.loads(metadata["crackscan.classes"])
+    except Exception as exc:  # not an ONNX file, or not a crackscan model
+        raise UserError(f"--model {path}: not a crackscan ONNX model ({exc})") from None
+    return ["background", "crack"] if len(classes) == 1 else list(classes)
+
+
+def cmd_labels(args) -> int:
+    from training.labels import import_labels
+
+    if args.classes and args.model:
+        raise UserError("give --classes or --model, not both")
+    if not 0 <= args.val_share < 1:
+        raise UserError(f"--val-share must be in 0..1, got {args.val_share}")
+    classes = (["background", *[c.strip() for c in args.classes.split(",") if c.strip()]]
+               if args.classes else _model_classes(args.model))
+    summary = import_labels(Path(args.annotations), Path(args.out), classes, args.val_share)
+    if args.format == "json":
+        print_json(summary)
+    else:
+        print(f"imported {summary['images']} annotated images into {summary['out']} "
+              f"({summary['train']} train, {summary['val']} val; classes "
+              f"{', '.join(summary['classes'][1:])})")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = add(sub, "labels", cmd_labels, "annotations from annotation tools into a dataset folder")
+    p.add_argument("action", choices=["import"],
+                   help="import: a COCO file or a folder of LabelMe files into a new dataset "
+                        "folder (images/, masks/, train.txt)")
+    p.add_argument("annotations", metavar="ANNOTATIONS",
+                   help="a COCO .json (images found beside it or in its images/), or a folder "
+                        "of LabelMe .json files")
+    p.add_argument("--out", required=True, metavar="DATASET_DIR", help="the new dataset folder")
+    p.add_argument("--model", help="take the class names from this ONNX model (default: the "
+                   "bundled model's)")
+    p.add_argument("--classes", metavar="A,B,...",
+                   help="the class names instead (background first implied), e.g. crack")
+    p.add_argument("--val-share", type=float, default=0.0,
+                   help="share of the images listed in val.txt (default 0: all in train.txt)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
     p = add(sub, "train", cmd_train, "train a segmentation model")
     p.add_argument("--config", required=True, help="recipe YAML (configs/train/)")
     p.add_argument("--data", action="append", help="dataset folder (repeatable)")
