@@ -33,6 +33,7 @@ def class_mask(seed: int, shape: tuple[int, int] = (60, 90)) -> np.ndarray:
     mask = np.zeros(shape, np.uint8)
     cv2.line(mask, (int(rng.integers(70, 88)), 0), (int(rng.integers(70, 88)), 59), 2, 2)
     cv2.circle(mask, (30, 40), 12, 3, 4)
+    mask[2, 2] = mask[5, 5:7] = 1  # regions of one and two pixels
     for _ in range(3):
         points = np.cumsum(rng.integers(-4, 5, (12, 2)), axis=0) + [40, 20]
         cv2.polylines(mask, [points.astype(np.int32)], False, 1, int(rng.integers(1, 3)))

@@ -136,9 +136,11 @@ def labelme_document(image_name: str, mask: np.ndarray, classes: list[str]) -> d
             continue
         outer, holes = mask_polygons(mask == index)
         for label, polygons in ((name, outer), (name + HOLE, holes)):
-            shapes += [{"label": label, "points": polygon.astype(float).tolist(),
-                        "group_id": None, "shape_type": "polygon", "flags": {}}
-                       for polygon in polygons]
+            # a region of one or two pixels is a contour of as many points: repeated to the
+            # three a polygon needs (it fills back to the same pixels)
+            shapes += [{"label": label, "points": np.resize(polygon, (max(3, len(polygon)), 2))
+                        .astype(float).tolist(), "group_id": None, "shape_type": "polygon",
+                        "flags": {}} for polygon in polygons]
     return {"version": "5.4.1", "flags": {}, "shapes": shapes, "imagePath": image_name,
             "imageData": None, "imageHeight": height, "imageWidth": width}
 

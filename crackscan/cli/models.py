@@ -1,5 +1,5 @@
-"""Commands that make and score models: train, train-compare, eval, parity, export,
-build-engine."""
+"""Commands that make and score models: select, labels, train, train-compare, eval, parity,
+export, build-engine."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from crackscan.cli.common import (
     BACKENDS,
     UserError,
     add,
+    db_flag,
     print_json,
+    read_database,
     torch_module,
 )
-from crackscan.config import PipelineConfig
+from crackscan.config import PipelineConfig, load_pipeline_config
 
 log = logging.getLogger("crackscan")
 
@@ -188,8 +190,6 @@ def interpolated(args, checkpoint: Path) -> tuple[Path, dict[str, str]]:
 
 def _model_classes(model: str | None) -> list[str]:
     """The class names of an ONNX model (default: the bundled one), background first."""
-    import json
-
     import onnx
 
     from inference.backends import bundled_model_path
@@ -204,6 +204,48 @@ def _model_classes(model: str | None) -> list[str]:
     except Exception as exc:  # not an ONNX file, or not a crackscan model
         raise UserError(f"--model {path}: not a crackscan ONNX model ({exc})") from None
     return ["background", "crack"] if len(classes) == 1 else list(classes)
+
+
+def cmd_select(args) -> int:
+    from inference.backends import open_segmenter
+    from training.select import select_frames
+
+    config = load_pipeline_config(args.config)
+    source, rejected = args.source, set()
+    if source.startswith("run:"):  # a stored run: its source, and what its inspectors rejected
+        source, rejected = _run_source(source[4:], args.db)
+    defaults = config.inference
+    segmenter = open_segmenter(args.model, "auto", tile=defaults.tile,
+                               tile_overlap=defaults.tile_overlap, max_batch=defaults.max_batch)
+    summary = select_frames(source, Path(args.out), args.budget, segmenter, config,
+                            args.strategy, args.stride, args.seed, rejected)
+    if args.format == "json":
+        print_json(summary)
+    else:
+        print(f"selected {summary['selected']} of {summary['frames_scored']} frames "
+              f"({summary['strategy']}) into {summary['out']}: images/, annotations.json "
+              "(COCO), images/*.json (LabelMe), selection.json")
+    return 0
+
+
+def _run_source(run_id: str, db: str | None) -> tuple[str, set[tuple[str, int]]]:
+    """A stored run's source and the (camera, seq) of every frame that saw a crack an
+    inspector rejected."""
+    from management.db import session_factory
+    from management.store import crack_detections, list_runs, query_physical
+
+    engine = read_database(db)
+    with session_factory(engine)() as session:
+        run = next((r for r in list_runs(session) if r["id"] == run_id), None)
+        if run is None:
+            raise UserError(f"no run {run_id!r} in the database (`crackscan runs` lists them)")
+        rejected = {(d["camera"], d["seq"])
+                    for crack in query_physical(session, run=run_id, verdict="rejected")
+                    for d in crack_detections(session, run_id, crack["number"])}
+    if not Path(run["source"]).exists():
+        raise UserError(f"run {run_id}'s source {run['source']} is not here: give --source "
+                        "the video or recording it read")
+    return run["source"], rejected
 
 
 def cmd_labels(args) -> int:
@@ -226,6 +268,21 @@ def cmd_labels(args) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = add(sub, "select", cmd_select, "choose the frames worth labelling (active learning) "
+            "and write them with the model's masks as pre-labels (COCO, LabelMe)")
+    p.add_argument("--source", required=True,
+                   help="a video, image folder or recording, or run:RUN_ID (a stored run's "
+                        "source; frames with cracks an inspector rejected come first)")
+    p.add_argument("--budget", type=int, required=True, metavar="N", help="frames to select")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new folder")
+    p.add_argument("--strategy", choices=["active", "random"], default="active")
+    p.add_argument("--model", help="ONNX model (default: the bundled model)")
+    p.add_argument("--stride", type=int, default=1, help="score every N-th frame (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random strategy's seed")
+    p.add_argument("--config", help="pipeline YAML: camera scale, speed (chainage of a video)")
+    db_flag(p)
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
     p = add(sub, "labels", cmd_labels, "annotations from annotation tools into a dataset folder")
     p.add_argument("action", choices=["import"],
                    help="import: a COCO file or a folder of LabelMe files into a new dataset "
