@@ -353,3 +353,45 @@ def test_the_map_s_lining_features_are_merged_within_the_viewport(engine):
         assert [f["number"] for f in numbered] == [1, 2, 3]
         assert client.get(f"/api/runs/{RUN}/features", params={"chainage": "9:1"}
                           ).status_code == 400
+
+
+def test_a_crack_s_history_is_found_through_the_joints_of_a_drifting_odometer(engine):
+    """Two inspections of one tunnel whose odometers disagree by 2 %: the crack at 150 m of the
+    first is the one at 153 m of the second, found through the ring joints, comparing only the
+    cracks around it."""
+    import dataclasses
+
+    from crackscan.wire import FeatureRecord
+    from management.inspections import crack_history
+
+    def joint(chainage: float) -> FeatureRecord:
+        return FeatureRecord(index=0, kind="joint", area_px=768, area_mm2=3072.0,
+                             bbox_px=(0, 0, 8, 96), chainage_m=chainage,
+                             chainage_start_m=chainage - 0.005, chainage_end_m=chainage + 0.005,
+                             arc_mm=1000.0, arc_start_mm=0.0, arc_end_mm=2000.0,
+                             length_mm=2000.0, orientation_deg=90.0)
+
+    rings = np.arange(1.0, 200.0, 1.5) + np.random.default_rng(1).uniform(-0.2, 0.2, 133)
+    cracks_at = [20.0, 75.0, 150.0, 150.3, 190.0]
+    with session_factory(engine)() as session:
+        for run_id, scale, started in ((RUN, 1.0, 0.0), (LATER, 1.02, 86400.0)):
+            config = {"camera": {"mm_per_px_along": 0.5}, "acquisition": {"tunnel": "T"}}
+            store.start_run(session, run_start_message(
+                run_id, started_at=1_795_000_000.0 + started, config=config))
+            results = [dataclasses.replace(result_message(run_id, seq, chainage_m=ring * scale),
+                                           features=(joint(ring * scale),))
+                       for seq, ring in enumerate(rings)]
+            results += [result_message(run_id, 1000 + i, (crack_record(
+                0, at * scale, 0.5 + i, 300.0 + 10 * i),), chainage_m=at * scale)
+                for i, at in enumerate(cracks_at)]
+            store.store_results(session, results)
+            store.finish_run(session, run_id, "complete")
+            store.merge_run(session, run_id)
+        session.commit()
+        history = crack_history(session, RUN, 3)  # the crack at 150 m
+        backwards = crack_history(session, LATER, 3)  # ... seen from the later inspection
+    assert [(h["run"], h["change"], h["cracks"]) for h in history] == [
+        (RUN, "this", [3]), (LATER, "unchanged", [3])]
+    assert history[1]["width_max_mm"] == 2.5
+    assert [(h["run"], h["change"], h["cracks"]) for h in backwards] == [
+        (RUN, "unchanged", [3]), (LATER, "this", [3])]
