@@ -138,6 +138,8 @@ def test_recipe_trains_one_tiny_epoch(recipe, dataset, tmp_path, teacher_checkpo
                                    for i, (start, _) in enumerate(cfg.crop_schedule)]
     if cfg.teacher and cfg.teacher.suffix != ".onnx":  # an ONNX teacher is the binary model
         shrink["teacher"] = teacher_checkpoint
+    if cfg.semi != "none":  # a semi-supervised recipe learns from unlabelled images too
+        shrink["unlabeled"] = [dataset]
     cfg = TrainConfig(**{**cfg.model_dump(), **shrink})
     assert train.main(cfg)["epochs"] == 1
     checkpoint = torch.load(cfg.out / "last.pt", map_location="cpu", weights_only=False)

@@ -93,6 +93,26 @@ class TrainConfig(BaseModel):
     # shuffling), "sqrt" (to the square root: small sets count more) or "balanced" (equally)
     sampling: Literal["proportional", "sqrt", "balanced"] = "proportional"
 
+    # semi-supervised training (training.semi): "u2pl" learns from the unlabelled images of
+    # ``unlabeled`` too (a student and its ema_decay moving average as teacher, reliable
+    # pseudo-labels, unreliable pixels as negatives); "none": labelled images only
+    semi: Literal["none", "u2pl"] = "none"
+    unlabeled: list[Path] = Field(default_factory=list)  # folders of images (or their images/)
+    unlabeled_weight: float = Field(1.0, ge=0)  # the unsupervised loss's weight (U2PL: 1)
+    # alpha_0: the share of the most uncertain pixels that are no pseudo-labels at the start,
+    # falling linearly to 0 at the end (U2PL: 0.2)
+    unreliable_start: float = Field(0.2, ge=0, lt=1)
+    # unreliable pixels as negatives: "full" (U2PL's contrastive term with a memory bank),
+    # "light" (negative learning on the teacher's mid-ranked classes), "none"
+    contrast: Literal["full", "light", "none"] = "full"
+    contrast_weight: float = Field(0.1, ge=0)  # U2PL: 0.1
+    negative_ranks: tuple[int, int] = (2, 20)  # teacher ranks (1 = most likely) of negatives
+    anchors: int = Field(50, ge=1)  # anchor pixels per class and step
+    anchor_below: float = Field(0.3, gt=0, le=1)  # an anchor's class probability is below this
+    negatives: int = Field(256, ge=1)  # negatives per class and step, from the memory bank
+    memory: int = Field(2000, ge=1)  # negative embeddings kept per class
+    temperature: float = Field(0.5, gt=0)  # of the contrastive loss
+
     tolerance: float = Field(2.0, ge=0)
     threshold: float = Field(0.5, gt=0, lt=1)
     # validation images larger than this (px, either side) are scored in fitted tiles of at most
@@ -117,6 +137,9 @@ class TrainConfig(BaseModel):
         if len(self.classes) > 1 and "crack" not in self.classes:
             raise ValueError(f"classes {self.classes} has no 'crack': validation scores the "
                              "channel named 'crack'")
+        if not 1 <= self.negative_ranks[0] <= self.negative_ranks[1]:
+            raise ValueError(f"negative_ranks must be [low, high] with 1 <= low <= high: "
+                             f"{self.negative_ranks}")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes {self.classes} names a class twice")
         if self.crop_schedule is not None:

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from inference.segmenter import ModelInfo, Segmenter, split_map
 from inference.tiling import DEFAULT_OVERLAP, TiledSegmenter
 from training import data as ds
+from training import semi
 from training.checkpoint import read_checkpoint, rebuild, restore, save_checkpoint
 from training.config import TrainConfig
 from training.loaders import CrackCrops, load_folders, make_loader
@@ -481,12 +482,23 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
     if cfg.init_from:
         log.info("initial weights: %s", init_weights(model, cfg, spec))
     model.to(device)
+    ema = build_ema(cfg, model)
+    u2pl = unlabeled = None
+    if cfg.semi == "u2pl":  # the student's moving average teaches it on unlabelled images
+        semi.check(cfg)
+        unlabeled_crops = semi.UnlabeledCrops(semi.unlabeled_images(cfg.unlabeled), crops.crop,
+                                              spec.mean, spec.std, cfg.seed + 7919 + rank)
+        unlabeled = semi.make_unlabeled_loader(cfg, unlabeled_crops, rank, world)
+        ema.update_parameters(model)  # the teacher starts as the student
+        u2pl = semi.U2PL(cfg, model, ema.module, device)
+        log.info("U2PL: %d unlabelled images, contrast %s", len(unlabeled_crops), cfg.contrast)
     optimizer = build_optimizer(cfg, model)
+    if u2pl is not None and u2pl.parameters():  # the projection head learns with the student
+        optimizer.add_param_group({"params": u2pl.parameters(), "lr": cfg.lr})
     scheduler = build_scheduler(cfg, optimizer, cfg.epochs * max(len(loader), 1))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and device.type == "cuda")
     teacher = load_teacher(cfg.teacher, cfg, device) if cfg.teacher else None
     first_group = param_groups(model)[0] if cfg.freeze_first_group_fraction > 0 else []
-    ema = build_ema(cfg, model)
     validated = ema.module if ema is not None else model  # the weights best.pt keeps
     start_epoch, history = 1, []
     if resume:
@@ -508,11 +520,19 @@ def run(cfg: TrainConfig, resume: Path | None, rank: int, world: int,
             log.info("epoch %d: first layer group %s", epoch, "frozen" if frozen else "trained")
         if sampler is not None:
             sampler.set_epoch(epoch)
-        losses = train_one_epoch(trained, loader, optimizer, scheduler, loss_fn, epoch,
-                                 device=device, amp=cfg.amp, scaler=scaler, teacher=teacher,
-                                 alpha=cfg.distill_alpha, temperature=cfg.distill_temperature,
-                                 frozen=frozen, freeze_bn=cfg.freeze_bn, ema=ema,
-                                 progress=writer, crack_index=cfg.crack_label)
+        if u2pl is not None:
+            unlabeled.dataset.crop = crops.crop
+            losses = semi.train_one_epoch_u2pl(
+                trained, loader, unlabeled, optimizer, scheduler, loss_fn, epoch,
+                (epoch - 1) * len(loader), cfg.epochs * len(loader), u2pl, ema, device=device,
+                freeze_bn=cfg.freeze_bn, progress=writer)
+        else:
+            losses = train_one_epoch(trained, loader, optimizer, scheduler, loss_fn, epoch,
+                                     device=device, amp=cfg.amp, scaler=scaler, teacher=teacher,
+                                     alpha=cfg.distill_alpha,
+                                     temperature=cfg.distill_temperature, frozen=frozen,
+                                     freeze_bn=cfg.freeze_bn, ema=ema, progress=writer,
+                                     crack_index=cfg.crack_label)
         stop = bool(cfg.max_minutes and (time.monotonic() - started) / 60 >= cfg.max_minutes)
         if writer:
             val = (validate(validated, val_pairs, val_sets, spec, cfg, cfg.crack_label)

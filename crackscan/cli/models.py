@@ -32,7 +32,7 @@ def cmd_train(args) -> int:
     try:
         cfg = load_config(Path(args.config), data=args.data, epochs=args.epochs, out=args.out,
                           teacher=args.teacher, max_minutes=args.max_minutes,
-                          init_from=args.init_from)
+                          init_from=args.init_from, unlabeled=args.unlabeled)
     except (ValidationError, ValueError, OSError) as exc:
         first = str(exc).splitlines()
         raise UserError(f"training config {args.config}: {' '.join(first[:3])}") from None
@@ -310,6 +310,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "exported crackscan ONNX model (.onnx, with freeze_bn: true)")
     p.add_argument("--max-minutes", type=float,
                    help="stop after the epoch that passes this wall-clock budget")
+    p.add_argument("--unlabeled", action="append", metavar="DIR",
+                   help="folder of unlabelled images (repeatable), for a semi-supervised recipe "
+                        "(semi: u2pl)")
 
     p = add(sub, "train-compare", cmd_train_compare,
             "train several recipes with the same budget and tabulate their scores and speed")
