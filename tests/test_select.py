@@ -104,3 +104,33 @@ def test_doubt_ranks_and_rejected_frames_come_first():
     assert choose(candidates, features, 10, "active") == list(range(6))  # fewer than budget
     with pytest.raises(Exception, match="strategy"):
         choose(candidates, features, 3, "greedy")
+
+
+@pytest.mark.slow
+def test_a_stored_run_s_rejected_cracks_are_chosen_first(tmp_path):
+    """select from a run the pipeline stored: its source is read again, and the frames of the
+    crack an inspector rejected come first."""
+    from management import store
+    from management.db import make_engine, session_factory
+
+    source = drive_folder(tmp_path / "drive")
+    db = f"sqlite:///{tmp_path / 'crackscan.db'}"
+    run_id = json.loads(crackscan("run", "--source", source, "--db", db, "--workers", 1,
+                                  "--format", "json").stdout)["id"]
+    engine = make_engine(db)
+    with session_factory(engine)() as session:
+        cracks = store.query_physical(session, run=run_id)
+        assert cracks, "the bold cracks were found"
+        rejected = cracks[-1]
+        store.add_review(session, run_id, rejected["number"], "rejected", "joint", "",
+                         "A. Inspector")
+        session.commit()
+        seen = {(d["camera"], d["seq"]) for d in store.crack_detections(
+            session, run_id, rejected["number"])}
+    engine.dispose()
+    summary = json.loads(crackscan("select", "--source", f"run:{run_id}", "--db", db,
+                                   "--budget", 3, "--out", tmp_path / "out", "--format",
+                                   "json").stdout)
+    chosen = {(f["camera"], f["seq"]) for f in summary["frames"]}
+    assert seen & chosen and all(f["rejected"] == ((f["camera"], f["seq"]) in seen)
+                                 for f in summary["frames"])
