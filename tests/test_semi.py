@@ -136,6 +136,18 @@ def test_u2pl_needs_a_teacher_and_unlabelled_frames(folders, tmp_path):
         semi.check(u2pl_config(folders, tmp_path, unlabeled=[]))
     with pytest.raises(Exception, match="no such folder"):
         semi.unlabeled_images([tmp_path / "nothing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match="no images"):
+        semi.unlabeled_images([tmp_path / "empty"])
+    # a dataset's images/, and a recording's camera folders
+    recording = tmp_path / "recording"
+    for camera in ("cam0", "cam1"):
+        (recording / camera).mkdir(parents=True)
+        for seq in range(2):
+            (recording / camera / f"{seq:08d}.png").write_bytes(b"")
+    (recording / "frames.csv").write_text("camera,seq\n")
+    assert [p.parent.name for p in semi.unlabeled_images([recording, folders[1]])] == \
+        ["cam0", "cam0", "cam1", "cam1"] + ["images"] * 6
     with pytest.raises(ValueError, match="negative_ranks"):
         TrainConfig(negative_ranks=(3, 2))
     assert copy.deepcopy(u2pl_config(folders, tmp_path)).semi == "u2pl"

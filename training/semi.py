@@ -55,19 +55,25 @@ EMBED_DIM = 64
 # --- unlabelled crops: a weak and a strong view ------------------------------------------------
 
 def unlabeled_images(folders: list[Path]) -> list[Path]:
-    """Every image of the unlabelled folders (their ``images/`` when they have one, as a
-    dataset or a ``crackscan select`` folder does, else the folder itself)."""
+    """Every image of the unlabelled folders: their ``images/`` when they have one (a dataset
+    or a ``crackscan select`` folder), else the folder itself, else its sub-folders (the camera
+    folders of a ``--record`` recording)."""
     found = []
     for folder in folders:
         folder = Path(folder)
-        where = folder / "images" if (folder / "images").is_dir() else folder
-        if not where.is_dir():
+        if not folder.is_dir():
             raise ds.DatasetError(f"--unlabeled {folder}: no such folder")
-        images = sorted(p for p in where.iterdir() if p.suffix.lower() in ds.IMAGE_SUFFIXES)
+        where = folder / "images" if (folder / "images").is_dir() else folder
+        images = _images_in(where) or [image for sub in sorted(where.iterdir()) if sub.is_dir()
+                                        for image in _images_in(sub)]
         if not images:
-            raise ds.DatasetError(f"--unlabeled {folder}: no images in {where}")
+            raise ds.DatasetError(f"--unlabeled {folder}: no images in it or its sub-folders")
         found += images
     return found
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in ds.IMAGE_SUFFIXES)
 
 
 def strong_view(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
