@@ -248,6 +248,48 @@ def _run_source(run_id: str, db: str | None) -> tuple[str, set[tuple[str, int]]]
     return run["source"], rejected
 
 
+def cmd_quantize(args) -> int:
+    import shutil
+    import tempfile
+
+    from inference.backends import bundled_model_path
+    from inference.onnxruntime_backend import load_onnx_model
+    from training.quantize import calibration_tiles, guard_scores, judge, quantize_model
+
+    model = Path(args.model) if args.model else bundled_model_path()
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} exists: quantize writes a new file")
+    if args.frames < 1 or args.tile < 32:
+        raise UserError("--frames must be at least 1 and --tile at least 32")
+    info = load_onnx_model(model)[1]
+    keep = [k.strip() for k in args.keep_fp32.split(",") if k.strip()] if args.keep_fp32 else []
+    tiles = calibration_tiles(args.calibration, info, args.frames, args.tile,
+                              load_pipeline_config(args.config))
+    with tempfile.TemporaryDirectory() as folder:
+        trial = Path(folder) / out.name
+        summary = quantize_model(model, trial, tiles, keep, args.method, args.calibration,
+                                 args.target)
+        summary["out"] = str(out)
+        if args.guard:
+            folders = [Path(g) for g in args.guard]
+            fp32 = guard_scores(model, folders, args.split)
+            int8 = guard_scores(trial, folders, args.split)
+            summary["guard"] = {"split": args.split, "max_loss": args.max_loss,
+                                "f1_fp32": fp32, "f1_int8": int8}
+            refused = judge(fp32, int8, args.max_loss)
+            if refused:
+                raise UserError(f"INT8 model refused, nothing written: {'; '.join(refused)}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(trial), out)
+    if args.format == "json":
+        print_json(summary)
+    else:
+        for key, value in summary.items():
+            print(f"{key:18s} {value}")
+    return 0
+
+
 def cmd_labels(args) -> int:
     from training.labels import import_labels
 
@@ -281,6 +323,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random strategy's seed")
     p.add_argument("--config", help="pipeline YAML: camera scale, speed (chainage of a video)")
     db_flag(p)
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = add(sub, "quantize", cmd_quantize, "write an INT8 (QDQ) model calibrated on real frames, "
+            "refused when it loses accuracy on a validation split")
+    p.add_argument("--model", help="FP32 ONNX model (default: the bundled model)")
+    p.add_argument("--calibration", required=True, metavar="SRC",
+                   help="frames to calibrate on: a dataset folder, a video, an image folder or "
+                        "a recording")
+    p.add_argument("--out", required=True, metavar="FILE.onnx", help="the INT8 model (new)")
+    p.add_argument("--frames", type=int, default=64, help="calibration frames (one tile each)")
+    p.add_argument("--tile", type=int, default=512, help="calibration tile side (px)")
+    p.add_argument("--method", choices=["minmax", "percentile", "entropy"], default="minmax",
+                   help="how activation ranges are calibrated")
+    p.add_argument("--target", choices=["cpu", "tensorrt"], default="cpu",
+                   help="cpu: unsigned activations, INT32 biases (ONNX Runtime's fast kernels); "
+                        "tensorrt: symmetric activations, FP32 biases (build-engine)")
+    p.add_argument("--keep-fp32", metavar="LAYERS",
+                   help="layers left in FP32: first, last, or node names, comma-separated")
+    p.add_argument("--guard", action="append", metavar="DIR",
+                   help="labelled dataset folder (repeatable): refuse the INT8 model if it loses "
+                        "more than --max-loss F1 at 2 px on any")
+    p.add_argument("--split", default="carved", help="the guard's split (default: carved)")
+    p.add_argument("--max-loss", type=float, default=0.01)
+    p.add_argument("--config", help="pipeline YAML (a video's camera and speed)")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
     p = add(sub, "labels", cmd_labels, "annotations from annotation tools into a dataset folder")
