@@ -144,10 +144,33 @@ def run_bench(source: str, model: Path | None, backend: str, workers: int, frame
     measurement (model, pipeline, model) runs that many times: the result is the repeat of
     median efficiency (its numbers belong together), with every repeat's rates under
     ``repeats``, for hosts whose speed drifts within a run."""
+    return run_bench_models(source, [model], backend, workers, frames, config, config_path,
+                            overlap, threads, repeat)["models"][0]
+
+
+def run_bench_models(source: str, models: list[Path | None], backend: str, workers: int,
+                     frames: int, config: PipelineConfig, config_path: str | None,
+                     overlap: float = 0.1, threads: int = 0, repeat: int = 1) -> dict:
+    """:func:`run_bench` of several models in one run, taking turns within every repeat (A,
+    B, A, B...), so that a host whose speed drifts is measured the same for each: ``models``
+    (each as run_bench gives it) and ``relative`` (each model's bare-model and pipeline rates
+    over the first model's)."""
     with tempfile.TemporaryDirectory(prefix="crackscan-bench-video-") as folder:
         video = as_video(source, config, Path(folder))
-        results = [_run_bench(source, video, model, backend, workers, frames, config,
-                              config_path, overlap, threads) for _ in range(repeat)]
+        runs: list[list[dict]] = [[] for _ in models]
+        for _ in range(repeat):
+            for index, model in enumerate(models):
+                runs[index].append(_run_bench(source, video, model, backend, workers, frames,
+                                              config, config_path, overlap, threads))
+    chosen = [_median_repeat(results) for results in runs]
+    first = chosen[0]
+    relative = [{"model": r["model"], "model_fps": r["model_fps"] / first["model_fps"],
+                 "pipeline_fps": r["pipeline_fps"] / first["pipeline_fps"]} for r in chosen]
+    return {"models": chosen, "relative": relative}
+
+
+def _median_repeat(results: list[dict]) -> dict:
+    repeat = len(results)
     if repeat == 1:
         return results[0]
     ordered = sorted(results, key=lambda r: r["pipeline_efficiency"])

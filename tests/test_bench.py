@@ -10,6 +10,7 @@ from support import crackscan
 
 from crackscan.bench import vehicle_speed_kmh
 from crackscan.config import PipelineConfig
+from inference.backends import bundled_model_path
 
 KEYS = {"model_fps", "pipeline_fps", "latency_ms_p50", "latency_ms_p99", "backend", "input",
         "pipeline_efficiency", "speed_kmh", "memory_mb_model", "memory_mb_stage_max"}
@@ -99,3 +100,19 @@ def test_bench_batches_sweeps_the_bare_backend_on_full_tiles():
     for bad in ("0,2", "a,b"):
         done = crackscan("bench", "--batches", bad, check=False)
         assert done.returncode != 0 and "--batches" in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_bench_measures_two_models_in_one_run_taking_turns(tiny_model):
+    result = json.loads(crackscan("bench", "--source", "synthetic:0.6", "--frames", "2",
+                                  "--model", tiny_model.model, "--model",
+                                  bundled_model_path(), "--format", "json").stdout)
+    first, second = result["models"]
+    assert first["model"].startswith("mobilenet_aspp@") and first["model"] != second["model"]
+    assert result["relative"][0] == {"model": first["model"], "model_fps": 1.0,
+                                     "pipeline_fps": 1.0}
+    assert result["relative"][1]["model_fps"] == pytest.approx(
+        second["model_fps"] / first["model_fps"])
+    refused = crackscan("bench", "--model", tiny_model.model, "--model", tiny_model.model,
+                        "--batches", "1", check=False)
+    assert refused.returncode == 2 and "--batches" in refused.stderr

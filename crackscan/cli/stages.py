@@ -141,7 +141,25 @@ def cmd_bench(args) -> int:
     if args.frames < 1 or args.workers < 1 or args.repeat < 1:
         raise UserError("--frames, --workers and --repeat must be at least 1")
     config = load_pipeline_config(args.config)
-    model = Path(args.model) if args.model else None
+    models = [Path(m) for m in args.model] if args.model else [None]
+    model = models[0]
+    if len(models) > 1:
+        if args.batches:
+            raise UserError("--batches measures one --model")
+        from crackscan.bench import run_bench_models
+
+        result = run_bench_models(args.source, models, args.backend, args.workers, args.frames,
+                                  config, args.config, args.overlap, args.threads, args.repeat)
+        if args.format == "json":
+            print_json(result)
+        else:
+            for row in result["relative"]:
+                one = next(r for r in result["models"] if r["model"] == row["model"])
+                print(f"{row['model']:32s} model {one['model_fps']:.2f} fps "
+                      f"(x{row['model_fps']:.2f}), pipeline {one['pipeline_fps']:.2f} fps "
+                      f"(x{row['pipeline_fps']:.2f}), efficiency "
+                      f"{one['pipeline_efficiency']:.3f}")
+        return 0
     if args.batches:
         result = _bench_batches(args, model, config)
     else:
@@ -450,7 +468,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             "measure the bare model and the whole pipeline on this machine")
     p.add_argument("--source", default="synthetic:8",
                    help="frames to measure on (default: an 8 s synthetic drive, 640x360)")
-    p.add_argument("--model", help="ONNX model (default: the bundled model)")
+    p.add_argument("--model", action="append",
+                   help="ONNX model (default: the bundled model); give it twice or more to "
+                        "measure the models in one run, taking turns (e.g. FP32 and INT8)")
     backend_flag(p)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--frames", type=int, default=100,
