@@ -67,21 +67,26 @@ def _frames(source: str, config: PipelineConfig, limit: int):
                     return
 
 
-def calibration_tiles(source: str, info: ModelInfo, frames: int, tile: int = 512,
+def calibration_tiles(sources: list[str], info: ModelInfo, frames: int, tile: int = 512,
                       config: PipelineConfig | None = None, seed: int = 0) -> list[np.ndarray]:
-    """One model input (1 x 3 x H x W float32) per frame: a random window of at most ``tile``
-    px, pre-processed as the pipeline does (:func:`inference.segmenter.preprocess`)."""
+    """One model input (1 x 3 x H x W float32) per frame, ``frames`` shared out between the
+    sources: a random window of at most ``tile`` px, pre-processed as the pipeline does
+    (:func:`inference.segmenter.preprocess`)."""
     rng = np.random.default_rng(seed)
     tiles = []
-    for image in tqdm(_frames(source, config or PipelineConfig(), frames), total=frames,
-                      desc="calibration frames", unit=" frames", disable=None):
-        h, w = image.shape[:2]
-        y = int(rng.integers(0, max(1, h - tile + 1)))
-        x = int(rng.integers(0, max(1, w - tile + 1)))
-        window = np.ascontiguousarray(image[y:y + tile, x:x + tile])
-        tiles.append(preprocess(window, info)[0])
-    if not tiles:
-        raise UserError(f"--calibration {source}: no frame to calibrate on")
+    for number, source in enumerate(sources):
+        share = frames // len(sources) + (number < frames % len(sources))
+        before = len(tiles)
+        for image in tqdm(_frames(source, config or PipelineConfig(), share), total=share,
+                          desc=f"calibration frames of {Path(source).name}", unit=" frames",
+                          disable=None):
+            h, w = image.shape[:2]
+            y = int(rng.integers(0, max(1, h - tile + 1)))
+            x = int(rng.integers(0, max(1, w - tile + 1)))
+            window = np.ascontiguousarray(image[y:y + tile, x:x + tile])
+            tiles.append(preprocess(window, info)[0])
+        if len(tiles) == before and share:
+            raise UserError(f"--calibration {source}: no frame to calibrate on")
     return tiles
 
 

@@ -268,8 +268,8 @@ def cmd_quantize(args) -> int:
                               load_pipeline_config(args.config))
     with tempfile.TemporaryDirectory() as folder:
         trial = Path(folder) / out.name
-        summary = quantize_model(model, trial, tiles, keep, args.method, args.calibration,
-                                 args.target)
+        summary = quantize_model(model, trial, tiles, keep, args.method,
+                                 ", ".join(args.calibration), args.target)
         summary["out"] = str(out)
         if args.guard:
             folders = [Path(g) for g in args.guard]
@@ -328,9 +328,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = add(sub, "quantize", cmd_quantize, "write an INT8 (QDQ) model calibrated on real frames, "
             "refused when it loses accuracy on a validation split")
     p.add_argument("--model", help="FP32 ONNX model (default: the bundled model)")
-    p.add_argument("--calibration", required=True, metavar="SRC",
-                   help="frames to calibrate on: a dataset folder, a video, an image folder or "
-                        "a recording")
+    p.add_argument("--calibration", required=True, metavar="SRC", action="append",
+                   help="frames to calibrate on (repeatable, --frames shared out): a dataset "
+                        "folder, a video, an image folder or a recording")
     p.add_argument("--out", required=True, metavar="FILE.onnx", help="the INT8 model (new)")
     p.add_argument("--frames", type=int, default=64, help="calibration frames (one tile each)")
     p.add_argument("--tile", type=int, default=512, help="calibration tile side (px)")
