@@ -17,7 +17,8 @@ from crackscan.errors import UserError
 log = logging.getLogger("crackscan")
 
 __all__ = ["BACKENDS", "UserError", "add", "backend_flag", "db_flag", "keys_flag", "print_json",
-           "read_database", "setup_logging", "source_flags", "stop_on_signals", "torch_module"]
+           "print_summary", "read_database", "setup_logging", "source_flags", "stop_on_signals",
+           "torch_module"]
 
 # inference.backends.BACKENDS, written out so that parsing flags does not import the inference
 # stage (OpenCV) for every command; tests/test_cli.py keeps the two equal.
@@ -133,3 +134,12 @@ def torch_module(name: str):
 def print_json(document) -> None:
     json.dump(document, sys.stdout, indent=2, default=str)
     sys.stdout.write("\n")
+
+
+def print_summary(summary: dict, fmt: str, width: int = 22) -> None:
+    """A command's result: one JSON document (``--format json``), or one line per key."""
+    if fmt == "json":
+        print_json(summary)
+        return
+    for key, value in summary.items():
+        print(f"{key:{width}s} {value}")

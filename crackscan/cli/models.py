@@ -15,6 +15,7 @@ from crackscan.cli.common import (
     add,
     db_flag,
     print_json,
+    print_summary,
     read_database,
     torch_module,
 )
@@ -282,11 +283,7 @@ def cmd_quantize(args) -> int:
                 raise UserError(f"INT8 model refused, nothing written: {'; '.join(refused)}")
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(trial), out)
-    if args.format == "json":
-        print_json(summary)
-    else:
-        for key, value in summary.items():
-            print(f"{key:18s} {value}")
+    print_summary(summary, args.format, 18)
     return 0
 
 

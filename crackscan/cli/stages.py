@@ -19,6 +19,7 @@ from crackscan.cli.common import (
     keys_flag,
     metrics_flag,
     print_json,
+    print_summary,
     source_flags,
     stop_on_signals,
 )
@@ -191,13 +192,8 @@ def _bench_web(args) -> int:
 
     if args.cracks < 1 or args.length_m <= 0 or args.queries < 1:
         raise UserError("--cracks and --queries must be at least 1, --length-m above 0")
-    result = run_web_bench(args.db, cracks=args.cracks, length_m=args.length_m,
-                           queries=args.queries)
-    if args.format == "json":
-        print_json(result)
-    else:
-        for key, value in result.items():
-            print(f"{key:22s} {value}")
+    print_summary(run_web_bench(args.db, cracks=args.cracks, length_m=args.length_m,
+                                queries=args.queries), args.format)
     return 0
 
 
