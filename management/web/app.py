@@ -97,7 +97,7 @@ CrackType = Annotated[str | None, Query(pattern=_one_of(CRACK_TYPES))]
 Severity = Annotated[str | None, Query(max_length=40, description="a severity class name")]
 Verdict = Annotated[str | None, Query(pattern=_one_of(VERDICT_FILTERS),
                                       description="default: all but rejected")]
-MAP_LIMIT = 3000  # cracks a map viewport draws; more are shown as density cells
+MAP_LIMIT = 2000  # cracks a map viewport draws; more are shown as density cells
 OVERLAY_BGR = (40, 40, 230)  # the detection's mask drawn over its photo
 
 
