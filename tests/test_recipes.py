@@ -660,3 +660,18 @@ def test_train_compare_refuses_a_student_without_its_teacher(dataset, tmp_path):
     assert "Traceback" not in done.stderr
     assert nothing.returncode == 2 and "run the comparison first" in nothing.stderr
     assert missing.returncode == 2 and "needs --config" in missing.stderr
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 10, 20, 1000])
+def test_one_cycle_takes_any_number_of_steps(steps):
+    """A short run (one epoch of 81 images in batches of 8: 10 steps, a 0.1 warm-up of one
+    step) once divided by zero inside OneCycleLR."""
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = train.build_scheduler(TrainConfig(pct_start=0.1), optimizer, steps)
+    rates = []
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert all(0 < rate <= 0.01 + 1e-12 for rate in rates)

@@ -159,9 +159,13 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: i
             optimizer, lambda step: (1 - min(step, steps - 1) / steps) ** 0.9)
     if cfg.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if steps < 4:  # too short a run to warm up and anneal: the peak rate throughout
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    # the warm-up takes at least two steps: one (pct_start x steps = 1) is a zero-length phase,
+    # which OneCycleLR divides by
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=steps,
-        pct_start=cfg.pct_start)
+        pct_start=max(cfg.pct_start, 2 / steps))
 
 
 def resolve_class_weights(cfg: TrainConfig, masks: list[np.ndarray]) -> list[float] | None:
