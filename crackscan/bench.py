@@ -191,12 +191,11 @@ def _run_bench(label: str, source: str, model: Path | None, backend: str, worker
     # The bare model before and after the pipeline, half the frames each: on a shared host whose
     # speed drifts over the minute a bench takes, both rates then see the same machine.
     half = max(1, len(images) // 2)
-    before = bench_model(model or bundled_model_path(), backend, images[:half], threads,
-                         config=config)
+    model = model or bundled_model_path(config.inference.precision, backend)
+    before = bench_model(model, backend, images[:half], threads, config=config)
     model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result.update(bench_pipeline(source, model, backend, workers, config_path))
-    after = bench_model(model or bundled_model_path(), backend, images[half:] or images, threads,
-                        config=config)
+    after = bench_model(model, backend, images[half:] or images, threads, config=config)
     result.update(backend=before["backend"], model=before["model"],
                   **model_stats(before["times"] + after["times"]),
                   model_fps_before=len(before["times"]) / sum(before["times"]),

@@ -118,6 +118,10 @@ class AcquisitionConfig(_Strict):
 
 
 class InferenceConfig(_Strict):
+    # the bundled model the workers load when no --model is given: FP32, or its INT8 (QDQ)
+    # quantization (crackscan quantize), faster on CPUs with integer dot products; auto: INT8
+    # where ONNX Runtime runs on the CPU, FP32 on a GPU
+    precision: Literal["auto", "fp32", "int8"] = "auto"
     threshold: float | None = Field(None, gt=0, lt=1)  # None: the model's own (ONNX metadata)
     min_crack_area_px: int = Field(40, ge=1)
     min_crack_length_mm: float = Field(5.0, ge=0)

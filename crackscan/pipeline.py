@@ -249,7 +249,8 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
     # fail fast, in this process, on everything the user typed
     open_source(source, config).close()
     position_model(config)
-    model_path = Path(model) if model else bundled_model_path()
+    model_path = (Path(model) if model
+                  else bundled_model_path(config.inference.precision, backend))
     segmenter = open_segmenter(model_path, backend, tta=config.inference.tta)
     backend_name = segmenter.backend
     del segmenter

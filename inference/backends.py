@@ -29,9 +29,36 @@ def register_backend(name: str, opener: Callable[..., Segmenter]) -> None:
     _REGISTERED[name] = opener
 
 
-def bundled_model_path() -> Path:
-    """The default model shipped inside the ``inference`` package."""
-    return Path(str(resources.files("inference") / "models" / BUNDLED_MODEL))
+BUNDLED_INT8 = "crackscan_mobilenet_aspp_int8.onnx"  # its INT8 quantization (crackscan quantize)
+PRECISIONS = ("auto", "fp32", "int8")
+
+
+def bundled_model_path(precision: str = "fp32", backend: str = "auto") -> Path:
+    """The default model shipped inside the ``inference`` package: FP32, or its INT8 (QDQ)
+    quantization for ONNX Runtime's CPU kernels (``inference.precision``). ``auto``: INT8 where
+    ``backend`` runs on the CPU (ONNX Runtime without a GPU: measured 1.7x the frames at the
+    same F1, docs/results/2026-12-06-int8.md), FP32 where a GPU runs it (TensorRT chooses its
+    own precision)."""
+    if precision not in PRECISIONS:
+        raise ModelError(f"unknown precision {precision!r}; expected one of "
+                         f"{', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "int8" if _runs_on_cpu(backend) else "fp32"
+    name = BUNDLED_MODEL if precision == "fp32" else BUNDLED_INT8
+    return Path(str(resources.files("inference") / "models" / name))
+
+
+def _runs_on_cpu(backend: str) -> bool:
+    """Whether ``backend`` would run an ONNX model on the CPU here."""
+    if backend in ("tensorrt", "torch"):
+        return False
+    import onnxruntime as ort
+
+    from inference.tensorrt_runtime import tensorrt_available
+
+    if backend == "auto" and tensorrt_available():
+        return False
+    return "CUDAExecutionProvider" not in ort.get_available_providers()
 
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")

@@ -93,3 +93,36 @@ def test_bad_quantize_arguments(tiny_model, tmp_path):
     done = crackscan("quantize", "--model", tiny_model.model, "--calibration", tiny_model.data,
                      "--out", tmp_path / "exists.onnx", check=False)
     assert done.returncode == 2 and "exists" in done.stderr
+
+
+def test_the_bundled_int8_model_is_the_bundled_model_quantized():
+    import hashlib
+
+    import onnxruntime as ort
+
+    from inference.backends import bundled_model_path
+
+    fp32, int8 = bundled_model_path("fp32"), bundled_model_path("int8")
+    meta = {p.key: p.value for p in onnx.load(str(int8)).metadata_props}
+    assert meta["crackscan.fp32_sha256"] == hashlib.sha256(fp32.read_bytes()).hexdigest()
+    assert _nodes(int8, "QuantizeLinear") and not _nodes(fp32, "QuantizeLinear")
+    on_cpu = "CUDAExecutionProvider" not in ort.get_available_providers()
+    assert bundled_model_path("auto", "onnxruntime") == (int8 if on_cpu else fp32)
+    assert bundled_model_path("auto", "tensorrt") == fp32
+
+
+def test_the_config_chooses_the_bundled_precision(tmp_path):
+    from inference.backends import bundled_model_path, open_segmenter
+
+    labels = {p: open_segmenter(bundled_model_path(p), "onnxruntime").info.label
+              for p in ("fp32", "int8")}
+    import onnxruntime as ort
+
+    on_cpu = "CUDAExecutionProvider" not in ort.get_available_providers()
+    config = tmp_path / "fp32.yaml"
+    config.write_text("inference: {precision: fp32}\n")
+    for extra, precision in (([], "int8" if on_cpu else "fp32"), (["--config", config], "fp32")):
+        summary = json.loads(crackscan("run", "--source", "synthetic:0.3", "--db",
+                                       f"sqlite:///{tmp_path / (precision + '.db')}",
+                                       "--format", "json", *extra).stdout)
+        assert summary["model"] == labels[precision]

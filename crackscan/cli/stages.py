@@ -325,12 +325,14 @@ def read_skip_file(path: Path) -> frozenset[tuple[str, int]]:
 
 
 def cmd_infer(args) -> int:
-    from inference.backends import open_segmenter
+    from inference.backends import bundled_model_path, open_segmenter
     from inference.worker import run_worker
 
     config = load_pipeline_config(args.config)
     inference = config.inference
-    segmenter = open_segmenter(args.model, args.backend, args.threads or inference.threads,
+    segmenter = open_segmenter(args.model or bundled_model_path(inference.precision,
+                                                                args.backend),
+                               args.backend, args.threads or inference.threads,
                                tile=inference.tile, tile_overlap=inference.tile_overlap,
                                max_batch=inference.max_batch,
                                batch_frames=inference.batch_frames, spin=inference.spin,
