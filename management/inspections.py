@@ -16,7 +16,13 @@ from management.errors import AlignmentError, RunNotFound
 from management.features import JOINT_KIND, ring_joints
 from management.landmarks import MIN_JOINTS, JointAlignment, align_on_joints
 from management.models import Run
-from management.store import list_runs, physical_crack, query_features, query_physical
+from management.store import (
+    list_runs,
+    per_merge,
+    physical_crack,
+    query_features,
+    query_physical,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,23 +30,16 @@ ALIGNMENTS = ("joints", "offset")
 
 
 HISTORY_MARGIN_M = 5.0  # a crack's history compares the cracks this far around it (after alignment)
-_JOINTS: dict[tuple[str, str, Any], list[float]] = {}  # (database, run, merged_at) -> ring joints
 
 
 def run_ring_joints(session: Session, run_id: str) -> list[float]:
     """The chainages of a run's ring joints (:func:`management.features.ring_joints`), kept
     while the run's merge stands (merging its lining features is the costly part)."""
     run = session.get(Run, run_id)
-    merged_at = None if run is None else run.merged_at
-    key = (str(session.get_bind().url), run_id, merged_at)
-    if merged_at is None or key not in _JOINTS:
-        joints = ring_joints(query_features(session, run=run_id, kind=JOINT_KIND))
-        if merged_at is None:
-            return joints
-        if len(_JOINTS) > 64:
-            _JOINTS.clear()
-        _JOINTS[key] = joints
-    return _JOINTS[key]
+    if run is None:
+        raise RunNotFound(f"no run {run_id!r} in the database")
+    return per_merge(session, run, "ring joints", lambda: ring_joints(
+        query_features(session, run=run_id, kind=JOINT_KIND)))
 
 
 def _alignment(session: Session, run_a: str, run_b: str, align: str | None, offset_m: float

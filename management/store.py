@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -878,27 +879,32 @@ def detection_evidence(session: Session, run_id: str, camera_id: str, seq: int, 
 
 # --- the lining map: a viewport's cracks, or their density where there are too many ------------
 
-# (run, when merged) -> the longest chainage extent of its physical cracks: a viewport's cracks
-# start at most that far before it, which bounds the index range a viewport query reads
-_LONGEST_EXTENT: dict[tuple[str, str, datetime], float] = {}
+# what is worked out once per run and merge (a map's crack index, a run's ring joints): kept by
+# (what, database, run, merged_at) while that merge stands, the oldest dropped beyond MERGE_KEEP
+_PER_MERGE: dict[tuple[str, str, str, datetime], Any] = {}
+MERGE_KEEP = 16
 
 
-def _longest_extent_m(session: Session, run: Run) -> float:
-    key = (str(session.get_bind().url), run.id, run.merged_at)
-    if key not in _LONGEST_EXTENT:
-        if len(_LONGEST_EXTENT) > 256:
-            _LONGEST_EXTENT.clear()
-        _LONGEST_EXTENT[key] = float(session.scalar(
-            select(func.max(PhysicalCrack.chainage_end_m - PhysicalCrack.chainage_start_m))
-            .where(PhysicalCrack.run_id == run.id)) or 0.0)
-    return _LONGEST_EXTENT[key]
+def per_merge(session: Session, run: Run, what: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` for a merged run, kept while the run's merge stands; a run not merged yet
+    (its records still change) is computed afresh every time."""
+    if run.merged_at is None:
+        return compute()
+    key = (what, str(session.get_bind().url), run.id, run.merged_at)
+    if key not in _PER_MERGE:
+        if len(_PER_MERGE) >= MERGE_KEEP:
+            _PER_MERGE.pop(next(iter(_PER_MERGE)))
+        _PER_MERGE[key] = compute()
+    return _PER_MERGE[key]
 
 
 class CrackIndex:
     """A merged run's physical cracks as columns in memory (extents, centre, width, length,
     type, severity): what a map viewport needs to count its cracks and bin their density
-    without reading the table again. Built once per run and merge (one query), kept for
-    ``_INDEXES`` runs; a 100,000-crack run takes about 6 MB."""
+    without reading the table again. Built once per run and merge (one query, ``per_merge``);
+    a 100,000-crack run takes about 6 MB. ``longest_m``, the longest chainage extent, bounds
+    the index range a viewport query reads: a crack meeting it starts at most that far before
+    it."""
 
     def __init__(self, rows: list[Any]) -> None:
         columns = list(zip(*rows, strict=True)) if rows else [()] * 10
@@ -906,6 +912,7 @@ class CrackIndex:
          self.arc, self.width, self.length) = (np.asarray(c, np.float64) for c in columns[:8])
         self.type = np.asarray(columns[8], dtype=object)
         self.severity = np.asarray(columns[9], dtype=object)
+        self.longest_m = float((self.chainage_end - self.chainage_start).max(initial=0.0))
 
     def meets(self, chainage: tuple[float, float], arc: tuple[float, float],
               min_width_mm: float | None, min_length_mm: float | None,
@@ -924,23 +931,13 @@ class CrackIndex:
         return keep
 
 
-_INDEXES: dict[tuple[str, str, datetime], CrackIndex] = {}
-_INDEX_RUNS = 8
-
-
 def crack_index(session: Session, run: Run) -> CrackIndex:
     """The :class:`CrackIndex` of a merged run, built on first use."""
-    key = (str(session.get_bind().url), run.id, run.merged_at)
-    if key not in _INDEXES:
-        if len(_INDEXES) >= _INDEX_RUNS:
-            _INDEXES.pop(next(iter(_INDEXES)))
-        c = PhysicalCrack
-        rows = session.execute(select(
-            c.chainage_start_m, c.chainage_end_m, c.arc_start_mm, c.arc_end_mm, c.chainage_m,
-            c.arc_mm, c.width_max_mm, c.length_mm, c.type, c.severity)
-            .where(c.run_id == run.id)).all()
-        _INDEXES[key] = CrackIndex(rows)
-    return _INDEXES[key]
+    c = PhysicalCrack
+    return per_merge(session, run, "crack index", lambda: CrackIndex(session.execute(select(
+        c.chainage_start_m, c.chainage_end_m, c.arc_start_mm, c.arc_end_mm, c.chainage_m,
+        c.arc_mm, c.width_max_mm, c.length_mm, c.type, c.severity)
+        .where(c.run_id == run.id)).all()))
 
 
 def _viewport_statement(run_id: str, chainage: tuple[float, float], arc: tuple[float, float],
@@ -993,12 +990,13 @@ def viewport_cracks(session: Session, run_id: str, chainage: tuple[float, float]
             chainage=chainage, crack_type=crack_type, severity=severity, verdict=verdict)
             if r["arc_start_mm"] <= arc[1] and r["arc_end_mm"] >= arc[0]]
         return {"total": len(records), "cracks": records if len(records) <= limit else None}
-    total = int(crack_index(session, run).meets(chainage, arc, min_width_mm, min_length_mm,
-                                                crack_type, severity).sum())
+    index = crack_index(session, run)
+    total = int(index.meets(chainage, arc, min_width_mm, min_length_mm, crack_type,
+                            severity).sum())
     if total > limit:  # verdicts are few: the count before them is close enough to decide
         return {"total": total, "cracks": None}
     statement = _viewport_statement(run_id, chainage, arc, min_width_mm, min_length_mm,
-                                    crack_type, severity, _longest_extent_m(session, run))
+                                    crack_type, severity, index.longest_m)
     records = [_physical_dict(row, True) for row in session.execute(
         statement.order_by(PhysicalCrack.chainage_m, PhysicalCrack.number))]
     _attach_verdicts(session, records, [run_id])

@@ -428,10 +428,6 @@ def train_one_epoch_u2pl(model, loader, unlabeled, optimizer, scheduler, loss_fn
             "unreliable_share": round(share, 4)}
 
 
-def steps_per_epoch(loader) -> int:
-    return max(len(loader), 1)
-
-
 def check(cfg: TrainConfig) -> None:
     """A U2PL run needs a teacher (``ema_decay``) and unlabelled folders."""
     if cfg.ema_decay is None:
