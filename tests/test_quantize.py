@@ -43,6 +43,13 @@ def test_an_int8_model_for_the_cpu_and_one_for_tensorrt(tiny_model, tmp_path):
         weight, scale, zero = (initial[name] for name in dq.input[:3])
         assert weight.dtype == np.int8 and scale.size == weight.shape[0] and not zero.any()
     assert any("uint8" in p for p in summary["tensorrt_checks"])  # the CPU's U8S8 form
+    # the logits' final upsampling stays FP32 (no Q/DQ at full resolution), and no Shape node
+    # holds a DequantizeLinear's output (ONNX Runtime fuses one-consumer QDQ groups only)
+    assert producers[model.graph.output[0].name].op_type == "Resize"
+    assert summary["fp32_output"] == [producers[model.graph.output[0].name].name]
+    assert summary["shapes_read_quantized"] > 0
+    for shape in _nodes(cpu, "Shape"):
+        assert getattr(producers.get(shape.input[0]), "op_type", None) != "DequantizeLinear"
     trt = tmp_path / "int8_trt.onnx"
     crackscan("quantize", "--model", tiny_model.model, "--calibration", tiny_model.data,
               "--frames", 4, "--tile", 64, "--out", trt, "--target", "tensorrt")

@@ -13,7 +13,9 @@ around it at load time stay FP32, as they must):
   folder's images, a video, an image folder or a recording (``calibration_tiles``), fed as the
   pipeline feeds the model (mirror-padded, normalised with the model's own constants);
 - layers may stay FP32 (``keep``: ``first`` and ``last`` name the first and last convolution,
-  or give node names);
+  or give node names); the final upsampling of the logits always does (``output_resizes``);
+- after quantizing, Shape nodes read the quantized tensors (``shapes_read_quantized``), so that
+  ONNX Runtime fuses every QDQ group into its integer operator;
 - the FP32 model's metadata is carried over (name, classes, threshold, normalisation) plus
   ``crackscan.quantized`` and the FP32 file's hash.
 
@@ -90,6 +92,31 @@ def calibration_tiles(sources: list[str], info: ModelInfo, frames: int, tile: in
     return tiles
 
 
+def output_resizes(model: Any) -> list[str]:
+    """The Resize nodes that produce a graph output (the final upsampling of the logits): left
+    in FP32, as quantizing the model's output only to dequantize it again costs a full-resolution
+    QuantizeLinear and DequantizeLinear and a step of precision, and saves nothing."""
+    outputs = {value.name for value in model.graph.output}
+    return [node.name for node in model.graph.node
+            if node.op_type == "Resize" and outputs.intersection(node.output)]
+
+
+def shapes_read_quantized(model: Any) -> int:
+    """Point every Shape node that reads a DequantizeLinear's output at its quantized input (the
+    same shape); returns how many. The exporter's dynamic resize sizes read the tensor being
+    resized, and a DequantizeLinear with a second consumer keeps ONNX Runtime from fusing it into
+    the integer operator after it (its QDQ node groups need a DequantizeLinear of one consumer),
+    leaving float Transposes and conversions around each resize."""
+    made = {output: node for node in model.graph.node for output in node.output}
+    count = 0
+    for node in model.graph.node:
+        source = made.get(node.input[0]) if node.op_type == "Shape" else None
+        if source is not None and source.op_type == "DequantizeLinear":
+            node.input[0] = source.input[0]
+            count += 1
+    return count
+
+
 def _keep_names(model: Any, keep: list[str]) -> list[str]:
     convolutions = [node.name for node in model.graph.node if node.op_type == "Conv"]
     names = {node.name for node in model.graph.node}
@@ -143,6 +170,7 @@ def quantize_model(model: Path, out: Path, tiles: list[np.ndarray], keep: list[s
 
     fp32 = onnx.load(str(model))
     excluded = _keep_names(fp32, list(keep))
+    unquantized = excluded + [name for name in output_resizes(fp32) if name not in excluded]
     with tempfile.TemporaryDirectory() as folder:
         prepared = Path(folder) / "prepared.onnx"
         try:  # shape inference and graph clean-up, as ONNX Runtime advises before quantizing
@@ -158,10 +186,11 @@ def quantize_model(model: Path, out: Path, tiles: list[np.ndarray], keep: list[s
             calibrate_method={"minmax": CalibrationMethod.MinMax,
                               "percentile": CalibrationMethod.Percentile,
                               "entropy": CalibrationMethod.Entropy}[method],
-            nodes_to_exclude=excluded,
+            nodes_to_exclude=unquantized,
             extra_options={"ActivationSymmetric": tensorrt, "WeightSymmetric": True,
                            "QuantizeBias": not tensorrt})
         int8 = onnx.load(str(written))
+        rewired = shapes_read_quantized(int8)
     digest = hashlib.sha256(Path(model).read_bytes()).hexdigest()
     del int8.metadata_props[:]
     for prop in fp32.metadata_props:
@@ -175,7 +204,8 @@ def quantize_model(model: Path, out: Path, tiles: list[np.ndarray], keep: list[s
     onnx.save(int8, str(out))
     quantized = sum(1 for node in int8.graph.node if node.op_type == "QuantizeLinear")
     return {"model": str(model), "out": str(out), "method": method, "tiles": len(tiles),
-            "fp32_layers": excluded, "quantize_nodes": quantized,
+            "fp32_layers": excluded, "fp32_output": output_resizes(fp32),
+            "shapes_read_quantized": rewired, "quantize_nodes": quantized,
             "size_mb": round(out.stat().st_size / 1e6, 2),
             "fp32_size_mb": round(Path(model).stat().st_size / 1e6, 2),
             "target": target, "tensorrt_checks": tensorrt_checks(out) or "pass"}
