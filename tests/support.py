@@ -332,7 +332,8 @@ def replace_a_field(frames: list[bytes], data: st.DataObject) -> list[bytes]:
         if data.draw(st.booleans()):  # or one field of a crack record
             record = header["cracks"][0]
             if isinstance(record, dict):
-                record[data.draw(st.sampled_from(sorted(record)))] = data.draw(JSON_VALUES)
+                record[data.draw(st.sampled_from(sorted(record) + ["extra"]))] = data.draw(
+                    JSON_VALUES)  # the cracks drawn above may hold an empty record
     return [json.dumps(header).encode(), *frames[1:]]
 
 
