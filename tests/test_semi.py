@@ -110,6 +110,47 @@ def test_the_teacher_is_the_moving_average_of_the_student(folders, tmp_path):
     assert moved > 0  # the student did change
 
 
+def test_a_supervised_warm_up_then_the_teacher_restarts_as_the_student(folders, tmp_path):
+    """U2PL's start: the first half of the steps learn from the labels alone (no unlabelled
+    batch is drawn); then the teacher becomes a copy of the student and averages on from it."""
+    cfg = u2pl_config(folders, tmp_path, contrast="full", supervised_warmup=0.5)
+    student, ema = _student_and_teacher(cfg)
+    u2pl = semi.U2PL(cfg, student, ema.module, torch.device("cpu"))
+    labelled = [(torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.9).float())
+                for _ in range(2)]
+    drawn = []
+
+    class Unlabelled:
+        def __iter__(self):
+            while True:
+                drawn.append(len(drawn))
+                yield (torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64),
+                       torch.ones(2, 64, 64, dtype=torch.bool))
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    after_warm_up = {}
+    restart = u2pl.restart_teacher
+
+    def spy(s, t):
+        after_warm_up.update({k: v.clone() for k, v in s.state_dict().items()})
+        restart(s, t)
+
+    u2pl.restart_teacher = spy
+    first = semi.train_one_epoch_u2pl(student, labelled[:1], Unlabelled(), optimizer, scheduler,
+                                      get_loss(cfg.loss, 1), 1, 0, 2, u2pl, ema,
+                                      device=torch.device("cpu"), progress=False)
+    assert first["loss_unsupervised"] == 0 and not drawn and not after_warm_up
+    second = semi.train_one_epoch_u2pl(student, labelled[1:], Unlabelled(), optimizer,
+                                       scheduler, get_loss(cfg.loss, 1), 2, 1, 2, u2pl, ema,
+                                       device=torch.device("cpu"), progress=False)
+    assert second["loss_unsupervised"] > 0 and len(drawn) == 1 and after_warm_up
+    teacher = dict(ema.module.named_parameters())
+    for name, now in student.named_parameters():  # one average step from the restart
+        assert torch.allclose(teacher[name], 0.9 * after_warm_up[name] + 0.1 * now,
+                              atol=1e-5), name
+
+
 def test_reliable_pseudo_labels_leave_out_the_most_uncertain_share():
     rng = np.random.default_rng(0)
     crack = torch.from_numpy(rng.uniform(0, 1, (1, 1, 40, 50)).astype(np.float32))

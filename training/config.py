@@ -37,6 +37,10 @@ class TrainConfig(BaseModel):
     crop_schedule: list[tuple[float, int]] | None = None
     batch_size: int = Field(8, ge=1)
     epochs: int = Field(30, ge=1)
+    # training crops per epoch: the training images cycled (each as often as the others, +-1) to
+    # this many, so a run on few labelled images still takes as many steps as it is given, and
+    # validates once per that many crops; None: each image once
+    epoch_images: int | None = Field(None, ge=1)
     max_minutes: float | None = Field(None, gt=0)  # stop early after this wall-clock budget
 
     # optimisation
@@ -99,6 +103,10 @@ class TrainConfig(BaseModel):
     semi: Literal["none", "u2pl"] = "none"
     unlabeled: list[Path] = Field(default_factory=list)  # folders of images (or their images/)
     unlabeled_weight: float = Field(1.0, ge=0)  # the unsupervised loss's weight (U2PL: 1)
+    # the share of the training steps that learn from the labelled images only (U2PL: its first
+    # epoch); where it ends the teacher starts again as a copy of the student, as U2PL's does, so
+    # the pseudo-labels come from a model that has learned the labels, not from the start
+    supervised_warmup: float = Field(0.0, ge=0, lt=1)
     # alpha_0: the share of the most uncertain pixels that are no pseudo-labels at the start,
     # falling linearly to 0 at the end (U2PL: 0.2)
     unreliable_start: float = Field(0.2, ge=0, lt=1)

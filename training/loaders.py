@@ -37,7 +37,8 @@ def load_folders(cfg: TrainConfig) -> tuple[list[ds.Sample], list[ds.Sample]]:
 class CrackCrops(torch.utils.data.Dataset):
     """In-memory (image, mask) pairs, served as augmented random crops of side ``crop`` (set it
     between epochs for progressive resizing). Binary masks come out as float (1, H, W), class
-    masks as int64 (H, W), as the losses expect."""
+    masks as int64 (H, W), as the losses expect. An epoch is ``cfg.epoch_images`` crops when set
+    (the images cycled), else one crop of every image."""
 
     def __init__(self, pairs: list[tuple[np.ndarray, np.ndarray]], crop: int, mean, std,
                  seed: int, cfg: TrainConfig | None = None) -> None:
@@ -46,11 +47,11 @@ class CrackCrops(torch.utils.data.Dataset):
         self.cfg = cfg or TrainConfig()
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return self.cfg.epoch_images or len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.cfg
-        image, mask = ds.augment(*self.pairs[index], self.crop, self.rng,
+        image, mask = ds.augment(*self.pairs[index % len(self.pairs)], self.crop, self.rng,
                                  max_rotation=cfg.max_rotation, elastic_sigma=cfg.elastic_sigma,
                                  elastic_grid=cfg.elastic_grid, border=cfg.border,
                                  scale_range=cfg.scale_range,
@@ -74,23 +75,26 @@ def sampling_weights(datasets: list[str], rule: str) -> list[float]:
 
 
 class WeightedShardSampler(torch.utils.data.Sampler):
-    """``len(weights)`` indices per epoch drawn with replacement by ``weights``, the same draw in
-    every process (seeded by seed and epoch), each process taking its ``rank::world`` share."""
+    """``draws`` (default ``len(weights)``) indices per epoch drawn with replacement by
+    ``weights``, the same draw in every process (seeded by seed and epoch), each process taking
+    its ``rank::world`` share."""
 
-    def __init__(self, weights: list[float], rank: int, world: int, seed: int) -> None:
+    def __init__(self, weights: list[float], rank: int, world: int, seed: int,
+                 draws: int | None = None) -> None:
         self.weights = torch.as_tensor(weights, dtype=torch.double)
         self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
+        self.draws = draws or len(weights)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        draw = torch.multinomial(self.weights, len(self.weights), True, generator=generator)
+        draw = torch.multinomial(self.weights, self.draws, True, generator=generator)
         return iter(draw[self.rank::self.world].tolist())
 
     def __len__(self) -> int:
-        return len(range(self.rank, len(self.weights), self.world))
+        return len(range(self.rank, self.draws, self.world))
 
 
 def make_loader(cfg: TrainConfig, crops: CrackCrops, rank: int, world: int,
@@ -101,7 +105,7 @@ def make_loader(cfg: TrainConfig, crops: CrackCrops, rank: int, world: int,
     dropped when there is more than one batch, as batch norm cannot learn from a batch of one."""
     if cfg.sampling != "proportional" and datasets:
         sampler = WeightedShardSampler(sampling_weights(datasets, cfg.sampling), rank, world,
-                                       cfg.seed)
+                                       cfg.seed, len(crops))
     else:
         sampler = (torch.utils.data.DistributedSampler(crops, world, rank, shuffle=True,
                                                        seed=cfg.seed) if world > 1 else None)

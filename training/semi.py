@@ -317,6 +317,24 @@ class U2PL:
             for t, s in zip(self.teacher_head.parameters(), self.head.parameters(), strict=True):
                 t.mul_(decay).add_(s.detach(), alpha=1 - decay)
 
+    @torch.no_grad()
+    def restart_teacher(self, student: nn.Module, teacher: nn.Module) -> None:
+        """The teacher (and its projection head) becomes a copy of the student: U2PL's start of
+        semi-supervised learning after its supervised warm-up."""
+        for t, s in zip(teacher.state_dict().values(), student.state_dict().values(),
+                        strict=True):
+            t.copy_(s)
+        if self.head is not None:
+            self.teacher_head.load_state_dict(self.head.state_dict())
+
+    def supervised(self, student: nn.Module, images: torch.Tensor, masks: torch.Tensor,
+                   loss_fn) -> dict[str, torch.Tensor]:
+        """A warm-up step's losses: the labelled batch only."""
+        supervised = loss_fn(student(images), masks)
+        zero = supervised.detach() * 0
+        return {"loss": supervised, "supervised": supervised, "unsupervised": zero,
+                "contrast": zero}
+
     def losses(self, student: nn.Module, teacher: nn.Module, images: torch.Tensor,
                masks: torch.Tensor, weak: torch.Tensor, strong: torch.Tensor,
                valid: torch.Tensor, loss_fn, share: float) -> dict[str, torch.Tensor]:
@@ -384,7 +402,9 @@ def train_one_epoch_u2pl(model, loader, unlabeled, optimizer, scheduler, loss_fn
                          device: torch.device, freeze_bn: bool = False,
                          progress: bool = True) -> dict[str, float]:
     """One epoch of U2PL: as many steps as the labelled loader has, each with the next
-    unlabelled batch (cycled). Returns the mean losses (``loss``, ``loss_supervised``,
+    unlabelled batch (cycled); steps within the supervised warm-up (``supervised_warmup`` of
+    ``total_steps``) take the labelled batch only, and the teacher restarts as the student at
+    the first step after it. Returns the mean losses (``loss``, ``loss_supervised``,
     ``loss_unsupervised``, ``loss_contrast``) and ``unreliable_share``."""
     from training.onnx_weights import freeze_batch_norm
 
@@ -396,18 +416,25 @@ def train_one_epoch_u2pl(model, loader, unlabeled, optimizer, scheduler, loss_fn
     sums = torch.zeros(5, dtype=torch.float64)
     batches = iter(unlabeled)
     share = 0.0
+    warmup_steps = math.ceil(u2pl.cfg.supervised_warmup * total_steps)
     for step, (images, masks) in enumerate(tqdm(loader, desc=f"epoch {epoch} (U2PL)",
                                                 leave=False,
                                                 disable=None if progress else True)):
-        try:
-            weak, strong, valid = next(batches)
-        except StopIteration:
-            batches = iter(unlabeled)
-            weak, strong, valid = next(batches)
         images, masks = images.to(device), masks.to(device)
-        weak, strong, valid = weak.to(device), strong.to(device), valid.to(device)
-        share = unreliable_share(u2pl.cfg, (steps_done + step) / max(total_steps, 1))
-        parts = u2pl.losses(model, teacher, images, masks, weak, strong, valid, loss_fn, share)
+        if steps_done + step < warmup_steps:
+            parts = u2pl.supervised(model, images, masks, loss_fn)
+        else:
+            if steps_done + step == warmup_steps > 0:
+                u2pl.restart_teacher(student, teacher)
+            try:
+                weak, strong, valid = next(batches)
+            except StopIteration:
+                batches = iter(unlabeled)
+                weak, strong, valid = next(batches)
+            weak, strong, valid = weak.to(device), strong.to(device), valid.to(device)
+            share = unreliable_share(u2pl.cfg, (steps_done + step) / max(total_steps, 1))
+            parts = u2pl.losses(model, teacher, images, masks, weak, strong, valid, loss_fn,
+                                share)
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         optimizer.step()
