@@ -383,6 +383,30 @@ def test_weighted_sampler_draws_by_dataset_and_shards_one_draw_across_processes(
     assert list(again) != list(whole)  # a new draw every epoch
 
 
+def test_epoch_images_cycles_few_images_into_a_fixed_epoch():
+    """``epoch_images``: an epoch of that many crops, however few the images, each image as
+    often as the others (+-1); the loader's steps and a weighted draw follow it."""
+    half = np.zeros((40, 40), np.uint8)
+    half[:, :20] = 1
+    pairs = [(np.full((40, 40, 3), 128, np.uint8), mask)  # told apart by their masks' crack share
+             for mask in (np.zeros((40, 40), np.uint8), np.ones((40, 40), np.uint8), half)]
+    cfg = TrainConfig(epoch_images=10, batch_size=2, crop=32)
+    crops = loaders.CrackCrops(pairs, 32, (0.0,) * 3, (1.0,) * 3, seed=0, cfg=cfg)
+    loader, _ = loaders.make_loader(cfg, crops, 0, 1, torch.device("cpu"))
+    assert len(crops) == 10 and len(loader) == 5
+    shares = [float(crops[i][1].mean()) for i in range(len(crops))]
+    seen = [0 if share == 0 else 1 if share == 1 else 2 for share in shares]
+    assert sorted(seen.count(v) for v in (0, 1, 2)) == [3, 3, 4]
+    with pytest.raises(IndexError):
+        crops[10]
+    weighted = TrainConfig(epoch_images=10, batch_size=2, crop=32, sampling="balanced")
+    crops = loaders.CrackCrops(pairs, 32, (0.0,) * 3, (1.0,) * 3, seed=0, cfg=weighted)
+    loader, sampler = loaders.make_loader(weighted, crops, 0, 1, torch.device("cpu"),
+                                          ["a", "a", "b"])
+    assert len(sampler) == 10 and len(list(sampler)) == 10 and len(loader) == 5
+    assert len(loaders.CrackCrops(pairs, 32, (0.0,) * 3, (1.0,) * 3, seed=0)) == 3  # default
+
+
 def test_elastic_deformation_with_sigma_zero_is_the_identity():
     image, mask = line_pair()
     image = np.random.default_rng(0).integers(0, 256, image.shape, dtype=np.uint8)

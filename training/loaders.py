@@ -50,6 +50,8 @@ class CrackCrops(torch.utils.data.Dataset):
         return self.cfg.epoch_images or len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"crop {index} of an epoch of {len(self)}")
         cfg = self.cfg
         image, mask = ds.augment(*self.pairs[index % len(self.pairs)], self.crop, self.rng,
                                  max_rotation=cfg.max_rotation, elastic_sigma=cfg.elastic_sigma,
