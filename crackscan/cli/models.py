@@ -1,5 +1,5 @@
-"""Commands that make and score models: select, labels, train, train-compare, eval, parity,
-export, build-engine."""
+"""Commands that make and score models: select, labels, train, train-compare, train-fractions,
+eval, parity, export, build-engine."""
 
 from __future__ import annotations
 
@@ -66,6 +66,33 @@ def cmd_train_compare(args) -> int:
     except (ValidationError, FileNotFoundError) as exc:
         raise UserError(f"train-compare: {str(exc).splitlines()[0]}") from None
     print_json({"out": args.out, "rows": rows})
+    return 0
+
+
+def cmd_train_fractions(args) -> int:
+    from pydantic import ValidationError
+
+    fractions = torch_module("training.fractions")
+    for path, what in ((args.config, "recipe"), (args.init, "--init model")):
+        if not Path(path).is_file():
+            raise UserError(f"{what} {path} does not exist")
+    for folder in [args.data] + (args.held_out or []):
+        if not Path(folder).is_dir():
+            raise UserError(f"dataset folder {folder} does not exist")
+    if args.steps < 1:
+        raise UserError("--steps must be at least 1")
+    try:
+        chosen = tuple(fractions.parse_fraction(f) for f in args.fractions.split(","))
+        rows = fractions.run_experiment(
+            Path(args.config), Path(args.data), Path(args.init), args.steps, Path(args.out),
+            fractions=chosen, strategies=tuple(args.strategies.split(",")),
+            methods=tuple(args.methods.split(",")),
+            held_out=[Path(h) for h in args.held_out or []], crop=args.crop,
+            batch_size=args.batch_size, seed=args.seed, threads=args.threads)
+    except (ValidationError, ValueError) as exc:
+        raise UserError(f"train-fractions: {str(exc).splitlines()[0]}") from None
+    print_json({"out": args.out, "rows": [{k: v for k, v in r.items() if k != "chosen"}
+                                          for r in rows]})
     return 0
 
 
@@ -391,6 +418,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="one batch size for every recipe")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
     p.add_argument("--out", default="runs/compare")
+
+    p = add(sub, "train-fractions", cmd_train_fractions,
+            "the labelled-fraction experiment: supervised against U2PL, random against active "
+            "selection, on fractions of one labelled pool")
+    p.add_argument("--config", required=True,
+                   help="recipe YAML (a U2PL recipe; its supervised runs set semi: none)")
+    p.add_argument("--data", required=True,
+                   help="the labelled pool: a dataset folder (its carved validation ids scored)")
+    p.add_argument("--init", required=True,
+                   help="the starting ONNX model of every run, which also scores the pool for "
+                        "active selection (one that never saw the pool's labels)")
+    p.add_argument("--steps", type=int, required=True, help="batches per run")
+    p.add_argument("--fractions", default="1/16,1/8,1/4,1/2,1",
+                   help="labelled fractions of the pool (default 1/16,1/8,1/4,1/2,1)")
+    p.add_argument("--strategies", default="random,active", help="default random,active")
+    p.add_argument("--methods", default="supervised,u2pl", help="default supervised,u2pl")
+    p.add_argument("--held-out", action="append", metavar="DIR",
+                   help="also score on all images of this labelled folder (repeatable)")
+    p.add_argument("--crop", type=int, help="crop size (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=0, help="of the random selection")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for scoring")
+    p.add_argument("--out", default="runs/fractions")
 
     p = add(sub, "eval", cmd_eval, "score a model on a labelled dataset")
     p.add_argument("--model", help="ONNX model (default: the bundled model)")
