@@ -13,7 +13,13 @@ import yaml
 from support import crackscan, write_crack_dataset
 
 from training import data as ds
-from training.fractions import labelled_count, parse_fraction, score_pool
+from training.fractions import (
+    independent_pool,
+    labelled_count,
+    parse_fraction,
+    photographs,
+    score_pool,
+)
 from training.select import choose
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -122,3 +128,14 @@ def test_bad_options_are_one_line(experiment, tmp_path, flags, message):
     assert done.returncode != 0 and message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "fractions.json").exists()
+
+
+def test_views_of_a_validation_photograph_stay_out_of_the_pool():
+    ids = ["train-11", "train-11-2", "train-11-3", "train-12", "train-13-1", "train-13-2",
+           "001", "002-1", "x-7"]
+    photo = photographs(ids)
+    assert photo["train-11-3"] == photo["train-11-2"] == photo["train-11"] == "train-11"
+    assert photo["train-13-1"] == photo["train-13-2"] == "train-13"  # the original not among them
+    assert photo["train-12"] == "train-12" and photo["002-1"] == "002-1" and photo["x-7"] == "x-7"
+    assert independent_pool(["train-11", "train-11-3", "train-12", "train-13-1", "001", "x-7"],
+                            ["train-11-2", "train-13-2", "002-1"]) == ["train-12", "001", "x-7"]

@@ -2,7 +2,8 @@
 ``crackscan train-fractions`` runs.
 
 How much does a label buy, and do U2PL and active selection make fewer labels go further? From
-one labelled pool (a dataset folder's training ids, its carved validation ids set aside), for each
+one labelled pool (a dataset folder's training ids, its carved validation ids set aside, and with
+them every other view of their photographs: ``independent_pool``), for each
 labelled fraction (1/16 ... all) and each way of choosing the labelled images (``random``, or
 ``active``: ``crackscan select``'s own ranking -- the starting model's uncertainty, spread by
 appearance -- over the pool's images), one recipe is trained two ways on exactly the same labels,
@@ -29,7 +30,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
+from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
@@ -60,6 +63,25 @@ def parse_fraction(text: str) -> Fraction:
     if not 0 < value <= 1:
         raise ValueError(f"a labelled fraction lies in (0, 1], not {text}")
     return value
+
+
+def photographs(ids: list[str]) -> dict[str, str]:
+    """Each id's photograph: an id ``<stem>-<number>`` whose stem ends in a digit and is an id
+    too, or is shared with another such id, is a view of the photograph ``<stem>`` (DeepCrack's
+    ``train-11116``, ``train-11116-2``, ... are crops of one picture); any other id is its own
+    (``train-1`` and ``train-2`` are two)."""
+    stems = {sample_id: re.sub(r"-\d+$", "", sample_id) for sample_id in ids}
+    shared = Counter(stems.values())
+    return {i: stem if stem != i and stem[-1:].isdigit() and (stem in stems or shared[stem] > 1)
+            else i for i, stem in stems.items()}
+
+
+def independent_pool(pool_ids: list[str], val_ids: list[str]) -> list[str]:
+    """The pool's ids less every view of a photograph that a validation id shows: a label or an
+    unlabelled view of the same picture would score the runs on what they have seen."""
+    photo = photographs(pool_ids + val_ids)
+    held = {photo[i] for i in val_ids}
+    return [i for i in pool_ids if photo[i] not in held]
 
 
 def labelled_count(fraction: Fraction, pool_size: int) -> int:
@@ -187,12 +209,19 @@ def run_experiment(recipe: Path, pool: Path, init: Path, steps: int, out: Path, 
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
     base = load_config(recipe)
-    pool_ids, val_ids = ds.train_val_split(pool, base.val_fraction, base.seed)
+    all_ids, val_ids = ds.train_val_split(pool, base.val_fraction, base.seed)
     if not val_ids:
         raise ValueError(f"{pool}: no validation ids (val_fraction 0): nothing to score on")
+    pool_ids = independent_pool(all_ids, val_ids)
+    if len(pool_ids) < len(all_ids):
+        log.info("train-fractions: %d of %d training ids left out of the pool: views of the "
+                 "photographs of validation ids", len(all_ids) - len(pool_ids), len(all_ids))
+    if not pool_ids:
+        raise ValueError(f"{pool}: every training id shows a validation photograph")
     out.mkdir(parents=True, exist_ok=True)
     meta = {"pool": str(pool), "init": str(init), "steps": steps, "crop": crop,
             "batch_size": batch_size, "seed": seed, "pool_images": len(pool_ids),
+            "pool_left_out": len(all_ids) - len(pool_ids),
             "val_images": len(val_ids), "held_out": [str(h) for h in held_out]}
     rows: list[dict] = []
     path = out / "fractions.json"
