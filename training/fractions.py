@@ -116,9 +116,8 @@ def labelled_folder(pool: Path, chosen: list[str], val_ids: list[str], out: Path
     for sample in ds.samples(pool, sorted(set(chosen) | set(val_ids))):
         _link(sample.image_path, out / "images" / sample.image_path.name)
         _link(sample.mask_path, out / "masks" / sample.mask_path.name)
-    for name in (ds.CLASSES_FILE,):
-        if (pool / name).is_file():
-            _link(pool / name, out / name)
+    if (pool / ds.CLASSES_FILE).is_file():  # class masks: their names come along
+        _link(pool / ds.CLASSES_FILE, out / ds.CLASSES_FILE)
     (out / "train.txt").write_text("".join(f"{i}\n" for i in sorted(chosen)))
     (out / "val.txt").write_text("".join(f"{i}\n" for i in sorted(val_ids)))
     return out
