@@ -15,10 +15,15 @@ reached. A frame is sent at most ``MAX_SENDS`` times, then given up (logged; the
 incomplete). Management stores idempotently, so a frame sent twice is stored once.
 
 Modes. ``replay`` waits for a free slot, re-sends, and waits at the end until every frame is
-stored. ``live`` never waits: a frame with no free slot now is dropped, a worker holds at most
-``capacity - 1`` frames (with batches of 1: the one it is working on, so a frame never waits
-behind another), and a lost frame is not re-sent (the next one is worth more); it is missing
-from the run as a dropped frame would be.
+stored. ``live`` never waits: a worker holds at most ``capacity - 1`` frames (with batches of 1:
+the one it is working on, so a frame never waits behind another), and a lost frame is not re-sent
+(the next one is worth more); it is missing from the run as a dropped frame would be. A live
+frame with no free slot is kept as its camera's standby frame, as a camera keeps its newest
+image: the next frame of that camera replaces it (the older is dropped), and the moment a slot
+frees the oldest standby goes out, unless it is older than ``late_s`` (dropped). So a worker that
+finishes takes the newest frame at once instead of idling until the camera's next one, and no
+frame waits longer than one frame period plus the time until a slot frees. What became of each
+live frame is reported by :meth:`Dispatcher.take_outcomes`.
 
 Memory: frames in flight are held encoded, at most ``in_flight_mb`` (one frame always fits), so
 a slow management pushes back on the reader as a slow worker does.
@@ -84,8 +89,12 @@ class Dispatcher:
     ``stored`` arrives and this run's heartbeat leaves."""
 
     def __init__(self, frames: zmq.Socket, control: zmq.Socket, run_id: str, mode: str,
-                 ack_timeout_s: float, in_flight_mb: float) -> None:
+                 ack_timeout_s: float, in_flight_mb: float, late_s: float = 0.2) -> None:
         self.frames, self.control = frames, control
+        self.late_s = late_s  # live: a standby frame older than this is dropped, not sent
+        # live: each camera's newest unsent frame (key, encoded parts, monotonic time offered)
+        self.standby: dict[str, tuple[FrameKey, list[bytes], float]] = {}
+        self.outcomes: list[tuple[FrameKey, bool]] = []  # live: (frame, sent?) not yet taken
         self.run_id, self.mode = run_id, mode
         self.ack_timeout_s = ack_timeout_s
         self.max_bytes = int(in_flight_mb * (1 << 20))
@@ -107,15 +116,11 @@ class Dispatcher:
                wait_warning_s: float = 10.0) -> bool:
         """Send frame ``key`` (its encoded ``parts``) to a worker. Replay: waits for a free slot
         and for room in flight (re-sends go first), returns False only when ``stop`` is set.
-        Live: returns False (the frame is dropped) unless a slot is free now."""
+        Live: use :meth:`offer`."""
+        if self.mode == "live":
+            raise ValueError("a live frame is offered (Dispatcher.offer), not submitted")
         self.flights[key] = _Flight(parts, sum(len(p) for p in parts))
         self.bytes += self.flights[key].size
-        if self.mode == "live":
-            self.pump(0)
-            if key not in self.flights or self._send_new(key):
-                return True
-            self._forget(key)
-            return False
         waiting_since = time.monotonic()
         warned_at = waiting_since
         while True:
@@ -135,6 +140,75 @@ class Dispatcher:
                             "(%d alive, %d frames in flight); still waiting", self.run_id,
                             key[0], key[1], warned_at - waiting_since, len(self.workers),
                             len(self.flights) - 1)
+
+    def offer(self, key: FrameKey, parts: list[bytes]) -> None:
+        """Live: send frame ``key`` now if a slot is free, else keep it as its camera's standby
+        frame (the one it replaces is dropped). Never waits; see :meth:`take_outcomes`."""
+        self.pump(0)  # slots freed since: standby frames go first
+        if self._send_live(key, parts):
+            return
+        replaced = self.standby.get(key[0])
+        if replaced is not None:
+            self.outcomes.append((replaced[0], False))
+        self.standby[key[0]] = (key, parts, time.monotonic())
+
+    def wait(self, seconds: float, stop: threading.Event) -> bool:
+        """Wait ``seconds`` handling the links meanwhile (credits, stored reports; live: standby
+        frames go out as slots free); False when ``stop`` was set."""
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0:
+            if stop.is_set():
+                return False
+            self.pump(max(1, min(int(left * 1000), 50)))
+        return not stop.is_set()
+
+    def wait_for_worker(self, stop: threading.Event, timeout_s: float) -> bool:
+        """Wait until an inference worker has said it takes frames; False after ``timeout_s``
+        or when ``stop`` is set."""
+        until = time.monotonic() + timeout_s
+        while not self.workers:
+            if stop.is_set() or time.monotonic() >= until:
+                return False
+            self.pump(50)
+        return True
+
+    def settle(self, stop: threading.Event) -> None:
+        """Live, after the source: send the standby frames as slots free, or drop them once they
+        are older than ``late_s`` (at once when ``stop`` is set)."""
+        while self.standby and not stop.is_set():
+            self.pump(10)
+        self._drop_standby()
+
+    def take_outcomes(self) -> list[tuple[FrameKey, bool]]:
+        """Live: the frames sent (True) or dropped (False) since the last call."""
+        outcomes, self.outcomes = self.outcomes, []
+        return outcomes
+
+    def _send_live(self, key: FrameKey, parts: list[bytes]) -> bool:
+        self.flights[key] = _Flight(parts, sum(len(p) for p in parts))
+        self.bytes += self.flights[key].size
+        if self._send_new(key):
+            self.outcomes.append((key, True))
+            return True
+        self._forget(key)
+        return False
+
+    def _send_standby(self) -> None:
+        """Live: the oldest standby frames to free slots; those too old are dropped."""
+        now = time.monotonic()
+        for camera, (key, parts, offered) in sorted(self.standby.items(),
+                                                    key=lambda item: item[1][2]):
+            if now - offered > self.late_s:
+                del self.standby[camera]
+                self.outcomes.append((key, False))
+            elif self._free_worker() is None or not self._send_live(key, parts):
+                return
+            else:
+                del self.standby[camera]
+
+    def _drop_standby(self) -> None:
+        self.outcomes += [(key, False) for key, _parts, _offered in self.standby.values()]
+        self.standby.clear()
 
     def _room_for(self, key: FrameKey) -> bool:
         """Within the memory bound (the frame being submitted always fits alone)."""
@@ -199,6 +273,8 @@ class Dispatcher:
                 except zmq.Again:
                     break
                 handle(parts, now)
+        if self.standby:
+            self._send_standby()
         if now - self.checked_at >= CHECK_EVERY_S:
             self.checked_at = now
             self._check_clocks(now)

@@ -7,9 +7,10 @@ an ``end`` message on the control socket with the counts, which always add up:
 
 Stamps. ``seq`` is the SOURCE frame index, not a count of sent frames, so a bad or dropped frame
 leaves a visible gap in the sequence for management. ``capture_time`` is the source's own (a
-recording, a metadata file, a camera's clock) or ``started_at + offset_s``; ``chainage_m`` (of
-the image centre) is the source's own or the position model's at that time (constant speed, an
-odometer log or a chainage file: ``acquisition.position``).
+recording, a metadata file, a camera's clock) or the time reading began + ``offset_s`` (a live
+run first waits for a worker); ``chainage_m`` (of the image centre) is the source's own or the
+position model's at that time (constant speed, an odometer log or a chainage file:
+``acquisition.position``).
 
 Cameras. A rig source (``acquisition.rig``) yields frames of several cameras, each with its
 ``camera_id``; every camera gets its own counts and its own end message, and management closes
@@ -22,7 +23,8 @@ Dispatch (``acquisition.dispatch``). Workers ask for frames (credit) and a frame
 a worker with a free slot; every frame sent is kept until management reports its result
 stored, and re-sent when its worker dies or its result is lost. ``replay``: nothing is dropped;
 the reader waits for a free slot (and for room in ``acquisition.in_flight_mb``), so back-pressure
-slows it. ``live``: a frame with no free slot is dropped and counted. A recorded source replayed
+slows it. ``live``: a frame with no free slot waits as its camera's standby frame until a slot
+frees; a newer frame replaces it and the older is dropped and counted. A recorded source replayed
 in live mode is paced at its own frame rate (a camera paces itself), so drops measure whether
 inference keeps up in real time. A live frame read more than ``LATE_FRAMES`` frame periods (and
 ``LATE_MIN_S``) after its capture time, because acquisition itself fell behind (a slow disk, a
@@ -69,6 +71,7 @@ POLL_MS = 100  # how long one wait for room on the control socket lasts
 CONTROL_SEND_TIMEOUT_S = 10.0  # run_start / end wait this long for room on the control socket
 FRAMES_HWM = 64  # messages queued per worker (credit keeps it far below)
 LATE_FRAMES = 4.0  # live: a frame read this many frame periods after its time is dropped ...
+FIRST_WORKER_WAIT_S = 120.0  # live: how long reading waits for the first inference worker
 LATE_MIN_S = 0.2  # ... and at least this late (a camera driver buffers a few frames)
 STOPPED_DRAIN_S = 8.0  # a stopped run waits this long for the frames it sent to be stored
 CONTROL_LINGER_MS = 5_000
@@ -132,6 +135,12 @@ class Counts:
     def add(self, outcome: str, n: int = 1) -> None:
         setattr(self, outcome, getattr(self, outcome) + n)
         metrics.ACQUISITION_FRAMES.labels(self.camera, outcome).inc(n)
+
+
+def _count_outcomes(dispatcher: Dispatcher, counts: dict[str, Counts]) -> None:
+    """Live: count the frames the dispatcher sent or dropped since last asked."""
+    for (camera_id, _seq), sent in dispatcher.take_outcomes():
+        counts.setdefault(camera_id, Counts(camera_id)).add("sent" if sent else "dropped")
 
 
 def _sendable(message: FrameMessage, max_pixels: int = MAX_PIXELS) -> list[bytes]:
@@ -216,8 +225,9 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
         frame_socket = _open(frames, context, FRAMES_HWM, "frame", True, keys)
         control_socket = _open(control, context, 16, "control", False, keys)
         frame_socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone worker is an error, not a void
+        late_s = max(LATE_FRAMES / max(getattr(source, "fps", 0) or 0, 1e-3), LATE_MIN_S)
         dispatcher = Dispatcher(frame_socket, control_socket, run_id, mode,
-                                acquisition.ack_timeout_s, acquisition.in_flight_mb)
+                                acquisition.ack_timeout_s, acquisition.in_flight_mb, late_s)
         label = source_label or source.description
         started_at = time.time()
         start = RunStartMessage(run_id=run_id, source=label, mode=mode, started_at=started_at,
@@ -228,7 +238,15 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
         log.info("run %s: %s, %s mode, camera(s) %s, %s, frames on %s", run_id, label, mode,
                  ", ".join(cameras), position.description, frames)
 
-        clock = time.monotonic()
+        if mode == "live" and not dispatcher.workers:
+            # a live source's frames go by whether or not a worker is up: a run that starts
+            # reading while the models still load would drop its first seconds of tunnel
+            log.info("run %s: waiting for an inference worker before reading the live source",
+                     run_id)
+            if not dispatcher.wait_for_worker(stop, FIRST_WORKER_WAIT_S) and not stop.is_set():
+                log.warning("run %s: no inference worker after %.0f s; reading anyway (frames "
+                            "no worker takes are dropped)", run_id, FIRST_WORKER_WAIT_S)
+        clock, reading_at = time.monotonic(), time.time()  # a frame's offset_s counts from here
         next_report = clock + PROGRESS_EVERY_S
         reading = threading.Event()
         if getattr(source, "interruptible", False):
@@ -253,15 +271,15 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
                 late = False
                 if pace:
                     delay = clock + item.offset_s - time.monotonic()
-                    if delay > 0 and stop.wait(delay):
+                    if delay > 0 and not dispatcher.wait(delay, stop):
                         reason = "stopped"
                         break
+                    _count_outcomes(dispatcher, counts)
                     # live: a frame more than LATE_FRAMES periods behind its capture time is one a
                     # camera would have overwritten while we were busy: recorded, not sent
-                    late = mode == "live" and -delay > max(LATE_FRAMES / max(source.fps, 1e-3),
-                                                           LATE_MIN_S)
+                    late = mode == "live" and -delay > late_s
                 capture_time = (item.capture_time if item.capture_time is not None
-                                else started_at + item.offset_s)
+                                else reading_at + item.offset_s)
                 chainage_m = (item.chainage_m if item.chainage_m is not None
                               else position.chainage_at(item.offset_s if position.clock ==
                                                         "relative" else capture_time))
@@ -292,10 +310,9 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
                         reason = "stopped"
                         break
                     count.add("sent")
-                elif dispatcher.submit(key, parts):
-                    count.add("sent")
                 else:
-                    count.add("dropped")
+                    dispatcher.offer(key, parts)
+                    _count_outcomes(dispatcher, counts)
                 if time.monotonic() >= next_report:
                     next_report += PROGRESS_EVERY_S
                     read, sent, dropped, bad = _totals(counts)
@@ -310,6 +327,8 @@ def run_acquisition(source: FrameSource, frames: str, control: str, run_id: str,
             reading.set()
         if stop.is_set() and reason == "end_of_source":
             reason = "stopped"  # the source ended because it was closed on stop
+        dispatcher.settle(stop)  # live: the standby frames sent or dropped
+        _count_outcomes(dispatcher, counts)
 
         drain_s = config.management.drain_timeout_s if drain_s is None else drain_s
         if dispatcher.flights and reason != "stopped":

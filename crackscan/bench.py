@@ -9,7 +9,12 @@ Two measurements in one run, on the same frames:
 - the pipeline: ``crackscan run`` on the same source in replay mode (acquisition, N inference
   workers with geometry, management into a throw-away SQLite database): ``pipeline_fps`` is its
   steady rate, frames stored over the time between the first and the last frame stored, so
-  process start-up and model loading are not counted (they are reported as ``pipeline_wall_s``).
+  process start-up and model loading are not counted (they are reported as ``pipeline_wall_s``);
+- with ``--live``, the pipeline again in live mode: the source at its own frame rate (the
+  synthetic drive's 25 frames/s is above a 2-core CPU's rate), frames no worker can take
+  dropped: ``live_fps`` (the stored frames' steady rate), frames dropped, and the
+  capture-to-stored latency p50 / p99 with its ratio to the bare model's p50 time a frame
+  (``live_latency_over_model``) and to the workers' own (``live_latency_over_inference``).
 
 A synthetic source is first written to a video file in a temporary folder, and both
 measurements read that file: rendering the drive costs about 11 ms of CPU per frame here, which a
@@ -89,9 +94,12 @@ def model_stats(times: list[float]) -> dict:
 
 
 def bench_pipeline(source: str, model: Path | None, backend: str, workers: int,
-                   config_path: str | None) -> dict:
+                   config_path: str | None, mode: str = "replay") -> dict:
     """``crackscan run`` on ``source`` into a temporary SQLite database; the steady rate from
-    the stored frames' times."""
+    the stored frames' times. ``mode="live"``: the source at its own frame rate, frames the
+    workers cannot take dropped; the result's keys then start with ``live_`` and add the
+    frames dropped and the capture-to-stored latency (p50, p99) beside the workers' own time
+    per frame (``live_inference_ms_p50``, as each result reports it)."""
     from crackscan.pipeline import run_pipeline
     from management.db import make_engine, session_factory
     from management.models import Frame
@@ -99,16 +107,26 @@ def bench_pipeline(source: str, model: Path | None, backend: str, workers: int,
     with tempfile.TemporaryDirectory(prefix="crackscan-bench-") as folder:
         db = f"sqlite:///{Path(folder) / 'bench.db'}"
         summary = run_pipeline(source=source, db_url=db, model=str(model) if model else None,
-                               backend=backend, workers=workers, mode="replay",
+                               backend=backend, workers=workers, mode=mode,
                                config_path=config_path, record=None)
         engine = make_engine(db)
         with session_factory(engine)() as session:
-            stored = sorted(t for (t,) in session.query(Frame.stored_at).all())
+            rows = session.query(Frame.capture_time, Frame.stored_at, Frame.inference_ms).all()
         engine.dispose()
+    stored = sorted(row.stored_at for row in rows)
     steady = (len(stored) - 1) / (stored[-1] - stored[0]).total_seconds() if len(stored) > 2 \
         and stored[-1] > stored[0] else math.nan
-    return {"pipeline_fps": steady, "pipeline_frames": summary["frames"],
-            "pipeline_wall_s": summary["wall_s"], "pipeline_status": summary["status"]}
+    if mode == "replay":
+        return {"pipeline_fps": steady, "pipeline_frames": summary["frames"],
+                "pipeline_wall_s": summary["wall_s"], "pipeline_status": summary["status"]}
+    latency = [1000 * (row.stored_at - row.capture_time).total_seconds() for row in rows]
+    return {"live_fps": steady, "live_frames_read": summary.get("frames_read"),
+            "live_frames_stored": len(rows), "live_frames_dropped": summary.get("frames_dropped"),
+            "live_latency_ms_p50": _percentile(latency, 0.5) if rows else math.nan,
+            "live_latency_ms_p99": _percentile(latency, 0.99) if rows else math.nan,
+            "live_inference_ms_p50": (statistics.median(row.inference_ms for row in rows)
+                                      if rows else math.nan),
+            "live_status": summary["status"]}
 
 
 def vehicle_speed_kmh(fps: float, frame_shape: tuple[int, int], config: PipelineConfig,
@@ -139,18 +157,20 @@ def as_video(source: str, config: PipelineConfig, folder: Path) -> str:
 
 def run_bench(source: str, model: Path | None, backend: str, workers: int, frames: int,
               config: PipelineConfig, config_path: str | None, overlap: float = 0.1,
-              threads: int = 0, repeat: int = 1) -> dict:
+              threads: int = 0, repeat: int = 1, live: bool = False) -> dict:
     """Everything ``crackscan bench --format json`` prints. With ``repeat`` > 1 the whole
     measurement (model, pipeline, model) runs that many times: the result is the repeat of
     median efficiency (its numbers belong together), with every repeat's rates under
-    ``repeats``, for hosts whose speed drifts within a run."""
+    ``repeats``, for hosts whose speed drifts within a run. ``live``: the pipeline also runs in
+    live mode (:func:`bench_pipeline`), between the same halves of the bare model."""
     return run_bench_models(source, [model], backend, workers, frames, config, config_path,
-                            overlap, threads, repeat)["models"][0]
+                            overlap, threads, repeat, live)["models"][0]
 
 
 def run_bench_models(source: str, models: list[Path | None], backend: str, workers: int,
                      frames: int, config: PipelineConfig, config_path: str | None,
-                     overlap: float = 0.1, threads: int = 0, repeat: int = 1) -> dict:
+                     overlap: float = 0.1, threads: int = 0, repeat: int = 1,
+                     live: bool = False) -> dict:
     """:func:`run_bench` of several models in one run, taking turns within every repeat (A,
     B, A, B...), so that a host whose speed drifts is measured the same for each: ``models``
     (each as run_bench gives it) and ``relative`` (each model's bare-model and pipeline rates
@@ -161,11 +181,13 @@ def run_bench_models(source: str, models: list[Path | None], backend: str, worke
         for _ in range(repeat):
             for index, model in enumerate(models):
                 runs[index].append(_run_bench(source, video, model, backend, workers, frames,
-                                              config, config_path, overlap, threads))
+                                              config, config_path, overlap, threads, live))
     chosen = [_median_repeat(results) for results in runs]
     first = chosen[0]
     relative = [{"model": r["model"], "model_fps": r["model_fps"] / first["model_fps"],
-                 "pipeline_fps": r["pipeline_fps"] / first["pipeline_fps"]} for r in chosen]
+                 "pipeline_fps": r["pipeline_fps"] / first["pipeline_fps"],
+                 **({"live_fps": r["live_fps"] / first["live_fps"]} if live else {})}
+                for r in chosen]
     return {"models": chosen, "relative": relative}
 
 
@@ -175,16 +197,17 @@ def _median_repeat(results: list[dict]) -> dict:
         return results[0]
     ordered = sorted(results, key=lambda r: r["pipeline_efficiency"])
     keys = ("model_fps_before", "pipeline_fps", "model_fps_after", "model_fps",
-            "pipeline_efficiency")
+            "pipeline_efficiency", "live_fps", "live_latency_ms_p50")
     return {**ordered[(repeat - 1) // 2],
-            "repeats": [{key: result[key] for key in keys} for result in results],
+            "repeats": [{key: result[key] for key in keys if key in result}
+                        for result in results],
             "pipeline_efficiency_min": ordered[0]["pipeline_efficiency"],
             "pipeline_efficiency_max": ordered[-1]["pipeline_efficiency"]}
 
 
 def _run_bench(label: str, source: str, model: Path | None, backend: str, workers: int,
                frames: int, config: PipelineConfig, config_path: str | None, overlap: float,
-               threads: int) -> dict:
+               threads: int, live: bool = False) -> dict:
     images = read_frames(source, config, frames)
     height, width = images[0].shape[:2]
     result = {"source": label, "input": f"{width}x{height}", "batch": 1, "workers": workers}
@@ -195,6 +218,8 @@ def _run_bench(label: str, source: str, model: Path | None, backend: str, worker
     before = bench_model(model, backend, images[:half], threads, config=config)
     model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result.update(bench_pipeline(source, model, backend, workers, config_path))
+    if live:
+        result.update(bench_pipeline(source, model, backend, workers, config_path, "live"))
     after = bench_model(model, backend, images[half:] or images, threads, config=config)
     result.update(backend=before["backend"], model=before["model"],
                   **model_stats(before["times"] + after["times"]),
@@ -202,6 +227,11 @@ def _run_bench(label: str, source: str, model: Path | None, backend: str, worker
                   model_fps_after=len(after["times"]) / sum(after["times"]))
     children_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     result["pipeline_efficiency"] = result["pipeline_fps"] / result["model_fps"]
+    if live:  # capture-to-stored latency over the bare model's and the workers' time a frame
+        result["live_latency_over_model"] = (result["live_latency_ms_p50"]
+                                             / result["latency_ms_p50"])
+        result["live_latency_over_inference"] = (result["live_latency_ms_p50"]
+                                                 / result["live_inference_ms_p50"])
     speed, along_mm, cameras = vehicle_speed_kmh(result["pipeline_fps"], (height, width), config,
                                                  overlap)
     result.update(speed_kmh=speed, frame_along_mm=along_mm, cameras=cameras, overlap=overlap,

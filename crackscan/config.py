@@ -193,7 +193,7 @@ class SeverityConfig(_Strict):
 
 class ManagementConfig(_Strict):
     batch_size: int = Field(50, ge=1)  # results written per transaction at most
-    batch_seconds: float = Field(0.5, gt=0)  # ... or after this long
+    batch_seconds: float = Field(0.5, gt=0)  # ... or after this long (replay; live: at once)
     drain_timeout_s: float = Field(30.0, gt=0)  # after end of stream, wait this long for results
     # detections of different frames whose polylines come this close are one physical crack
     merge_link_mm: float = Field(10.0, gt=0)

@@ -15,6 +15,12 @@ masks travel as their own frames, described in the header by ``encoding``, ``dty
                                             acquisition   management (alive, naming its run)
     stored     [header]                     management    the run's acquisition (results stored)
 
+Version 4 sends a result's mask as bits (``encoding`` ``"bits"``: one bit a pixel, row-major,
+numpy's ``packbits`` order) instead of PNG: packing and unpacking cost 0.07 and 0.3 ms for a
+640 x 360 mask against 0.9 and 1.6 ms for PNG on this project's 2-core machine, work that
+inference and management otherwise take from the model on a small vehicle PC; 29 KB on the wire
+instead of about 3 KB.
+
 Version 3 added the optional photos of a result: a JPEG of the frame around each crack, one frame
 each after the mask, described by the header's ``photos`` list.
 
@@ -42,11 +48,12 @@ import numpy as np
 from crackscan.errors import CrackscanError
 
 PROTOCOL = "crackscan"
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 HEARTBEAT_S = 0.5  # a worker (and acquisition) says it is alive this often ...
 WORKER_TIMEOUT_S = 5.0  # ... and a worker silent this long is dead: its frames are re-sent
 MAX_FRAME_KEYS = 10_000  # frames one credit or stored message may name
-ENCODINGS = ("raw", "jpeg", "png")
+ENCODINGS = ("raw", "jpeg", "png")  # a frame's pixels
+MASK_ENCODING = "bits"  # a result's binary mask (0 / 255): one bit a pixel
 MAX_HEADER_BYTES = 1 << 20  # a header is small; a larger one is malformed, not data
 MAX_COUNT = (1 << 63) - 1  # sequence numbers and counters fit a signed 64-bit column
 MAX_HEADER_DEPTH = 32  # JSON nesting: a result's polyline points are 5 deep, a run's config ~8
@@ -69,6 +76,8 @@ class WireError(CrackscanError, ValueError):
 # --- pixel payloads ----------------------------------------------------------------------------
 
 def encode_pixels(image: np.ndarray, encoding: str, jpeg_quality: int = 95) -> bytes:
+    if encoding == MASK_ENCODING:  # nonzero pixels as 1
+        return np.packbits(np.asarray(image) > 0).tobytes()
     if encoding == "raw":
         return np.ascontiguousarray(image).tobytes()
     params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if encoding == "jpeg" else []
@@ -83,9 +92,10 @@ def decode_pixels(payload: bytes, encoding: str, dtype: str, shape: list[int],
     """Pixels of a message as the header declares them: ``shape`` [H, W] (grey) or [H, W, 1|3]
     (a raw [H, W, 1] comes back as HxW, as a grey image is used everywhere). A compressed
     payload's own header must declare the same size, and at most ``max_pixels``, before any pixel
-    is decoded."""
-    if encoding not in ENCODINGS:
-        raise WireError(f"unknown pixel encoding {encoding!r}; expected one of {ENCODINGS}")
+    is decoded. ``"bits"`` (a binary mask, [H, W] only) decodes to 0 and 255."""
+    if encoding not in ENCODINGS + (MASK_ENCODING,):
+        raise WireError(f"unknown pixel encoding {encoding!r}; expected one of "
+                        f"{ENCODINGS + (MASK_ENCODING,)}")
     if dtype != "uint8":
         raise WireError(f"pixel dtype {dtype!r} is not supported; expected 'uint8'")
     if not (isinstance(shape, list) and len(shape) in (2, 3)
@@ -96,6 +106,14 @@ def decode_pixels(payload: bytes, encoding: str, dtype: str, shape: list[int],
     if shape[0] * shape[1] > max_pixels:
         raise WireError(f"an image of {shape[1]} x {shape[0]} pixels is over the budget of "
                         f"{max_pixels} pixels")
+    if encoding == MASK_ENCODING:
+        if len(shape) != 2:
+            raise WireError(f"bits are a binary mask [H, W], not {shape}")
+        expected = (shape[0] * shape[1] + 7) // 8
+        if len(payload) != expected:
+            raise WireError(f"bits hold {len(payload)} bytes, shape {shape} needs {expected}")
+        bits = np.unpackbits(np.frombuffer(payload, np.uint8), count=shape[0] * shape[1])
+        return (bits * np.uint8(255)).reshape(shape)
     if encoding == "raw":
         expected = math.prod(shape)
         if len(payload) != expected:
@@ -312,7 +330,7 @@ class FrameMessage:
     def from_frames(cls, frames: list[bytes], max_pixels: int = MAX_PIXELS) -> FrameMessage:
         _expect_frames(frames, 2, cls.TYPE)
         h = parse_header(frames[0])
-        encoding = _take(h, "encoding", str)
+        encoding = _choice(h, "encoding", ENCODINGS)
         image = decode_pixels(frames[1], encoding, _take(h, "dtype", str), _take(h, "shape", list),
                               max_pixels)
         return cls(run_id=_take(h, "run_id", str), camera_id=_take(h, "camera_id", str),
@@ -509,9 +527,10 @@ def _photos(h: dict[str, Any], frames: list[bytes], cracks: tuple[CrackRecord, .
 @dataclass(frozen=True)
 class ResultMessage:
     """What inference found in one frame: the measured cracks, the binary crack mask (HxW
-    uint8, 0 or 255), sent as its own PNG-encoded frame, and the lining features a multi-class
-    model found (none from a binary model; a header without ``features`` has none), and a photo
-    of the frame around each crack where the worker keeps them (:class:`CrackPhoto`)."""
+    uint8, 0 or 255), sent as its own frame of bits (``MASK_ENCODING``), and the lining
+    features a multi-class model found (none from a binary model; a header without
+    ``features`` has none), and a photo of the frame around each crack where the worker keeps
+    them (:class:`CrackPhoto`)."""
 
     TYPE: ClassVar[str] = "result"
     run_id: str
@@ -531,13 +550,13 @@ class ResultMessage:
         header = {name: getattr(self, name) for name in
                   ("run_id", "camera_id", "seq", "capture_time", "chainage_m", "inference_ms",
                    "model", "worker")}
-        header.update(cracks=[c.to_dict() for c in self.cracks], encoding="png", dtype="uint8",
-                      shape=list(self.mask.shape))
+        header.update(cracks=[c.to_dict() for c in self.cracks], encoding=MASK_ENCODING,
+                      dtype="uint8", shape=list(self.mask.shape))
         if self.features:
             header["features"] = [f.to_dict() for f in self.features]
         if self.photos:
             header["photos"] = [{"crack": p.crack, "box_px": list(p.box_px)} for p in self.photos]
-        return [_header_frame(self.TYPE, header), encode_pixels(self.mask, "png"),
+        return [_header_frame(self.TYPE, header), encode_pixels(self.mask, MASK_ENCODING),
                 *(p.jpeg for p in self.photos)]
 
     @classmethod

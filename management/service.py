@@ -1,6 +1,11 @@
 """The management process loop: receive run_start, result, heartbeat and end messages on one
 socket, store them in batched transactions and decide when each run is finished.
 
+Batches. A replay's results are written ``batch_size`` at a time or after ``batch_seconds``,
+whichever comes first (fewer transactions). A live run's results are committed as soon as nothing
+more waits on the socket (group commit: what arrives during one commit goes into the next), so
+the capture-to-stored latency of a live run is the pipeline's own, not the batch clock's.
+
 Acquisition (run_start, heartbeat, end) and every inference worker (result) send into the same
 socket (a ROUTER: it knows who sent what). Once a transaction has committed, each run's
 acquisition is told which of its frames are now in the database (``stored``), so it can forget
@@ -138,6 +143,8 @@ class _Manager:
         self.pending: list[tuple[str, Any]] = []  # (kind, message or run id), in arrival order
         self.pending_results = 0
         self.pending_control = False  # a run_start or end waits: flush without delay
+        self.pending_live = False  # a live run's result waits: flush when the socket is idle
+        self.live_runs: set[str] = set()  # runs whose run_start said mode "live"
         self.first_pending_at = 0.0
         self.retry_at = 0.0
         self.retries = 0  # failed attempts at writing what is pending now
@@ -193,10 +200,13 @@ class _Manager:
                             message.seq)
             self._queue("result", message, now)
             self.pending_results += 1
+            self.pending_live = self.pending_live or message.run_id in self.live_runs
         elif isinstance(message, RunStartMessage):
             log.info("run %s started: source %s, mode %s, cameras %s", message.run_id,
                      message.source, message.mode, ", ".join(message.cameras))
             self._touch(message.run_id, now)
+            if message.mode == "live":
+                self.live_runs.add(message.run_id)
             self._queue("run_start", message, now)
             self.pending_control = True
         elif isinstance(message, EndOfStreamMessage):
@@ -223,9 +233,11 @@ class _Manager:
 
     # --- writing -----------------------------------------------------------------------------
 
-    def flush_due(self, now: float) -> bool:
+    def flush_due(self, now: float, idle: bool = False) -> bool:
+        """Whether to commit now; ``idle``: no message waits on the socket."""
         return bool(self.pending) and now >= self.retry_at and (
-            self.pending_control or self.pending_results >= self.config.batch_size
+            self.pending_control or (self.pending_live and idle)
+            or self.pending_results >= self.config.batch_size
             or now - self.first_pending_at >= self.config.batch_seconds)
 
     def _apply(self, session: Session, ops: list[tuple[str, Any]]) -> dict[str, int]:
@@ -365,6 +377,7 @@ class _Manager:
         self.pending = []
         self.pending_results = 0
         self.pending_control = False
+        self.pending_live = False
         self.retry_at = 0.0
         self.retries = 0
         self.retries_noted = set()
@@ -498,7 +511,7 @@ def run_management(results: str, engine: Engine, config: ManagementConfig,
             else:
                 stop.wait(POLL_MS / 1000)
             now = time.monotonic()
-            if manager.flush_due(now):
+            if manager.flush_due(now, idle=not socket.poll(0)):
                 manager.flush(now)
             manager.send_acks(socket)
             metrics.PENDING_MESSAGES.set(len(manager.pending))

@@ -192,10 +192,11 @@ def result_message(run_id: str, seq: int, cracks: tuple[CrackRecord, ...] = (),
 
 
 def run_start_message(run_id: str, started_at: float = T0, cameras: tuple[str, ...] = ("cam0",),
-                      source: str = "drive.mp4", *, config: dict | None = None
-                      ) -> RunStartMessage:
-    """A replay's start; its config by default says only the camera's 0.5 mm per pixel."""
-    return RunStartMessage(run_id=run_id, source=source, mode="replay", started_at=started_at,
+                      source: str = "drive.mp4", *, config: dict | None = None,
+                      mode: str = "replay") -> RunStartMessage:
+    """A run's start (a replay's by default); its config by default says only the camera's
+    0.5 mm per pixel."""
+    return RunStartMessage(run_id=run_id, source=source, mode=mode, started_at=started_at,
                            cameras=cameras,
                            config={"camera": {"mm_per_px_along": 0.5}} if config is None
                            else config)
@@ -379,6 +380,8 @@ class Consumer:
         self.end: EndOfStreamMessage | None = None
         self.acquisition: bytes | None = None  # its peer on the control link
         self.received: list[FrameMessage] = []  # every frame message, re-sends included
+        self.received_at: list[float] = []  # when each arrived, and when it was done (monotonic)
+        self.done_at: list[float] = []
         self.stored: set[int] = set()  # seqs reported stored
         self.owed: list[StoredMessage] = []  # until the acquisition's peer is known
         self.received_before_end = -1
@@ -391,7 +394,9 @@ class Consumer:
     def _take(self) -> None:
         message = FrameMessage.from_frames(self.frames.recv_multipart())
         self.received.append(message)
+        self.received_at.append(time.monotonic())
         time.sleep(self.delay_s)
+        self.done_at.append(time.monotonic())
         key = (message.camera_id, message.seq)
         if self.fail.get(message.seq, 0) > 0:
             self.fail[message.seq] -= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 import threading
 import time
 
@@ -280,6 +281,29 @@ def test_live_mode_drops_frames_a_busy_consumer_cannot_take(tmp_path):
     assert elapsed >= (count - 1) / fps * 0.9  # a recording played live keeps its frame rate
     # a frame goes only to a worker with nothing in hand: it never waits behind another
     assert end.frames_sent <= count * (1 / fps) / 0.1 + 2
+
+
+def test_live_mode_gives_a_worker_that_frees_up_the_newest_frame_at_once(tmp_path):
+    """A camera slower than one frame period per frame of work: the frame read while the worker
+    was busy waits as the standby frame and goes out the moment the worker's slot frees, instead
+    of the worker idling until the camera's next frame; an older standby is dropped."""
+    count, fps, work_s = 16, 10.0, 0.15
+    path = write_video(tmp_path / "drive.mp4", count, size=(320, 240), fps=fps)
+    consumer = Consumer(tmp_path, delay_s=work_s)
+    try:
+        with open_source(str(path), PipelineConfig()) as source:
+            end = run_in_thread(consumer, source, "live", PipelineConfig())
+    finally:
+        consumer.close()
+    assert end.frames_sent + end.frames_dropped == count and end.frames_dropped > 0
+    idle = [after - before for before, after
+            in zip(consumer.done_at, consumer.received_at[1:], strict=False)]
+    # waiting for the camera's next frame would idle 0.05 s a frame on average (0 to 0.1 s)
+    assert statistics.median(idle) < 0.02, idle
+    # what it is given is the newest frame: never one the camera has replaced since
+    seqs = [m.seq for m in consumer.received]
+    assert seqs == sorted(seqs) and all(later - earlier <= 2 for earlier, later
+                                        in zip(seqs, seqs[1:], strict=False))
 
 
 @pytest.mark.parametrize("finish_after_s", [1.0, pytest.param(None, marks=pytest.mark.slow)])

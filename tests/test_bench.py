@@ -23,7 +23,7 @@ def test_bench_json_measures_model_and_pipeline_on_the_same_frames(tmp_path):
     config = tmp_path / "tta.yaml"
     config.write_text("inference:\n  tta: hflip\n")
     result = json.loads(crackscan("bench", "--source", "synthetic:1.2", "--frames", "4",
-                                  "--config", config, "--format", "json").stdout)
+                                  "--config", config, "--live", "--format", "json").stdout)
     assert KEYS <= set(result)
     # 640x360 frames in the default fitted tiles (two of 360x352), mirrored as configured
     assert result["input"] == "640x360"
@@ -37,6 +37,15 @@ def test_bench_json_measures_model_and_pipeline_on_the_same_frames(tmp_path):
     # 640 px along the tunnel at 0.5 mm/px, 10 % overlap, one camera
     assert result["speed_kmh"] == pytest.approx(result["pipeline_fps"] * 0.32 * 0.9 * 3.6)
     assert result["memory_mb_model"] > 50
+    # live: the 30 frames at the drive's 25 frames/s, more than a CPU takes with TTA; reading
+    # waits for the worker, so each frame is stored or counted dropped, none lost at start-up
+    assert result["live_status"] == "complete" and result["live_frames_read"] == 30
+    assert result["live_frames_stored"] + result["live_frames_dropped"] == 30
+    assert result["live_frames_stored"] >= 3 and result["live_frames_dropped"] > 0
+    assert 0 < result["live_latency_ms_p50"] <= result["live_latency_ms_p99"]
+    assert result["live_latency_over_model"] == pytest.approx(result["live_latency_ms_p50"]
+                                                              / result["latency_ms_p50"])
+    assert result["live_inference_ms_p50"] > 0 and result["live_fps"] > 0
 
 
 def test_vehicle_speed_by_hand():

@@ -531,6 +531,21 @@ def test_stop_stores_every_buffered_result_and_leaves_a_streaming_run_running(en
     assert (run["status"], run["frames"], run["cracks"]) == ("running", 5, 5)
 
 
+def test_a_live_run_s_results_are_committed_as_they_come(engine, management):
+    """Group commit for live runs: a result does not wait for the batch clock (600 s here, under
+    which a replay's results wait: the test above), so the capture-to-stored latency of a live
+    run is the pipeline's own."""
+    service = management(ManagementConfig(batch_size=1000, batch_seconds=600),
+                         exit_after_runs=None)
+    push = service.pusher()
+    push.send_multipart(run_start_message(RUN_A, mode="live").to_frames())
+    wait_for(lambda: RUN_A in runs_by_id(engine))
+    for seq in range(3):
+        push.send_multipart(frame_with_a_crack(seq).to_frames())
+        wait_for(lambda seq=seq: runs_by_id(engine)[RUN_A]["frames"] == seq + 1)
+    assert runs_by_id(engine)[RUN_A]["status"] == "running"
+
+
 # --- faults: the database going away, management restarted ------------------------------------
 
 def test_a_database_outage_mid_run_loses_nothing_and_the_run_says_so(db_url, engine, tmp_path):

@@ -316,6 +316,15 @@ def start_run(tmp_path: Path, db_file: Path, source: str = "synthetic:200", *arg
     return process, temp
 
 
+def runs_in(db_file: Path) -> int:
+    """Runs in ``db_file`` (0 before management has created it)."""
+    try:
+        with sqlite3.connect(db_file, timeout=1) as connection:
+            return connection.execute("select count(*) from runs").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
 def wait_for_stored(db_file: Path, count: int, process: subprocess.Popen,
                     timeout_s: float = 120) -> int:
     """Frames stored in ``db_file`` once at least ``count`` are (or the run ended)."""
@@ -371,7 +380,10 @@ def test_stages_die_with_a_killed_supervisor_and_close_the_run(tmp_path):
         time.sleep(0.2)
     stages = stages_of(process.pid)
     assert len(stages) == 3, (tmp_path / "err.txt").read_text()[-2000:]
-    time.sleep(2.0)
+    # the run has begun: its run_start is stored (a fixed wait raced slow start-ups)
+    while time.monotonic() < deadline and not runs_in(db_file):
+        time.sleep(0.2)
+    assert runs_in(db_file), (tmp_path / "err.txt").read_text()[-2000:]
     process.send_signal(signal.SIGKILL)
     process.wait()
     deadline = time.monotonic() + 30

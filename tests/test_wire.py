@@ -74,6 +74,23 @@ def test_result_round_trip_keeps_cracks_and_mask():
     assert back.model == "mobilenet_aspp@abcd"
 
 
+def test_a_result_mask_travels_as_bits_of_any_size():
+    """One bit a pixel, also where H x W is no multiple of 8; a payload of the wrong length and
+    bits for a colour shape are refused."""
+    mask = np.where(np.random.default_rng(1).random((5, 7)) > 0.5, 255, 0).astype(np.uint8)
+    frames = ResultMessage("r", "c", 0, 0.0, 0.0, 1.0, "m", "w", (), mask).to_frames()
+    assert _header(frames)["encoding"] == "bits" and len(frames[1]) == 5  # ceil(35 / 8)
+    np.testing.assert_array_equal(decode(frames).mask, mask)
+    for payload in (frames[1][:-1], frames[1] + b"\x00"):
+        with pytest.raises(WireError, match="bits hold"):
+            decode([frames[0], payload])
+    with pytest.raises(WireError, match="binary mask"):
+        wire.decode_pixels(frames[1], "bits", "uint8", [5, 7, 3])
+    frame = FrameMessage("r", "c", 0, 0.0, 0.0, mask, "raw").to_frames()
+    with pytest.raises(WireError, match="encoding"):  # a frame's pixels are never bits
+        decode(_with_header([frame[0], frames[1]], encoding="bits"))
+
+
 def test_control_messages_round_trip():
     start = RunStartMessage("r", "drive.mp4", "replay", 10.5, ("cam0", "cam1"), {"a": 1})
     assert decode(start.to_frames()) == start

@@ -150,7 +150,8 @@ def cmd_bench(args) -> int:
         from crackscan.bench import run_bench_models
 
         result = run_bench_models(args.source, models, args.backend, args.workers, args.frames,
-                                  config, args.config, args.overlap, args.threads, args.repeat)
+                                  config, args.config, args.overlap, args.threads, args.repeat,
+                                  args.live)
         if args.format == "json":
             print_json(result)
         else:
@@ -159,13 +160,18 @@ def cmd_bench(args) -> int:
                 print(f"{row['model']:32s} model {one['model_fps']:.2f} fps "
                       f"(x{row['model_fps']:.2f}), pipeline {one['pipeline_fps']:.2f} fps "
                       f"(x{row['pipeline_fps']:.2f}), efficiency "
-                      f"{one['pipeline_efficiency']:.3f}")
+                      f"{one['pipeline_efficiency']:.3f}"
+                      + (f", live {one['live_fps']:.2f} fps (x{row['live_fps']:.2f}), latency "
+                         f"p50 {one['live_latency_ms_p50']:.0f} ms = "
+                         f"{one['live_latency_over_model']:.2f} x the model's"
+                         if args.live else ""))
         return 0
     if args.batches:
         result = _bench_batches(args, model, config)
     else:
         result = run_bench(args.source, model, args.backend, args.workers, args.frames,
-                           config, args.config, args.overlap, args.threads, args.repeat)
+                           config, args.config, args.overlap, args.threads, args.repeat,
+                           args.live)
     if args.format == "json":
         print_json(result)
     elif args.batches:
@@ -479,6 +485,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeat", type=int, default=1,
                    help="measure N times and report the repeat of median efficiency")
     p.add_argument("--config", help="pipeline YAML: camera scale (or rig) for the speed")
+    p.add_argument("--live", action="store_true",
+                   help="also run the pipeline in live mode (the source at its frame rate): "
+                        "frames/s stored, frames dropped, capture-to-stored latency")
     p.add_argument("--batches", metavar="N,N,...",
                    help="instead: the bare backend on batches of these sizes of full --tile px "
                         "tiles cut from the source (tiles/s and latency per batch size)")
