@@ -119,8 +119,7 @@ class Dispatcher:
         Live: use :meth:`offer`."""
         if self.mode == "live":
             raise ValueError("a live frame is offered (Dispatcher.offer), not submitted")
-        self.flights[key] = _Flight(parts, sum(len(p) for p in parts))
-        self.bytes += self.flights[key].size
+        self._hold(key, parts)
         waiting_since = time.monotonic()
         warned_at = waiting_since
         while True:
@@ -184,9 +183,13 @@ class Dispatcher:
         outcomes, self.outcomes = self.outcomes, []
         return outcomes
 
-    def _send_live(self, key: FrameKey, parts: list[bytes]) -> bool:
+    def _hold(self, key: FrameKey, parts: list[bytes]) -> None:
+        """Keep frame ``key`` in flight (until stored, given up or forgotten)."""
         self.flights[key] = _Flight(parts, sum(len(p) for p in parts))
         self.bytes += self.flights[key].size
+
+    def _send_live(self, key: FrameKey, parts: list[bytes]) -> bool:
+        self._hold(key, parts)
         if self._send_new(key):
             self.outcomes.append((key, True))
             return True
