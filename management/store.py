@@ -25,11 +25,12 @@ from typing import Any
 
 import cv2
 import numpy as np
-from sqlalchemy import delete, func, select, tuple_, update
+from sqlalchemy import delete, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from crackscan.wire import (
     FEATURE_KIND_MAX,
+    CrackRecord,
     EndOfStreamMessage,
     ResultMessage,
     RunStartMessage,
@@ -128,6 +129,8 @@ def store_results(session: Session, results: list[ResultMessage]) -> tuple[int, 
         seen.update((run_id, camera_id, seq) for run_id, camera_id, seq in rows)
     stored = duplicates = 0
     now = datetime.now(timezone.utc)
+    frames: list[dict[str, Any]] = []
+    details: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = []  # (cracks, features)
     for result in results:
         key = (result.run_id, result.camera_id, result.seq)
         run = runs[result.run_id]
@@ -139,28 +142,45 @@ def store_results(session: Session, results: list[ResultMessage]) -> tuple[int, 
         if run.model is None:
             run.model = result.model
         height, width = result.mask.shape[:2]
-        frame = Frame(run_id=result.run_id, camera_id=result.camera_id, seq=result.seq,
-                      capture_time=_utc(result.capture_time), chainage_m=result.chainage_m,
-                      width=int(width), height=int(height), inference_ms=result.inference_ms,
-                      worker=result.worker, crack_count=len(result.cracks), stored_at=now)
-        photos = {photo.crack: photo for photo in result.photos}
-        for record in result.cracks:
-            fields = record.to_dict()
-            start_m, end_m = sorted((record.chainage_start_m, record.chainage_end_m))
-            photo = photos.get(record.index)
-            fields.update(chainage_start_m=start_m, chainage_end_m=end_m,
-                          mask_png=_mask_crop_png(result.mask, record.bbox_px),
-                          photo_jpeg=None if photo is None else photo.jpeg,
-                          photo_box_px=None if photo is None else list(photo.box_px))
-            frame.cracks.append(Crack(run_id=result.run_id, camera_id=result.camera_id,
-                                      seq=result.seq, **fields))
-        for feature in result.features:  # none from a binary model
-            frame.features.append(LiningFeature(run_id=result.run_id, camera_id=result.camera_id,
-                                                seq=result.seq, **feature.to_dict()))
-        session.add(frame)
-        stored += 1
+        frames.append(dict(run_id=result.run_id, camera_id=result.camera_id, seq=result.seq,
+                           capture_time=_utc(result.capture_time), chainage_m=result.chainage_m,
+                           width=int(width), height=int(height),
+                           inference_ms=result.inference_ms, worker=result.worker,
+                           crack_count=len(result.cracks), stored_at=now))
+        details.append(([_crack_row(result, record) for record in result.cracks],
+                        [dict(run_id=result.run_id, camera_id=result.camera_id, seq=result.seq,
+                              **feature.to_dict()) for feature in result.features]))
+    if not frames:
+        session.flush()
+        return 0, duplicates
+    # bulk inserts (one statement per table, not the unit of work's object per row: most of
+    # management's time a frame went to the ORM); the runs go first, for the foreign keys
     session.flush()
+    frame_ids = session.scalars(insert(Frame).returning(Frame.id, sort_by_parameter_order=True),
+                                frames).all()
+    cracks, features = [], []
+    for frame_id, (frame_cracks, frame_features) in zip(frame_ids, details, strict=True):
+        cracks += [dict(row, frame_id=frame_id) for row in frame_cracks]
+        features += [dict(row, frame_id=frame_id) for row in frame_features]
+    if cracks:
+        session.execute(insert(Crack), cracks)
+    if features:  # none from a binary model
+        session.execute(insert(LiningFeature), features)
+    stored = len(frames)
     return stored, duplicates
+
+
+def _crack_row(result: ResultMessage, record: CrackRecord) -> dict[str, Any]:
+    """The ``cracks`` row of one crack of ``result`` (without its frame id)."""
+    fields = record.to_dict()
+    start_m, end_m = sorted((record.chainage_start_m, record.chainage_end_m))
+    photo = next((photo for photo in result.photos if photo.crack == record.index), None)
+    fields.update(run_id=result.run_id, camera_id=result.camera_id, seq=result.seq,
+                  chainage_start_m=start_m, chainage_end_m=end_m,
+                  mask_png=_mask_crop_png(result.mask, record.bbox_px),
+                  photo_jpeg=None if photo is None else photo.jpeg,
+                  photo_box_px=None if photo is None else list(photo.box_px))
+    return fields
 
 
 def _mask_crop_png(mask: np.ndarray, bbox: tuple[int, int, int, int]) -> bytes | None:

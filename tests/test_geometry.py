@@ -12,15 +12,20 @@ import time
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crackscan.config import CameraConfig, SeverityConfig
 from crackscan.geometry import (
+    CLOSING_KERNEL,
     SkeletonGraph,
     chord_deviation,
     classify_type,
+    closed_components,
     cross_profiles,
     distance_to_background,
     line_share,
+    local_median,
     longest_path,
     measure_component,
     measure_cracks,
@@ -260,6 +265,51 @@ def test_all_zero_probability_gives_no_cracks():
     mask, records = measure_cracks(np.zeros(FRAME, np.float32), 0.5, SQUARE, 12.0, SEVERITY)
     assert records == []
     assert mask.shape == FRAME and mask.dtype == np.uint8 and not mask.any()
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.integers(0, 3))
+@settings(max_examples=60, deadline=None)
+def test_components_of_the_foreground_window_are_those_of_the_whole_frame(seed, blobs, edge):
+    """Labelling only the window round the foreground gives what closing and labelling the
+    whole frame gives: the same labels, stats and centroids, blobs at the frame's edges too."""
+    rng = np.random.default_rng(seed)
+    binary = np.zeros((60, 90), bool)
+    for _ in range(blobs):
+        y, x = rng.integers(0, 60), rng.integers(0, 90)
+        binary[y:y + rng.integers(1, 5), x:x + rng.integers(1, 5)] = True
+    if edge:  # a line along one edge of the frame
+        binary[[0, -1, 5, 30][edge], :] = True
+    closed = cv2.morphologyEx(binary.astype(np.uint8), cv2.MORPH_CLOSE, CLOSING_KERNEL)
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(closed, connectivity=8,
+                                                                       ltype=cv2.CV_32S)
+    found = closed_components(binary)
+    assert found is not None
+    w_count, w_labels, w_stats, w_centroids, (x0, y0) = found
+    assert w_count == count
+    pasted = np.zeros_like(labels)
+    pasted[y0:y0 + w_labels.shape[0], x0:x0 + w_labels.shape[1]] = w_labels
+    assert np.array_equal(pasted, labels)
+    assert np.array_equal(w_stats[1:], stats[1:])
+    assert np.allclose(w_centroids[1:], centroids[1:])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_local_median_is_the_median_of_the_nodes_in_each_window(seed):
+    """The sort-based median equals numpy's nanmedian over each node's window, node by node."""
+    rng = np.random.default_rng(seed)
+    skeleton = rng.random((40, 60)) < 0.3
+    graph = SkeletonGraph.from_skeleton(skeleton)
+    values = rng.random(len(graph)).round(1)  # ties, as pixel widths have
+    radius = 3
+    expected = []
+    for x, y in zip(graph.x, graph.y, strict=True):
+        near = (np.abs(graph.x - x) <= radius) & (np.abs(graph.y - y) <= radius)
+        expected.append(np.median(values[near]))
+    assert np.array_equal(local_median(graph, values, radius), np.array(expected))
+
+
+def test_no_foreground_has_no_components():
+    assert closed_components(np.zeros(FRAME, bool)) is None
 
 
 # --- tunnel coordinates -------------------------------------------------------------------------
