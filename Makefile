@@ -23,8 +23,12 @@ $(VENV)/.dev: pyproject.toml | $(PY)
 demo: $(VENV)/.runtime
 	$(VENV)/bin/crackscan demo
 
+# two pytest-xdist workers: much of the suite waits on processes, sockets and timeouts;
+# a test file runs whole on one worker, so its module fixtures are built once
+TEST_JOBS ?= 2
+
 test: $(VENV)/.dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

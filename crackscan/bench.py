@@ -182,7 +182,7 @@ def run_bench_models(source: str, models: list[Path | None], backend: str, worke
             for index, model in enumerate(models):
                 runs[index].append(_run_bench(source, video, model, backend, workers, frames,
                                               config, config_path, overlap, threads, live))
-    chosen = [_median_repeat(results) for results in runs]
+    chosen = [median_repeat(results) for results in runs]
     first = chosen[0]
     relative = [{"model": r["model"], "model_fps": r["model_fps"] / first["model_fps"],
                  "pipeline_fps": r["pipeline_fps"] / first["pipeline_fps"],
@@ -191,7 +191,9 @@ def run_bench_models(source: str, models: list[Path | None], backend: str, worke
     return {"models": chosen, "relative": relative}
 
 
-def _median_repeat(results: list[dict]) -> dict:
+def median_repeat(results: list[dict]) -> dict:
+    """The repeat of median efficiency (the lower middle of an even count), whole, with every
+    repeat's rates under ``repeats`` and the spread of efficiency beside it."""
     repeat = len(results)
     if repeat == 1:
         return results[0]

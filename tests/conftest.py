@@ -1,6 +1,11 @@
 """Shared fixtures: ``db_url`` runs a test once on SQLite and once on Postgres; ``tiny_model`` is
 the one small trained and exported model of the session; ``one_torch_thread`` keeps a module's
-torch work on one thread. Plain helpers are in ``support.py``."""
+torch work on one thread. Plain helpers are in ``support.py``.
+
+``make test`` runs the suite on two pytest-xdist workers (``--dist loadfile``): each worker
+builds the session fixtures it needs once, and runs a test file whole, so a module fixture (a
+trained model, a drive run through the pipeline, a browser) is built once. Tests share no
+port, folder or database: free ports, ``tmp_path`` and a Postgres database each."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from support import crackscan
 
-from crackscan.bench import vehicle_speed_kmh
+from crackscan.bench import median_repeat, vehicle_speed_kmh
 from crackscan.config import PipelineConfig
 from inference.backends import bundled_model_path
 
@@ -77,19 +77,31 @@ def test_build_engine_without_tensorrt_says_where_it_comes_from():
 
 
 @pytest.mark.slow
-def test_bench_repeats_and_reports_the_median_repeat():
+def test_bench_repeats_and_reports_one_repeat_with_the_spread():
     result = json.loads(crackscan("bench", "--source", "synthetic:0.6", "--frames", "2",
-                                  "--repeat", "3", "--format", "json").stdout)
+                                  "--repeat", "2", "--format", "json").stdout)
     repeats = result["repeats"]
-    assert len(repeats) == 3
+    assert len(repeats) == 2
     efficiencies = sorted(r["pipeline_efficiency"] for r in repeats)
-    # the reported numbers are one repeat's, the middle one, and belong together
-    assert result["pipeline_efficiency"] == efficiencies[1]
-    chosen = next(r for r in repeats if r["pipeline_efficiency"] == efficiencies[1])
+    # of two, the lower (the median of an even count rounds down); its numbers belong together
+    assert result["pipeline_efficiency"] == efficiencies[0]
+    chosen = next(r for r in repeats if r["pipeline_efficiency"] == efficiencies[0])
     assert (result["model_fps"], result["pipeline_fps"]) == (chosen["model_fps"],
                                                              chosen["pipeline_fps"])
     assert (result["pipeline_efficiency_min"], result["pipeline_efficiency_max"]) == (
-        efficiencies[0], efficiencies[2])
+        efficiencies[0], efficiencies[1])
+
+
+def test_the_median_repeat_is_reported_whole():
+    """Of three repeats, the one of median efficiency, every number from that repeat."""
+    repeats = [{"model_fps": m, "pipeline_fps": p, "pipeline_efficiency": p / m, "extra": i}
+               for i, (m, p) in enumerate([(10.0, 9.5), (12.0, 9.0), (8.0, 7.0)])]
+    result = median_repeat(repeats)
+    assert result["extra"] == 2 and result["pipeline_efficiency"] == 7.0 / 8.0
+    assert (result["pipeline_efficiency_min"], result["pipeline_efficiency_max"]) == (
+        9.0 / 12.0, 9.5 / 10.0)
+    assert [r["model_fps"] for r in result["repeats"]] == [10.0, 12.0, 8.0]
+    assert median_repeat(repeats[:1]) == repeats[0]
 
 
 def test_bench_batches_sweeps_the_bare_backend_on_full_tiles():

@@ -600,8 +600,10 @@ def test_a_database_outage_mid_run_loses_nothing_and_the_run_says_so(db_url, eng
         if proxy is not None:
             proxy.close()
     run = runs_by_id(engine)[RUN_A]
-    assert (run["status"], run["frames"], run["cracks"], run["frames_duplicate"]) == (
-        "complete", 10, 10, 0)
+    assert (run["status"], run["frames"], run["cracks"]) == ("complete", 10, 10)
+    # a batch whose COMMIT reached the server just before the cut, its answer lost, is written
+    # again and found stored: at most one batch counted duplicate, never stored twice
+    assert run["frames_duplicate"] <= 2
     assert run["database_retries"] >= 2 and service.stats.rejected == 0
     assert run["physical_cracks"] >= 1  # merged once the database was back
 
