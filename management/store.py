@@ -127,7 +127,7 @@ def store_results(session: Session, results: list[ResultMessage]) -> tuple[int, 
         rows = session.execute(select(Frame.run_id, Frame.camera_id, Frame.seq)
                                .where(tuple_(Frame.run_id, Frame.camera_id, Frame.seq).in_(chunk)))
         seen.update((run_id, camera_id, seq) for run_id, camera_id, seq in rows)
-    stored = duplicates = 0
+    duplicates = 0
     now = datetime.now(timezone.utc)
     frames: list[dict[str, Any]] = []
     details: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] = []  # (cracks, features)
@@ -150,12 +150,11 @@ def store_results(session: Session, results: list[ResultMessage]) -> tuple[int, 
         details.append(([_crack_row(result, record) for record in result.cracks],
                         [dict(run_id=result.run_id, camera_id=result.camera_id, seq=result.seq,
                               **feature.to_dict()) for feature in result.features]))
+    session.flush()  # the runs first, for the foreign keys
     if not frames:
-        session.flush()
         return 0, duplicates
-    # bulk inserts (one statement per table, not the unit of work's object per row: most of
-    # management's time a frame went to the ORM); the runs go first, for the foreign keys
-    session.flush()
+    # bulk inserts: one statement a table, not the unit of work's object a row (most of
+    # management's time a frame went to the ORM)
     frame_ids = session.scalars(insert(Frame).returning(Frame.id, sort_by_parameter_order=True),
                                 frames).all()
     cracks, features = [], []
@@ -166,8 +165,7 @@ def store_results(session: Session, results: list[ResultMessage]) -> tuple[int, 
         session.execute(insert(Crack), cracks)
     if features:  # none from a binary model
         session.execute(insert(LiningFeature), features)
-    stored = len(frames)
-    return stored, duplicates
+    return len(frames), duplicates
 
 
 def _crack_row(result: ResultMessage, record: CrackRecord) -> dict[str, Any]:
