@@ -37,7 +37,7 @@ from crackscan.errors import RunIncomplete, UserError
 from crackscan.metrics import offset, parse_address
 from inference.backends import bundled_model_path, open_segmenter
 from management.db import make_engine, resolve_url, session_factory
-from management.store import close_interrupted_run, list_runs, reopen_run, stored_frames
+from management.store import close_interrupted_run, reopen_run, run_summary, stored_frames
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
         if close_interrupted_run(session, run_id):
             log.warning("run %s was left running by its pipeline: closed as interrupted", run_id)
     with session_factory(engine)() as session:
-        summary = next((r for r in list_runs(session) if r["id"] == run_id), None)
+        summary = run_summary(session, run_id)
     engine.dispose()
     if failure is not None:
         raise RunIncomplete(f"run {run_id} failed: {failure}")

@@ -54,10 +54,10 @@ from management.store import (
     RunNotFound,
     crack_mask,
     latest_reviews,
-    list_runs,
     query_cracks,
     query_features,
     query_physical,
+    run_summary,
 )
 
 MAP_WIDTH = 1720  # px, the whole map image: plot area plus margins
@@ -529,7 +529,7 @@ def build_report(session: Session, run_id: str, out: Path, section_m: float = 10
     run = session.get(Run, run_id)
     if run is None:
         raise RunNotFound(f"no run {run_id!r} in the database")
-    summary = next(s for s in list_runs(session) if s["id"] == run_id)
+    summary = run_summary(session, run_id)
     severity = _severity(run.config)
     names = list(severity.names)
     colours = dict(zip(names, class_colours(len(names)), strict=True))

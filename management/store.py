@@ -8,7 +8,7 @@ One management process writes a given run; concurrent writers of the same run ar
 
 ``merge_run`` (re)builds a run's physical cracks from its detections (:mod:`management.merge`).
 
-Readers (``run_progress``, ``list_runs``, ``query_cracks``, ``query_physical``,
+Readers (``run_progress``, ``list_runs``, ``run_summary``, ``query_cracks``, ``query_physical``,
 ``feature_detections``, ``query_features``) return plain dicts of JSON-ready values: times as
 ISO 8601 UTC strings, lengths in mm, chainage in m. Lining features (joints, stains... of a
 multi-class model) are stored beside the cracks of their frame and never counted as cracks;
@@ -410,33 +410,41 @@ def run_config(session: Session, run_id: str) -> dict[str, Any]:
     return dict(run.config or {})
 
 
-def list_runs(session: Session) -> list[dict[str, Any]]:
-    """Every run, oldest first, with its counters and what is stored for it."""
-    frames = (select(Frame.run_id, func.count(Frame.id).label("frames"),
-                     func.min(Frame.chainage_m).label("chainage_start_m"),
-                     func.max(Frame.chainage_m).label("chainage_end_m"))
-              .group_by(Frame.run_id).subquery())
+def list_runs(session: Session, run_id: str | None = None) -> list[dict[str, Any]]:
+    """Every run, oldest first, with its counters and what is stored for it; with ``run_id``
+    only that run (empty when there is none), its counts read through the run's indexes rather
+    than over every run's rows (:func:`run_summary`)."""
+
+    def of_run(statement: Any, table: Any) -> Any:
+        return statement if run_id is None else statement.where(table.run_id == run_id)
+
+    frames = of_run(select(Frame.run_id, func.count(Frame.id).label("frames"),
+                           func.min(Frame.chainage_m).label("chainage_start_m"),
+                           func.max(Frame.chainage_m).label("chainage_end_m")),
+                    Frame).group_by(Frame.run_id).subquery()
     # per camera: sequence numbers between its first and last stored frame that are not stored
     # (frames dropped live, lost, or still on their way)
-    per_camera = (select(Frame.run_id,
-                         (func.max(Frame.seq) - func.min(Frame.seq) + 1
-                          - func.count(Frame.id)).label("gaps"))
-                  .group_by(Frame.run_id, Frame.camera_id).subquery())
+    per_camera = of_run(select(Frame.run_id,
+                               (func.max(Frame.seq) - func.min(Frame.seq) + 1
+                                - func.count(Frame.id)).label("gaps")),
+                        Frame).group_by(Frame.run_id, Frame.camera_id).subquery()
     gaps = (select(per_camera.c.run_id, func.sum(per_camera.c.gaps).label("gaps"))
             .group_by(per_camera.c.run_id).subquery())
-    cracks = (select(Crack.run_id, func.count(Crack.id).label("cracks"))
-              .group_by(Crack.run_id).subquery())
-    physical = (select(PhysicalCrack.run_id, func.count(PhysicalCrack.id).label("physical"))
-                .group_by(PhysicalCrack.run_id).subquery())
-    rows = session.execute(
-        select(Run, frames.c.frames, frames.c.chainage_start_m, frames.c.chainage_end_m,
-               cracks.c.cracks, physical.c.physical, gaps.c.gaps, Tunnel.name)
-        .outerjoin(Tunnel, Tunnel.id == Run.tunnel_id)
-        .outerjoin(frames, frames.c.run_id == Run.id)
-        .outerjoin(gaps, gaps.c.run_id == Run.id)
-        .outerjoin(cracks, cracks.c.run_id == Run.id)
-        .outerjoin(physical, physical.c.run_id == Run.id)
-        .order_by(Run.started_at, Run.id)).all()
+    cracks = of_run(select(Crack.run_id, func.count(Crack.id).label("cracks")),
+                    Crack).group_by(Crack.run_id).subquery()
+    physical = of_run(select(PhysicalCrack.run_id, func.count(PhysicalCrack.id)
+                             .label("physical")), PhysicalCrack).group_by(
+        PhysicalCrack.run_id).subquery()
+    statement = (select(Run, frames.c.frames, frames.c.chainage_start_m, frames.c.chainage_end_m,
+                        cracks.c.cracks, physical.c.physical, gaps.c.gaps, Tunnel.name)
+                 .outerjoin(Tunnel, Tunnel.id == Run.tunnel_id)
+                 .outerjoin(frames, frames.c.run_id == Run.id)
+                 .outerjoin(gaps, gaps.c.run_id == Run.id)
+                 .outerjoin(cracks, cracks.c.run_id == Run.id)
+                 .outerjoin(physical, physical.c.run_id == Run.id)
+                 .order_by(Run.started_at, Run.id))
+    rows = session.execute(statement if run_id is None
+                           else statement.where(Run.id == run_id)).all()
     summaries = [{
         "id": run.id,
         "tunnel": tunnel,
@@ -469,6 +477,14 @@ def list_runs(session: Session) -> list[dict[str, Any]]:
         if summary["mode"] == "live":
             summary.update(run_latency(session, summary["id"]))
     return summaries
+
+
+def run_summary(session: Session, run_id: str) -> dict[str, Any] | None:
+    """One run as :func:`list_runs` gives it, None when there is no such run: the end of every
+    ``crackscan run``, a report and the web application's run page ask for one run, and a
+    database of years of runs must not be summed up whole for it."""
+    found = list_runs(session, run_id)
+    return found[0] if found else None
 
 
 def parse_chainage(text: str) -> tuple[float, float]:

@@ -192,6 +192,24 @@ def test_list_runs_oldest_first_with_counts(session):
     assert datetime.fromisoformat(b["started_at"]).timestamp() == T0 + 3600
 
 
+def test_one_run_s_summary_is_its_row_of_the_list(session):
+    """``run_summary`` counts one run through its own rows: the same dict as its row of
+    ``list_runs`` (merged and not, with gaps and a live run's latency), None for no run."""
+    populate(session)
+    store.start_run(session, run_start_message("live-run", mode="live"))
+    store.store_results(session, [result_message("live-run", seq) for seq in (0, 1, 4)])
+    store.merge_run(session, RUN_A)
+    session.commit()
+    runs = store.list_runs(session)
+    assert {run["id"] for run in runs} == {RUN_A, RUN_B, "live-run"}
+    for run in runs:
+        assert store.run_summary(session, run["id"]) == run
+    live = store.run_summary(session, "live-run")
+    assert live["seq_gaps"] == 2 and live["latency_ms_p50"] is not None
+    assert store.run_summary(session, RUN_A)["physical_cracks"] >= 1
+    assert store.run_summary(session, "no-such-run") is None
+
+
 # --- queries -----------------------------------------------------------------------------------
 
 def test_query_without_filters_orders_by_run_then_chainage(session):

@@ -260,11 +260,11 @@ def _run_source(run_id: str, db: str | None) -> tuple[str, set[tuple[str, int]]]
     """A stored run's source and the (camera, seq) of every frame that saw a crack an
     inspector rejected."""
     from management.db import session_factory
-    from management.store import crack_detections, list_runs, query_physical
+    from management.store import crack_detections, query_physical, run_summary
 
     engine = read_database(db)
     with session_factory(engine)() as session:
-        run = next((r for r in list_runs(session) if r["id"] == run_id), None)
+        run = run_summary(session, run_id)
         if run is None:
             raise UserError(f"no run {run_id!r} in the database (`crackscan runs` lists them)")
         rejected = {(d["camera"], d["seq"])

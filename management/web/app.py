@@ -76,6 +76,7 @@ from management.store import (
     viewport_density,
     viewport_features,
 )
+from management.store import run_summary as stored_run  # the route below is run_summary
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +348,7 @@ def create_app(engine: Engine, tokens: Tokens | None = None) -> FastAPI:
 
     # --- API: runs and tunnels -----------------------------------------------------------------
     def _run(session: Any, run_id: str) -> dict[str, Any]:
-        found = next((r for r in list_runs(session) if r["id"] == run_id), None)
+        found = stored_run(session, run_id)
         if found is None:
             raise RunNotFound(f"no run {run_id!r} in the database")
         return found
