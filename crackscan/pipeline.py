@@ -33,7 +33,7 @@ from pathlib import Path
 from acquisition.service import new_run_id, position_model
 from acquisition.sources import open_source
 from crackscan.config import PipelineConfig, load_pipeline_config
-from crackscan.errors import RunIncomplete, UserError
+from crackscan.errors import Interrupted, RunIncomplete, UserError, signals_received
 from crackscan.metrics import offset, parse_address
 from inference.backends import bundled_model_path, open_segmenter
 from management.db import make_engine, resolve_url, session_factory
@@ -99,9 +99,12 @@ def _counted_stop_signals() -> Iterator[list[int]]:
     (a run that never ends after Ctrl-C, more likely on a busy machine). A handler that appends
     to a list takes no lock and raises nothing, so no step can be cut in half.
 
+    The list starts with the signals the command received before (``signals_received``): one
+    that C code swallowed during the checks still stops the run before a stage starts.
+
     Signals are handled in the main thread only; called from another thread, nothing is
-    installed and the list stays empty."""
-    received: list[int] = []
+    installed."""
+    received = signals_received()
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
@@ -284,6 +287,8 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
         started = time.monotonic()
         with _counted_stop_signals() as signals:
             try:
+                if signals:  # a stop signal the checks swallowed: start nothing
+                    raise Interrupted
                 manager_args = ["--results", f"pull+bind:{results}", "--db", db_url,
                                 "--exit-after-runs", "1"] + config_args
                 acquirer_args = ["--source", source, "--frames", f"push+bind:{frames}",
@@ -353,7 +358,7 @@ def run_pipeline(source: str, db_url: str | None, model: str | None, backend: st
         raise RunIncomplete(f"run {run_id} failed: {failure}")
     if summary is None:
         if stopping:  # stopped while the stages were starting: the run never began
-            raise KeyboardInterrupt
+            raise Interrupted
         raise RunIncomplete(f"run {run_id} left no record in {db_url}")
     summary.update(wall_s=wall_s, fps=summary["frames"] / wall_s if wall_s else 0.0,
                    backend=backend_name, workers=workers, db=db_url, interrupted=stopping)

@@ -9,7 +9,7 @@ import pytest
 from support import crackscan
 
 from crackscan import cli
-from crackscan.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR
+from crackscan.errors import EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED, EXIT_USER_ERROR
 
 READ_COMMANDS = (
     ("runs",),
@@ -118,6 +118,144 @@ def test_signals_stop_a_stage_then_end_it_now():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_what_fails_after_a_stop_signal_is_reported_as_interrupted(monkeypatch, capsys):
+    """A signal that cuts an import of a C extension short surfaces as that extension's own
+    ImportError (onnxruntime prints the interrupt and raises "import numpy failed"): after a
+    stop signal the command is interrupted (130), not broken (3)."""
+    import os
+    import signal
+    import time
+
+    def runs_cut_short(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises here
+        except KeyboardInterrupt:
+            raise ImportError("import numpy failed") from None
+
+    monkeypatch.setattr(cli.records, "cmd_runs", runs_cut_short)
+    assert cli.main(["runs"]) == EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "crackscan: interrupted"
+
+    def runs_broken(args):
+        raise ImportError("no module named x")
+
+    monkeypatch.setattr(cli.records, "cmd_runs", runs_broken)
+    assert cli.main(["runs"]) == EXIT_INTERNAL_ERROR
+
+
+def swallowed_sigterm():
+    """A SIGTERM whose Interrupted is lost where it landed, as when C code (numpy, Cython's set-up
+    of a module being imported) clears the exception of a Python call-back it made."""
+    import os
+    import signal
+    import time
+
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+    except KeyboardInterrupt:
+        pass
+
+
+def test_a_run_whose_stop_signal_was_swallowed_during_its_checks_starts_no_stage(
+        tmp_path, monkeypatch, capsys):
+    import sqlite3
+
+    from crackscan import pipeline
+
+    real_open_source = pipeline.open_source
+
+    def open_source(*args):
+        swallowed_sigterm()
+        return real_open_source(*args)
+
+    spawned = []
+
+    def spawn(stage, *args):
+        spawned.append(stage)
+        raise RuntimeError("no stage should start")
+
+    monkeypatch.setattr(pipeline, "open_source", open_source)
+    monkeypatch.setattr(pipeline, "_spawn", spawn)
+    db_file = tmp_path / "x.db"
+    assert cli.main(["run", "--source", "synthetic:1", "--db", f"sqlite:///{db_file}"]) == \
+        EXIT_INTERRUPTED
+    assert spawned == []
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "crackscan: interrupted"
+    with sqlite3.connect(db_file) as connection:
+        assert connection.execute("select count(*) from runs").fetchone()[0] == 0
+
+
+def test_a_stage_stops_on_a_signal_swallowed_while_it_started():
+    import signal
+    import threading
+
+    from crackscan.cli.common import stop_on_signals
+    from crackscan.errors import signals_interrupt, signals_received
+
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with signals_interrupt() as received:
+            swallowed_sigterm()
+            assert received == signals_received() == [signal.SIGTERM]
+            again = threading.Event()
+            assert stop_on_signals(again=again).wait(10) and not again.is_set()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert signals_received() == []
+
+
+def test_a_signal_swallowed_while_the_command_loaded_runs_no_command(monkeypatch, capsys):
+    """``crackscan`` takes the signals before ``crackscan.cli`` loads (``crackscan.__main__``);
+    one lost there is still the command's: ``main`` runs nothing."""
+    from crackscan.errors import signals_interrupt
+
+    ran = []
+    monkeypatch.setattr(cli.records, "cmd_runs", ran.append)
+    with signals_interrupt():
+        swallowed_sigterm()
+        assert cli.main(["runs"]) == EXIT_INTERRUPTED
+    assert ran == []
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "crackscan: interrupted"
+
+
+INTERRUPTED_IN_EXEC = """
+import sys
+
+from crackscan.cli import records
+
+
+def runs(args):
+    # SIGTERM lands while a string is executed, as while dataclasses make a class's methods
+    exec("import os, signal\\nos.kill(os.getpid(), signal.SIGTERM)\\nwhile True: pass")
+
+
+records.cmd_runs = runs
+sys.argv = ["crackscan", "runs"]
+from crackscan.__main__ import run
+
+raise SystemExit(run())
+"""
+
+
+def test_sigterm_inside_exec_still_exits_130(tmp_path):
+    """CPython 3.11 marks a builtin KeyboardInterrupt that passed through ``exec`` as unhandled
+    even once caught, and an interpreter started with ``-m`` (as the stages and ``crackscan run``
+    are) would then die by SIGINT (-2) instead of exiting 130; crackscan's own ``Interrupted``
+    is never marked."""
+    import subprocess
+    import sys
+
+    (tmp_path / "interrupted.py").write_text(INTERRUPTED_IN_EXEC)
+    done = subprocess.run([sys.executable, "-m", "interrupted"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == EXIT_INTERRUPTED, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "crackscan: interrupted"
+    assert "Traceback" not in done.stderr
 
 
 def test_demo_draws_and_runs_a_drive_with_the_given_config(tmp_path):

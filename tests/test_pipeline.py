@@ -345,11 +345,11 @@ def stages_of(pid: int) -> list[str]:
                           text=True).stdout.split()
 
 
-@pytest.mark.parametrize("after_s", [1.5, 3.0])
+@pytest.mark.parametrize("after_s", [0.3, 1.5, 3.0])
 def test_sigterm_while_the_run_starts_leaves_no_stage_and_no_socket_folder(tmp_path, after_s):
-    """What a service manager sends, at any moment of the start-up (checks, stages starting):
-    the run ends within seconds as interrupted (130) or, once acquisition was running, stopped
-    (0); no stage or socket folder is left behind."""
+    """What a service manager sends, at any moment of the start-up (modules loading, checks,
+    stages starting): the run ends within seconds as interrupted (130) or, once acquisition was
+    running, stopped (0); no stage or socket folder is left behind."""
     process, temp = start_run(tmp_path, tmp_path / "x.db")
     time.sleep(after_s)
     stages = stages_of(process.pid)
@@ -361,7 +361,10 @@ def test_sigterm_while_the_run_starts_leaves_no_stage_and_no_socket_folder(tmp_p
         raise AssertionError(f"crackscan run did not end after SIGTERM:\n"
                              f"{(tmp_path / 'err.txt').read_text()[-3000:]}") from None
     err = (tmp_path / "err.txt").read_text()
-    assert process.returncode in (0, 130), err[-2000:]
+    if process.returncode == -signal.SIGTERM:  # the interpreter had not reached crackscan yet
+        assert err == ""
+    else:
+        assert process.returncode in (0, 130), err[-2000:]
     if process.returncode == 0:
         assert json.loads((tmp_path / "out.txt").read_text())["status"] == "stopped"
     time.sleep(0.5)

@@ -9,7 +9,7 @@ this module assembles the parser and maps errors to exit statuses, in this one p
 - 2: a user error (``crackscan.errors.UserError``, a missing or unreadable file): one line on
   stderr, what failed and what to do;
 - 3: an internal error (any other exception: a bug), one line unless ``--debug``;
-- 130: interrupted (Ctrl-C).
+- 130: interrupted (Ctrl-C or SIGTERM).
 
 ``--format json`` prints one JSON document on stdout; logs go to stderr.
 """
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 
 from crackscan.cli import models, records, stages
 from crackscan.cli.common import setup_logging, torch_module
@@ -29,8 +27,10 @@ from crackscan.errors import (
     EXIT_INTERNAL_ERROR,
     EXIT_INTERRUPTED,
     EXIT_USER_ERROR,
+    Interrupted,
     RunIncomplete,
     UserError,
+    signals_interrupt,
 )
 
 log = logging.getLogger("crackscan")
@@ -60,46 +60,36 @@ def register_backends() -> None:
     register_backend("torch", open_checkpoint)
 
 
-def _interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise KeyboardInterrupt
-
-
-def _sigterm_interrupts():
-    """SIGTERM (what a service manager sends) means what Ctrl-C means: a KeyboardInterrupt,
-    until a command installs its own handlers (the stages and ``run`` do). Returns the previous
-    handler; in a thread other than the main one nothing is installed."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _interrupt)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, stage=args.command if args.command in
                   ("acquire", "infer", "manage") else None)
     register_backends()
-    terminate = _sigterm_interrupts()
+    received: list[int] = []
     try:
-        return args.func(args)
+        with signals_interrupt() as received:
+            if received:  # while crackscan.cli loaded, lost where it landed: run nothing
+                raise Interrupted
+            return args.func(args)
     except KeyboardInterrupt:
-        print("crackscan: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except RunIncomplete as exc:
-        if args.debug:
-            raise
-        print(f"crackscan: error: {exc}", file=sys.stderr)
-        return EXIT_INCOMPLETE
-    except (UserError, *USER_OS_ERRORS) as exc:
-        if args.debug:
-            raise
-        print(f"crackscan: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        pass
     except Exception as exc:
         if args.debug:
             raise
-        log.error("internal error, a bug in crackscan (run with --debug for the traceback): "
-                  "%s: %s", type(exc).__name__, exc)
-        return EXIT_INTERNAL_ERROR
-    finally:
-        if terminate is not None:
-            signal.signal(signal.SIGTERM, terminate)
+        if not received:  # after a stop signal, what failed is what the signal cut short
+            return _report(exc)
+    print("crackscan: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _report(exc: Exception) -> int:
+    """One line for the error that ended a command; its exit status."""
+    if isinstance(exc, RunIncomplete):
+        print(f"crackscan: error: {exc}", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    if isinstance(exc, (UserError, *USER_OS_ERRORS)):
+        print(f"crackscan: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    log.error("internal error, a bug in crackscan (run with --debug for the traceback): %s: %s",
+              type(exc).__name__, exc)
+    return EXIT_INTERNAL_ERROR

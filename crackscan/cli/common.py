@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from crackscan.errors import UserError
+from crackscan.errors import UserError, signals_received
 
 log = logging.getLogger("crackscan")
 
@@ -98,7 +98,8 @@ def setup_logging(verbose: bool, stage: str | None = None) -> None:
 
 def stop_on_signals(again: threading.Event | None = None) -> threading.Event:
     """SIGTERM and SIGINT set the returned event: every stage's loop ends cleanly on it. A
-    second signal sets ``again`` (acquisition: stop draining, exit now).
+    second signal sets ``again`` (acquisition: stop draining, exit now). Signals received while
+    the stage started and lost there (``crackscan.errors.signals_received``) count as sent now.
 
     The handler runs in the main thread between two bytecodes, possibly while that thread is
     inside ``stop.wait()`` holding the event's lock; ``Event.set`` takes that lock, so the handler
@@ -116,8 +117,11 @@ def stop_on_signals(again: threading.Event | None = None) -> threading.Event:
             target = stop
         threading.Thread(target=target.set, name="stop-signal", daemon=True).start()
 
+    earlier = signals_received()  # while the stage started, swallowed where they landed
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    for signum in earlier:
+        handler(signum, None)
     return stop
 
 
