@@ -4,6 +4,13 @@ error, 3 internal error) and read commands that never create a database."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 from support import crackscan
@@ -101,10 +108,6 @@ def test_a_run_that_fails_midway_is_exit_1_in_one_line(monkeypatch, capsys):
 
 
 def test_signals_stop_a_stage_then_end_it_now():
-    import os
-    import signal
-    import threading
-
     from crackscan.cli.common import stop_on_signals
 
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
@@ -124,9 +127,6 @@ def test_what_fails_after_a_stop_signal_is_reported_as_interrupted(monkeypatch, 
     """A signal that cuts an import of a C extension short surfaces as that extension's own
     ImportError (onnxruntime prints the interrupt and raises "import numpy failed"): after a
     stop signal the command is interrupted (130), not broken (3)."""
-    import os
-    import signal
-    import time
 
     def runs_cut_short(args):
         try:
@@ -149,10 +149,6 @@ def test_what_fails_after_a_stop_signal_is_reported_as_interrupted(monkeypatch, 
 def swallowed_sigterm():
     """A SIGTERM whose Interrupted is lost where it landed, as when C code (numpy, Cython's set-up
     of a module being imported) clears the exception of a Python call-back it made."""
-    import os
-    import signal
-    import time
-
     try:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(10)
@@ -162,8 +158,6 @@ def swallowed_sigterm():
 
 def test_a_run_whose_stop_signal_was_swallowed_during_its_checks_starts_no_stage(
         tmp_path, monkeypatch, capsys):
-    import sqlite3
-
     from crackscan import pipeline
 
     real_open_source = pipeline.open_source
@@ -190,9 +184,6 @@ def test_a_run_whose_stop_signal_was_swallowed_during_its_checks_starts_no_stage
 
 
 def test_a_stage_stops_on_a_signal_swallowed_while_it_started():
-    import signal
-    import threading
-
     from crackscan.cli.common import stop_on_signals
     from crackscan.errors import signals_interrupt, signals_received
 
@@ -247,9 +238,6 @@ def test_sigterm_inside_exec_still_exits_130(tmp_path):
     even once caught, and an interpreter started with ``-m`` (as the stages and ``crackscan run``
     are) would then die by SIGINT (-2) instead of exiting 130; crackscan's own ``Interrupted``
     is never marked."""
-    import subprocess
-    import sys
-
     (tmp_path / "interrupted.py").write_text(INTERRUPTED_IN_EXEC)
     done = subprocess.run([sys.executable, "-m", "interrupted"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
