@@ -9,8 +9,10 @@ mid-run. Nothing here runs at import time; engines are made by the caller and pa
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,18 @@ def _enable_sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> Non
 
 def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -> None:
     dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+
+# Every engine made here, disposed at the process's exit: their pooled connections are closed
+# (SQLite removes its -wal and -shm files as the last one closes) even where a command left its
+# engine to the garbage collector, which the command line skips at exit (crackscan.__main__).
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _dispose_engines() -> None:
+    for engine in list(_ENGINES):
+        engine.dispose()
 
 
 def make_engine(url: str, *, check_schema: bool = True, create: bool = True) -> Engine:
@@ -110,6 +124,7 @@ def make_engine(url: str, *, check_schema: bool = True, create: bool = True) -> 
                             ) from None
     except (sa_exc.ArgumentError, TypeError, ValueError) as exc:
         raise DatabaseError(f"bad database URL {shown}: {describe_error(exc)}") from None
+    _ENGINES.add(engine)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect",
                      _enable_sqlite_pragmas if create else _enable_sqlite_foreign_keys)

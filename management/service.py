@@ -74,7 +74,7 @@ POLL_MS = 100  # how often ``stop`` and the batch / drain clocks are looked at
 RESULTS_HWM = 1000  # messages queued per sender before it blocks
 MAX_PENDING_BATCHES = 20  # stop reading the socket while this many batches wait for the database
 RETRY_S = 1.0  # wait before retrying a batch the database could not take
-STOP_DRAIN_S = 2.0  # on stop, keep reading what is already queued for at most this long
+STOP_DRAIN_S = 2.0  # on stop, keep reading what is queued (or a run's end) at most this long
 STOP_DRAIN_QUIET_MS = 50  # ... until nothing arrives for this long
 RUN_HEARTBEAT_S = 10.0  # a run's heartbeat is written at most this often (store.STALE_RUN_S)
 MAX_UNSENT_ACKS = 100_000  # frames a run's acquisition may be owed before the oldest are dropped
@@ -449,6 +449,10 @@ class _Manager:
             return
         log.info("run %s: %d physical cracks", run_id, count)
 
+    def streaming(self) -> bool:
+        """Whether a run this process heard of has not finished and sent no end yet."""
+        return any(not watch.finished and not watch.end_seen for watch in self.watches.values())
+
     def stop_runs(self, now: float) -> None:
         """On stop: finish the runs whose ends all arrived (as "stopped" if results are still
         missing: management stopped before they came). Runs still streaming stay "running", so
@@ -518,10 +522,16 @@ def run_management(results: str, engine: Engine, config: ManagementConfig,
             if not manager.pending:
                 manager.check_runs(now)
         if stop.is_set():
+            # What is queued is read; while a run has sent no end, for up to STOP_DRAIN_S: a
+            # pipeline stopped all at once (a service manager, its supervisor killed) stops
+            # acquisition too, whose end of the run comes a moment after this stop
             deadline = time.monotonic() + STOP_DRAIN_S
-            while time.monotonic() < deadline and socket.poll(STOP_DRAIN_QUIET_MS):
-                sender, *frames = socket.recv_multipart()
-                manager.receive(frames, time.monotonic(), sender)
+            while time.monotonic() < deadline:
+                if socket.poll(STOP_DRAIN_QUIET_MS):
+                    sender, *frames = socket.recv_multipart()
+                    manager.receive(frames, time.monotonic(), sender)
+                elif not manager.streaming():
+                    break
         for _attempt in range(3):  # everything received is committed before returning
             if manager.flush(time.monotonic()):
                 manager.send_acks(socket)

@@ -549,6 +549,23 @@ def test_stop_stores_every_buffered_result_and_leaves_a_streaming_run_running(en
     assert (run["status"], run["frames"], run["cracks"]) == ("running", 5, 5)
 
 
+def test_a_run_whose_end_comes_just_after_management_s_stop_is_closed_as_stopped(engine,
+                                                                                 management):
+    """The whole pipeline stopped at once (a service manager, the supervisor killed): management
+    has its stop a moment before acquisition's end of the run arrives, and still closes it."""
+    service = management(ManagementConfig(batch_seconds=0.05), exit_after_runs=None)
+    push = service.pusher()
+    push.send_multipart(run_start_message(RUN_A).to_frames())
+    for seq in range(2):
+        push.send_multipart(result_message(RUN_A, seq).to_frames())
+    wait_for(lambda: service.stats.results == 2)
+    service.stop.set()
+    time.sleep(0.5)
+    push.send_multipart(end_message(RUN_A, frames_sent=2, reason="stopped").to_frames())
+    assert service.join() == [RUN_A]
+    assert runs_by_id(engine)[RUN_A]["status"] == "stopped"
+
+
 def test_a_live_run_s_results_are_committed_as_they_come(engine, management):
     """Group commit for live runs: a result does not wait for the batch clock (600 s here, under
     which a replay's results wait: the test above), so the capture-to-stored latency of a live
