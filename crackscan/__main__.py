@@ -13,7 +13,7 @@ from crackscan.errors import EXIT_INTERRUPTED, Interrupted, signals_interrupt
 def run() -> int:
     status = _command()
     # What is left is freed by the process's exit, not by a last garbage collection of every
-    # object the command's libraries made: 0.15-0.4 s of every command's end on a 2-core host
+    # object the command's libraries made: 0.15-0.35 s of every command's end on a 2-core host
     # (a run's end waits for its stages' and its own). Files and sockets are closed by then, and
     # databases by management.db at exit.
     gc.freeze()
