@@ -4,7 +4,8 @@
 the database answers and checks its schema (:func:`management.schema.ensure_schema`: an empty
 database gets the tables), so a bad URL, an unreachable server or a database of another crackscan
 version fails at start-up with one clear line (:class:`DatabaseError`) instead of a traceback
-mid-run. Nothing here runs at import time; engines are made by the caller and passed in.
+mid-run. Nothing here runs at import time but the registration of an exit hook that
+disposes the engines made here; engines are made by the caller and passed in.
 """
 
 from __future__ import annotations
